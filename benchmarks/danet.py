@@ -1,0 +1,3 @@
+"""Benchmarks of danet against its PyTorch reference."""
+
+CASES = []

@@ -1,0 +1,134 @@
+"""Benchmark harness: each (case, side) is timed in its own process, so torch's OpenMP threads
+never spin while JAX runs, and peak memory is that process's own.
+
+A case gives, for each side, a setup function returning `{mode: thunk}` with modes "fwd" and
+"fwd+bwd"; a thunk runs one step and blocks until its result is ready. The worker times the
+median of repeated calls after a warm-up (which also compiles), and measures peak memory as the
+growth of the process's resident set (VmHWM after a reset, minus VmRSS before) over one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+Thunk = Callable[[], object]
+Setup = Callable[[], dict[str, Thunk]]
+
+MODES = ("fwd", "fwd+bwd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    jax: Setup
+    torch: Setup
+    goal: float | None = None  # the speed-up over torch the issue asks for (fwd+bwd, or fwd)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_mib(thunk: Thunk) -> float:
+    """Growth of resident memory over one call, in MiB (Linux; nan elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        before = _status_kib("VmRSS")
+        thunk()
+        return (_status_kib("VmHWM") - before) / 1024
+    except OSError:
+        return float("nan")
+
+
+def _median_ms(thunk: Thunk, min_reps: int = 5, max_reps: int = 50, budget_s: float = 2.0):
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        thunk()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run_worker(case: Case, side: str) -> dict:
+    """Times one side of one case in this process."""
+    thunks = getattr(case, side)()
+    result = {}
+    for mode, thunk in thunks.items():
+        thunk()  # warm-up and compilation
+        thunk()
+        result[mode] = {"ms": _median_ms(thunk), "peak_mib": _peak_mib(thunk)}
+    return result
+
+
+def measure(case_index: int, side: str, module: str) -> dict:
+    """Runs `run_worker` for one case and side in a fresh interpreter; returns its result."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    cmd = [sys.executable, "-m", module, "--worker", str(case_index), side]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def format_row(case: Case, mode: str, jax_r: dict, torch_r: dict) -> str:
+    if "error" in jax_r or "error" in torch_r:
+        return f"{case.name:<34} {mode:<8} error: {jax_r.get('error') or torch_r.get('error')}"
+    j, t = jax_r.get(mode), torch_r.get(mode)
+    if j is None or t is None:
+        return f"{case.name:<34} {mode:<8} (not measured)"
+    ratio = t["ms"] / j["ms"]
+    goal = f"{case.goal:.1f}x" if case.goal else "-"
+    return (
+        f"{case.name:<34} {mode:<8} {j['ms']:>10.2f} {t['ms']:>10.2f} {ratio:>7.2f}x {goal:>6} "
+        f"{j['peak_mib']:>9.1f} {t['peak_mib']:>9.1f}"
+    )
+
+
+def jax_steps(fn: Callable, *args) -> dict[str, Thunk]:
+    """Forward and forward+backward (gradients w.r.t. every argument) of `fn(*args)`, jitted."""
+    import jax
+    import jax.numpy as jnp
+
+    fwd = jax.jit(fn)
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(len(args)))))
+    return {
+        "fwd": lambda: jax.block_until_ready(fwd(*args)),
+        "fwd+bwd": lambda: jax.block_until_ready(grad(*args)),
+    }
+
+
+def torch_steps(fn: Callable, *args) -> dict[str, Thunk]:
+    """Forward (no autograd) and forward+backward of `fn(*args)`; `args` are leaf tensors."""
+    import torch
+
+    def fwd():
+        with torch.no_grad():
+            return fn(*args)
+
+    def fwd_bwd():
+        for a in args:
+            a.grad = None
+        fn(*args).sum().backward()
+
+    for a in args:
+        a.requires_grad_(True)
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+
+HEADER = (
+    f"{'case':<34} {'mode':<8} {'jax ms':>10} {'torch ms':>10} {'speedup':>8} {'goal':>6} "
+    f"{'jax MiB':>9} {'torch MiB':>9}"
+)

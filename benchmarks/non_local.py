@@ -1,0 +1,3 @@
+"""Benchmarks of non_local against its PyTorch reference."""
+
+CASES = []

@@ -1,0 +1,3 @@
+"""Benchmarks of spatial_transformer against its PyTorch reference."""
+
+CASES = []

@@ -1,0 +1,3 @@
+"""Benchmarks of squeeze_excitation against its PyTorch reference."""
+
+CASES = []

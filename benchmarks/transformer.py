@@ -1,0 +1,3 @@
+"""Benchmarks of transformer against its PyTorch reference."""
+
+CASES = []

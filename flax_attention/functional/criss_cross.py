@@ -1,0 +1,1 @@
+"""Pure functions: criss_cross."""

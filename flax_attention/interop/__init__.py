@@ -1,0 +1,1 @@
+"""Interoperability with the PyTorch reference implementations."""

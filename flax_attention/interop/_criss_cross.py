@@ -1,0 +1,1 @@
+"""criss_cross: torch -> Flax converters (see torch.py)."""

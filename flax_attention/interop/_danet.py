@@ -1,0 +1,1 @@
+"""danet: torch -> Flax converters (see torch.py)."""

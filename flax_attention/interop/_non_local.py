@@ -1,0 +1,1 @@
+"""non_local: torch -> Flax converters (see torch.py)."""

@@ -1,0 +1,1 @@
+"""spatial_transformer: torch -> Flax converters (see torch.py)."""

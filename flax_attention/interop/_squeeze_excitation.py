@@ -1,0 +1,1 @@
+"""squeeze_excitation: torch -> Flax converters (see torch.py)."""

@@ -1,0 +1,1 @@
+"""transformer: torch -> Flax converters (see torch.py)."""

@@ -1,0 +1,227 @@
+"""PyTorch `state_dict` -> Flax variables, by the reference repositories' parameter names.
+
+A converter for a module type is a pair of functions (see `Converter`):
+
+* `rules(module)` maps every Flax variable path, e.g. `("params", "query_conv", "kernel")`, to the
+  torch key it comes from and the layout change it needs (`Rule`);
+* `example_inputs(module, shapes)` builds inputs of the right channel count from the shapes of the
+  state dict, so that `jax.eval_shape(module.init, ...)` tells the shape every variable must have.
+
+`from_torch` checks the state dict against both, and raises one `ValueError` that lists every
+missing, unexpected and misshaped key; nothing is silently dropped or half-loaded. Converters
+for each mechanism family live in the `_<family>.py` files beside this one and register
+themselves with `register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+Path = tuple[str, ...]
+Shapes = Mapping[str, tuple[int, ...]]
+
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+_FAMILIES = (
+    "_squeeze_excitation",
+    "_non_local",
+    "_danet",
+    "_criss_cross",
+    "_transformer",
+    "_spatial_transformer",
+)
+
+
+def identity(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def conv_kernel(a: np.ndarray) -> np.ndarray:
+    """torch `[O, I, *K]` -> Flax `[*K, I, O]`."""
+    return np.transpose(a, (*range(2, a.ndim), 1, 0))
+
+
+def dense_kernel(a: np.ndarray) -> np.ndarray:
+    """torch `[O, I]` -> Flax `[I, O]`."""
+    return a.T
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Where one Flax variable comes from: a torch key and the layout change to apply."""
+
+    key: str
+    transform: Callable[[np.ndarray], np.ndarray] = identity
+
+
+Rules = dict[Path, Rule]
+
+
+@dataclasses.dataclass(frozen=True)
+class Converter:
+    rules: Callable[[nn.Module], Rules]
+    example_inputs: Callable[[nn.Module, Shapes], tuple[Any, ...]]
+
+
+_CONVERTERS: dict[type, Converter] = {}
+
+
+def register(*module_types: type) -> Callable[[Converter], Converter]:
+    """Registers a `Converter` for the given Flax module types (subclasses included)."""
+
+    def decorator(converter: Converter) -> Converter:
+        for t in module_types:
+            _CONVERTERS[t] = converter
+        return converter
+
+    return decorator
+
+
+# --- Rule builders: a torch prefix and the Flax submodule path it goes to. -----------------------
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def param(path: Path, key: str, transform=identity) -> Rules:
+    """One parameter: `path` is the Flax path below "params", `key` the full torch key."""
+    return {("params", *path): Rule(key, transform)}
+
+
+def conv(path: Path, prefix: str, bias: bool = True) -> Rules:
+    """A torch `ConvNd` at `prefix` -> an `nn.Conv` at `path`."""
+    rules = param((*path, "kernel"), _key(prefix, "weight"), conv_kernel)
+    if bias:
+        rules |= param((*path, "bias"), _key(prefix, "bias"))
+    return rules
+
+
+def dense(path: Path, prefix: str, bias: bool = True) -> Rules:
+    """A torch `Linear` at `prefix` -> an `nn.Dense` at `path`."""
+    rules = param((*path, "kernel"), _key(prefix, "weight"), dense_kernel)
+    if bias:
+        rules |= param((*path, "bias"), _key(prefix, "bias"))
+    return rules
+
+
+def layer_norm(path: Path, prefix: str) -> Rules:
+    """A torch `LayerNorm` -> an `nn.LayerNorm`."""
+    return param((*path, "scale"), _key(prefix, "weight")) | param(
+        (*path, "bias"), _key(prefix, "bias")
+    )
+
+
+def batch_norm(path: Path, prefix: str) -> Rules:
+    """A torch `BatchNormNd` -> an `nn.BatchNorm` (params and batch_stats)."""
+    return layer_norm(path, prefix) | {
+        ("batch_stats", *path, "mean"): Rule(_key(prefix, "running_mean")),
+        ("batch_stats", *path, "var"): Rule(_key(prefix, "running_var")),
+    }
+
+
+def conv_bn(path: Path, prefix: str) -> Rules:
+    """A torch `Sequential(Conv (no bias), BatchNorm, ...)` at `prefix` -> a `layers.ConvBN`."""
+    return conv((*path, "conv"), _key(prefix, "0"), bias=False) | batch_norm(
+        (*path, "bn"), _key(prefix, "1")
+    )
+
+
+def nested(rules: Rules, path: Path, prefix: str) -> Rules:
+    """Moves the rules of a submodule under Flax `path` and torch `prefix`."""
+    return {
+        (p[0], *path, *p[1:]): Rule(_key(prefix, r.key), r.transform) for p, r in rules.items()
+    }
+
+
+def rules_for(module: nn.Module) -> Rules:
+    """The rules of a registered module type (to nest inside a bigger module's rules)."""
+    return _converter_for(module).rules(module)
+
+
+# --- from_torch ----------------------------------------------------------------------------------
+
+
+def _converter_for(module: nn.Module) -> Converter:
+    if not _CONVERTERS:
+        for family in _FAMILIES:
+            importlib.import_module(f"{__package__}.{family}")
+    for t in type(module).__mro__:
+        if t in _CONVERTERS:
+            return _CONVERTERS[t]
+    known = sorted(t.__name__ for t in _CONVERTERS)
+    raise TypeError(f"from_torch has no converter for {type(module).__name__}; known: {known}")
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _check_keys(rules: Rules, arrays: Mapping[str, np.ndarray]) -> None:
+    wanted = {r.key for r in rules.values()}
+    given = {k for k in arrays if not k.endswith(_IGNORED_SUFFIXES)}
+    missing, unexpected = sorted(wanted - given), sorted(given - wanted)
+    if missing or unexpected:
+        raise ValueError(
+            f"state_dict does not fit the module: missing keys {missing}, "
+            f"unexpected keys {unexpected}"
+        )
+
+
+def _convert(rules: Rules, arrays: Mapping[str, np.ndarray], expected: Mapping) -> dict:
+    converted, misshaped = {}, []
+    for path, rule in sorted(rules.items()):
+        want = tuple(expected[path].shape)
+        try:
+            value = rule.transform(arrays[rule.key])
+        except ValueError:  # the transform itself did not fit (e.g. a 2-D kernel for a conv)
+            value = arrays[rule.key]
+        if tuple(value.shape) != want:
+            misshaped.append(f"{rule.key}: expected {want}, got {tuple(arrays[rule.key].shape)}")
+        else:
+            converted[path] = jnp.asarray(value, dtype=expected[path].dtype)
+    if misshaped:
+        raise ValueError(f"state_dict has misshaped keys (shape after layout change): {misshaped}")
+    return converted
+
+
+def from_torch(module: nn.Module, state_dict: Mapping[str, Any]) -> dict:
+    """Builds the Flax variables of `module` from a PyTorch `state_dict`.
+
+    Args:
+      module: an (unbound) Flax module of this library, e.g. `CrissCrossAttention()`.
+      state_dict: the reference implementation's `state_dict()` (torch tensors or numpy arrays),
+        keyed by the reference repository's parameter names (DESIGN.md).
+
+    Returns:
+      `{"params": ..., "batch_stats": ...}` (the collections the module has), in `param_dtype`,
+      ready for `module.apply`.
+
+    Raises:
+      ValueError: listing every missing, unexpected and misshaped key.
+      TypeError: if the module type has no converter.
+    """
+    converter = _converter_for(module)
+    arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
+    rules = converter.rules(module)
+    _check_keys(rules, arrays)
+    inputs = converter.example_inputs(module, {k: a.shape for k, a in arrays.items()})
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)
+    expected = traverse_util.flatten_dict(shapes)
+    if set(expected) != set(rules):  # a converter bug, not a user error
+        raise RuntimeError(
+            f"converter for {type(module).__name__} does not match the module: variables without "
+            f"a rule {sorted(set(expected) - set(rules))}, rules without a variable "
+            f"{sorted(set(rules) - set(expected))}"
+        )
+    return traverse_util.unflatten_dict(_convert(rules, arrays, expected))

@@ -1,0 +1,18 @@
+"""Test-wide settings: JAX on the CPU, full fp32 matmuls, deterministic torch."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+try:  # torch is a test extra; tests that need it import it themselves
+    import torch  # noqa: E402
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+except ImportError:  # pragma: no cover
+    pass

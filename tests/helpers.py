@@ -1,0 +1,56 @@
+"""Shared test utilities: layout changes, random torch weights, scale-aware comparison."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import numpy as np
+import torch
+
+
+def nhwc_to_torch(x) -> torch.Tensor:
+    """`[B, *S, C]` (numpy or jax) -> torch `[B, C, *S]` float tensor."""
+    a = np.asarray(x, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 1)))
+
+
+def torch_to_nhwc(t: torch.Tensor) -> np.ndarray:
+    """torch `[B, C, *S]` -> numpy `[B, *S, C]`."""
+    return np.moveaxis(t.detach().cpu().numpy(), 1, -1)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> torch.nn.Module:
+    """Fills every parameter and float buffer of `module` with random values, in place.
+
+    Gammas and zero-initialised BatchNorms become non-zero, so a comparison cannot pass on an
+    identity block; running variances stay positive.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if not tensor.is_floating_point():
+                continue
+            values = torch.randn(tensor.shape, generator=gen) * scale
+            if name.endswith("running_var"):
+                values = values.abs() + 0.5
+            tensor.copy_(values)
+    return module.eval()
+
+
+def random_nhwc(shape, seed: int = 0, dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def assert_close(actual, expected, rtol: float = 1e-5) -> None:
+    """All close within `rtol` times the largest magnitude of `expected` (fp32 tolerance)."""
+    expected = np.asarray(expected)
+    scale = max(float(np.abs(expected).max()), 1e-6)
+    chex.assert_trees_all_close(np.asarray(actual), expected, atol=rtol * scale, rtol=0)
+
+
+def state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def tree_max_abs(tree) -> float:
+    return max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(tree))
