@@ -21,6 +21,8 @@ FAMILIES = (
     "criss_cross",
     "spatial_transformer",
     "transformer",
+    "resnet",
+    "residual_attention",
 )
 
 

@@ -1,3 +1,103 @@
-"""flax-attention: the attention mechanisms of computer vision as Flax modules."""
+"""flax-attention: the attention mechanisms of computer vision as Flax modules.
+
+The math of each mechanism is a pure function in `flax_attention.functional` (re-exported
+here, except `non_local` and `squeeze_excitation`, whose names here are the modules of those
+blocks); the modules own the parameters; `flax_attention.interop.torch.from_torch` loads the
+reference PyTorch implementations' weights; whole networks are in `flax_attention.models`.
+"""
+
+from flax_attention import functional
+from flax_attention.criss_cross import CrissCrossAttention, RCCAModule
+from flax_attention.danet import ChannelAttention, DANetHead, PositionAttention
+from flax_attention.functional import (
+    affine_grid,
+    affine_matrix,
+    bilinear_sample,
+    box_area,
+    box_cxcywh_to_xyxy,
+    box_iou,
+    box_xyxy_to_cxcywh,
+    channel_attention,
+    channel_attention_weights,
+    combine_masks,
+    criss_cross_aggregate,
+    criss_cross_attention,
+    criss_cross_weights,
+    dot_product_attention,
+    dot_product_attention_weights,
+    excite,
+    generalized_box_iou,
+    generalized_box_iou_loss,
+    learned_position_embedding,
+    non_local_weights,
+    position_attention,
+    position_attention_weights,
+    sine_position_embedding,
+    squeeze_excitation_gates,
+)
+from flax_attention.non_local import NonLocal1D, NonLocal2D, NonLocal3D
+from flax_attention.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
+from flax_attention.residual_attention import PreActBottleneck, ResidualAttentionModule
+from flax_attention.spatial_transformer import LocalizationNet, SpatialTransformer
+from flax_attention.squeeze_excitation import SEBasicBlock, SEBottleneck, SELayer
+from flax_attention.transformer import (
+    MultiHeadAttention,
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "functional",
+    "affine_grid",
+    "affine_matrix",
+    "bilinear_sample",
+    "box_area",
+    "box_cxcywh_to_xyxy",
+    "box_iou",
+    "box_xyxy_to_cxcywh",
+    "channel_attention",
+    "channel_attention_weights",
+    "combine_masks",
+    "criss_cross_aggregate",
+    "criss_cross_attention",
+    "criss_cross_weights",
+    "dot_product_attention",
+    "dot_product_attention_weights",
+    "excite",
+    "generalized_box_iou",
+    "generalized_box_iou_loss",
+    "learned_position_embedding",
+    "non_local_weights",
+    "position_attention",
+    "position_attention_weights",
+    "sine_position_embedding",
+    "squeeze_excitation_gates",
+    "ChannelAttention",
+    "CrissCrossAttention",
+    "DANetHead",
+    "LocalizationNet",
+    "MultiHeadAttention",
+    "NonLocal1D",
+    "NonLocal2D",
+    "NonLocal3D",
+    "PositionAttention",
+    "PositionEmbeddingLearned",
+    "PositionEmbeddingSine",
+    "PreActBottleneck",
+    "RCCAModule",
+    "ResidualAttentionModule",
+    "SEBasicBlock",
+    "SEBottleneck",
+    "SELayer",
+    "SpatialTransformer",
+    "Transformer",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+]

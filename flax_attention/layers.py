@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 Activation = Callable[[jax.Array], jax.Array] | None
 
@@ -41,6 +42,7 @@ class ConvBN(nn.Module):
     activation: Activation = nn.relu
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
+    precision: jax.lax.PrecisionLike = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -55,15 +57,41 @@ class ConvBN(nn.Module):
             use_bias=False,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            precision=self.precision,
             name="conv",
         )(x)
         x = batch_norm(train, self.dtype, self.param_dtype, name="bn")(x)
         return x if self.activation is None else self.activation(x)
 
 
+class PointwiseConv(nn.Module):
+    """A 1x1 (1, 1x1x1) convolution with `nn.Conv`'s parameters (kernel `[1, ..., 1, C, O]`,
+    bias `[O]`), computed as a matrix product over the channels: on the CPU, XLA's gradient of
+    a dot is two to four times as fast as that of a 1x1 convolution."""
+
+    features: int
+    spatial_dims: int = 2
+    use_bias: bool = True
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: jax.lax.PrecisionLike = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, *S, C]` -> `[B, *S, features]`."""
+        shape = (*(1,) * self.spatial_dims, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if (
+            self.use_bias) else None
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jnp.dot(x, kernel.reshape(shape[-2:]), precision=self.precision)
+        return y if bias is None else y + bias
+
+
 def conv1x1(features: int, dtype, param_dtype, name: str, use_bias: bool = True,
-            spatial_dims: int = 2, **kwargs) -> nn.Conv:
+            spatial_dims: int = 2, **kwargs) -> PointwiseConv:
     """A 1x1 (or 1, 1x1x1) convolution, named like the torch module it mirrors."""
-    kernel: Sequence[int] = (1,) * spatial_dims
-    return nn.Conv(features, kernel, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                   name=name, **kwargs)
+    return PointwiseConv(features, spatial_dims, use_bias, dtype=dtype, param_dtype=param_dtype,
+                         name=name, **kwargs)

@@ -49,7 +49,7 @@ def assert_close(actual, expected, rtol: float = 1e-5) -> None:
 
 
 def state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
 
 
 def tree_max_abs(tree) -> float:

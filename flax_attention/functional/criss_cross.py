@@ -1,1 +1,189 @@
-"""Pure functions: criss_cross."""
+"""Criss-cross attention (Huang et al., "CCNet: Criss-Cross Attention for Semantic
+Segmentation", ICCV 2019): every position attends to the H + W - 1 positions of its row and
+its column, with ONE softmax over both, the position itself counted once.
+
+Shapes use the legend B batch, H height, W width, C channels. Everything is written as batched
+matmuls over rows; the column branch is the row branch on inputs with H and W swapped
+(`[B, W, H, C]`), so no HW x HW matrix is ever built and memory grows as HW(H + W).
+Internally the column weights are kept transposed, `[B, W, H, H]`, with a zero on the position
+itself, which needs no gather; CCNet's CUDA layout (`[B, H, W, H+W-1]`: the W row entries left
+to right, then the H - 1 column entries top to bottom without the position itself) is produced
+only by `criss_cross_weights` and read by `criss_cross_aggregate`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from flax_attention._checks import check_rank, check_same
+
+__all__ = ["criss_cross_aggregate", "criss_cross_attention", "criss_cross_weights"]
+
+_LAYOUT = "[B, H, W, C]"
+_MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
+Precision = jax.lax.PrecisionLike
+
+# Row-branch einsums, batched over (b, h); u indexes the W positions of the row.
+_ENERGY = "bhwc,bhuc->bhwu"  # q k^T: energies, or d_out v^T: weight cotangents
+_MIX = "bhwu,bhuc->bhwc"  # a v: outputs, or d_energy k: query cotangents
+_MIX_T = "bhwu,bhwc->bhuc"  # a^T d_out: value cotangents, or d_energy^T q: key cotangents
+
+
+def _check_qk(q: jax.Array, k: jax.Array) -> None:
+    check_rank("q", q, 4, _LAYOUT)
+    check_rank("k", k, 4, _LAYOUT)
+    check_same(("q", "k"), (q.shape, k.shape), "shape", (q.shape, k.shape))
+
+
+def _check_spatial(names: tuple[str, str], a: jax.Array, b: jax.Array) -> None:
+    check_same(names, (a.shape[:3], b.shape[:3]), "batch and spatial dimensions [B, H, W]",
+               (a.shape, b.shape))
+
+
+def _swap(x: jax.Array) -> jax.Array:
+    """`[B, H, W, ...]` <-> `[B, W, H, ...]`: columns become rows."""
+    return x.swapaxes(1, 2)
+
+
+def _at_least_f32(*xs: jax.Array) -> jnp.dtype:
+    return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+
+
+def _einsum(spec: str, a: jax.Array, b: jax.Array, precision: Precision, dtype=None):
+    return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=dtype)
+
+
+def _both(spec: str, row: jax.Array, col: jax.Array, x: jax.Array, precision: Precision):
+    """`spec` applied to the row operand and `x`, plus to the (transposed) column operand and
+    `x` transposed, the column result transposed back: `[B, H, W, ...]`."""
+    return _einsum(spec, row, x, precision) + _swap(_einsum(spec, col, _swap(x), precision))
+
+
+def _weights(q: jax.Array, k: jax.Array, precision: Precision) -> tuple[jax.Array, jax.Array]:
+    """Softmax weights (float32 at least): rows `[B, H, W, W]`, columns transposed
+    `[B, W, H, H]` (zero on the position itself), normalised together."""
+    dtype = _at_least_f32(q, k)
+    e_row = _einsum(_ENERGY, q, k, precision, dtype)
+    e_col = _einsum(_ENERGY, _swap(q), _swap(k), precision, dtype)
+    e_col = jnp.where(jnp.eye(q.shape[1], dtype=bool), _MASK, e_col)
+    top = jnp.maximum(e_row.max(-1), _swap(e_col.max(-1)))[..., None]
+    p_row, p_col = jnp.exp(e_row - top), jnp.exp(e_col - _swap(top))
+    total = (p_row.sum(-1) + _swap(p_col.sum(-1)))[..., None]
+    return p_row / total, p_col / _swap(total)
+
+
+def _mix(a_row: jax.Array, a_col: jax.Array, v: jax.Array, precision: Precision) -> jax.Array:
+    """Weights from `_weights` applied to v `[B, H, W, C]`, in v's dtype."""
+    return _both(_MIX, a_row.astype(v.dtype), a_col.astype(v.dtype), v, precision)
+
+
+def _below(height: int) -> jax.Array:
+    """`[H, H-1]`: True where column entry j (self excluded) is above row h, i.e. j < h."""
+    return jnp.arange(height - 1)[None, :] < jnp.arange(height)[:, None]
+
+
+def _drop_self(a_col: jax.Array) -> jax.Array:
+    """`[B, W, H, H]` -> `[B, W, H, H-1]`: column entries without the position's own row."""
+    return jnp.where(_below(a_col.shape[-1]), a_col[..., :-1], a_col[..., 1:])
+
+
+def _insert_self(c: jax.Array) -> jax.Array:
+    """`[B, W, H, H-1]` -> `[B, W, H, H]` with a zero at the position's own row."""
+    height = c.shape[-2]
+    g, h = jnp.arange(height)[None, :], jnp.arange(height)[:, None]
+    pad = [(0, 0)] * (c.ndim - 1)
+    upper = jnp.pad(c, [*pad, (0, 1)])  # entry g is c[g]: the rows above h
+    lower = jnp.pad(c, [*pad, (1, 0)])  # entry g is c[g - 1]: the rows below h
+    return jnp.where(g < h, upper, jnp.where(g > h, lower, 0))
+
+
+def criss_cross_weights(q: jax.Array, k: jax.Array, precision: Precision = None) -> jax.Array:
+    """The criss-cross attention weights, in CCNet's CUDA order.
+
+    Args:
+      q: queries `[B, H, W, C]`.
+      k: keys `[B, H, W, C]`.
+      precision: passed to the einsums.
+
+    Returns:
+      `[B, H, W, H+W-1]` weights (float32, or float64 for float64 inputs) summing to 1 over
+      the last axis: the W entries of the position's row (left to right, itself included),
+      then the H - 1 entries of its column (top to bottom, itself excluded).
+    """
+    _check_qk(q, k)
+    a_row, a_col = _weights(q, k, precision)
+    return jnp.concatenate([a_row, _swap(_drop_self(a_col))], axis=-1)
+
+
+def criss_cross_aggregate(weights: jax.Array, v: jax.Array, precision: Precision = None):
+    """Applies criss-cross weights to values (CCNet's `ca_map`).
+
+    Args:
+      weights: `[B, H, W, H+W-1]` in the order of `criss_cross_weights`.
+      v: values `[B, H, W, C]`.
+      precision: passed to the einsums.
+
+    Returns:
+      `[B, H, W, C]` in v's dtype: for each position, the weighted sum of the values of its row
+      and column.
+    """
+    check_rank("weights", weights, 4, "[B, H, W, H+W-1]")
+    check_rank("v", v, 4, _LAYOUT)
+    _check_spatial(("weights", "v"), weights, v)
+    _, height, width, _ = v.shape
+    check_same(("weights", "v"), (weights.shape[-1], height + width - 1),
+               "entries per position (weights' last axis must be H+W-1)", (weights.shape, v.shape))
+    a_col = _insert_self(_swap(weights[..., width:]))
+    return _mix(weights[..., :width], a_col, v, precision)
+
+
+def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, precision: Precision = None):
+    """Criss-cross attention: `criss_cross_aggregate(criss_cross_weights(q, k), v)`, fused.
+
+    A `jax.custom_vjp` whose backward pass is written as batched matmuls over rows and
+    columns, from the weights saved by the forward pass.
+
+    Args:
+      q: queries `[B, H, W, C]`.
+      k: keys `[B, H, W, C]`.
+      v: values `[B, H, W, C']`, any channel count.
+      precision: passed to the einsums.
+
+    Returns:
+      `[B, H, W, C']` in v's dtype.
+    """
+    _check_qk(q, k)
+    check_rank("v", v, 4, _LAYOUT)
+    _check_spatial(("q", "v"), q, v)
+    return _attention(q, k, v, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, precision):
+    return _mix(*_weights(q, k, precision), v, precision)
+
+
+def _attention_fwd(q, k, v, precision):
+    a_row, a_col = _weights(q, k, precision)
+    return _mix(a_row, a_col, v, precision), (q, k, v, a_row, a_col)
+
+
+def _attention_bwd(precision, residuals, d_out):
+    q, k, v, a_row, a_col = residuals
+    dtype = a_row.dtype
+    d_out, v_up, q_up, k_up = (x.astype(dtype) for x in (d_out, v, q, k))
+    d_v = _both(_MIX_T, a_row, a_col, d_out, precision)
+    # The weights' cotangents, then the softmax backward over rows and columns together.
+    d_row = _einsum(_ENERGY, d_out, v_up, precision)
+    d_col = _einsum(_ENERGY, _swap(d_out), _swap(v_up), precision)
+    total = ((a_row * d_row).sum(-1) + _swap((a_col * d_col).sum(-1)))[..., None]
+    d_row, d_col = a_row * (d_row - total), a_col * (d_col - _swap(total))
+    d_q = _both(_MIX, d_row, d_col, k_up, precision)
+    d_k = _both(_MIX_T, d_row, d_col, q_up, precision)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,1 +1,315 @@
-"""Pure functions: spatial."""
+"""Pure functions: the sampling of spatial transformer networks (Jaderberg et al., NeurIPS 2015).
+
+`affine_grid` and `bilinear_sample` match `torch.nn.functional.affine_grid` and
+`torch.nn.functional.grid_sample(mode="bilinear")` (as computed by torch's CPU kernel), for both
+`align_corners` settings and the three padding modes, values and gradients. Grids hold (x, y)
+in [-1, 1], torch's order: x indexes the width, y the height.
+
+Gradient conventions, as torch's: a coordinate exactly on a pixel (integer) takes its slope from
+the pixel to its right/below (`floor`), and a coordinate clipped by "border" or "reflection"
+padding has zero gradient when it lies on or beyond the clip limits (0 and size - 1).
+
+Axis legend: B batch, H height, W width, C channels; h, w the size of the sampling grid.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flax_attention._checks import check_choice, check_rank, check_same
+
+__all__ = ["PADDING_MODES", "TRANSFORMS", "affine_grid", "affine_matrix", "bilinear_sample"]
+
+PADDING_MODES = ("zeros", "border", "reflection")
+
+# The transforms a spatial transformer can predict, each with its identity parameters (whose
+# count is the transform's parameter count); see `affine_matrix`.
+TRANSFORMS: dict[str, tuple[float, ...]] = {
+    "affine": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    "translation": (0.0, 0.0),
+    "translation_scale": (1.0, 0.0, 0.0),
+    "rotation_translation_scale": (0.0, 1.0, 0.0, 0.0),
+}
+
+
+def _check_hw(out_hw) -> tuple[int, int]:
+    try:
+        hw = tuple(operator.index(s) for s in out_hw)
+    except TypeError:
+        hw = ()
+    if len(hw) != 2 or min(hw) < 1:
+        raise ValueError(f"out_hw must be two positive ints (height, width), got {out_hw!r}")
+    return hw
+
+
+def _base_coords(size: int, align_corners: bool, dtype) -> jax.Array:
+    """Normalised coordinates of `size` pixel centres `[size]` (torch's `linspace_from_neg_one`)."""
+    if size == 1:
+        return jnp.zeros((1,), dtype)
+    i = jnp.arange(size, dtype=dtype)
+    if align_corners:
+        return 2 * i / (size - 1) - 1
+    return (2 * i + 1 - size) / size
+
+
+def affine_grid(theta: jax.Array, out_hw: tuple[int, int], align_corners: bool = False,
+                precision: lax.PrecisionLike = None) -> jax.Array:
+    """The sampling grid of an affine transform (torch's `affine_grid` for 2-D).
+
+    Args:
+      theta: `[B, 2, 3]` affine matrices mapping output coordinates (x, y, 1) to input (x, y).
+      out_hw: (h, w), the size of the grid.
+      align_corners: if True, -1 and 1 are the centres of the corner pixels; if False (torch's
+        default), the outer edges of the corner pixels.
+      precision: of the matrix product.
+
+    Returns:
+      `[B, h, w, 2]` normalised (x, y) source coordinates, in theta's dtype (computed in at
+      least float32).
+    """
+    check_rank("theta", theta, 3, "[B, 2, 3]")
+    if theta.shape[1:] != (2, 3):
+        raise ValueError(f"theta must have shape [B, 2, 3], got shape {tuple(theta.shape)}")
+    h, w = _check_hw(out_hw)
+    theta = jnp.asarray(theta)
+    dtype = jnp.promote_types(theta.dtype, jnp.float32)
+    xs, ys = _base_coords(w, align_corners, dtype), _base_coords(h, align_corners, dtype)
+    xs, ys = jnp.broadcast_to(xs, (h, w)), jnp.broadcast_to(ys[:, None], (h, w))
+    base = jnp.stack([xs, ys, jnp.ones((h, w), dtype)], axis=-1)  # [h, w, 3]
+    grid = jnp.einsum("hwk,bjk->bhwj", base, theta.astype(dtype), precision=precision)
+    return grid.astype(theta.dtype)
+
+
+def affine_matrix(params: jax.Array, transform: str = "affine") -> jax.Array:
+    """The affine matrices of a (restricted) transform's parameters.
+
+    Args:
+      params: `[B, P]`, P the transform's parameter count (`len(TRANSFORMS[transform])`):
+        "affine": the six entries of theta, row by row (torch's `view(-1, 2, 3)`);
+        "translation": (tx, ty); "translation_scale": (s, tx, ty), an isotropic scale (the
+        paper's attention transform); "rotation_translation_scale": (angle, s, tx, ty), angle
+        in radians. Rotations and scales act on normalised coordinates, so on a non-square
+        image they are not rigid in pixels.
+      transform: a key of `TRANSFORMS`.
+
+    Returns:
+      theta `[B, 2, 3]` for `affine_grid`, in params' dtype.
+    """
+    check_choice("transform", transform, TRANSFORMS)
+    check_rank("params", params, 2, "[B, P]")
+    count = len(TRANSFORMS[transform])
+    if params.shape[1] != count:
+        raise ValueError(f"params of a {transform!r} transform must have shape [B, {count}], "
+                         f"got shape {tuple(params.shape)}")
+    params = jnp.asarray(params)
+    if transform == "affine":
+        return params.reshape(-1, 2, 3)
+    zero, one = jnp.zeros_like(params[:, 0]), jnp.ones_like(params[:, 0])
+    if transform == "translation":
+        (tx, ty), (a, b) = params.T, (one, zero)
+    elif transform == "translation_scale":
+        (a, tx, ty), b = params.T, zero
+    else:
+        angle, scale, tx, ty = params.T
+        a, b = scale * jnp.cos(angle), scale * jnp.sin(angle)
+    return jnp.stack([a, -b, tx, b, a, ty], axis=-1).reshape(-1, 2, 3)
+
+
+# --- Source coordinates: normalised -> pixel, with torch's padding and its gradient conventions. -
+
+
+def _clip(ix: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    """Clips to [0, size - 1]; the slope is 0 on and beyond the limits (torch's convention)."""
+    inside = (ix > 0) & (ix < size - 1)
+    return jnp.clip(ix, 0, size - 1), inside.astype(ix.dtype)
+
+
+def _reflect(ix: jax.Array, size: int, align_corners: bool) -> tuple[jax.Array, jax.Array]:
+    """Reflects about the image borders (pixel centres, or edges if not `align_corners`)."""
+    low, twice_span = (0.0, 2 * (size - 1)) if align_corners else (-0.5, 2 * size)
+    if twice_span == 0:  # a single pixel with aligned corners: every coordinate maps to it
+        return jnp.zeros_like(ix), jnp.zeros_like(ix)
+    shifted = ix - low
+    distance = jnp.abs(shifted)
+    extra = distance - jnp.trunc(distance / twice_span) * twice_span
+    reflected = twice_span - extra
+    flip = extra > reflected
+    slope = jnp.where(flip ^ (shifted < 0), -1.0, 1.0).astype(ix.dtype)
+    return jnp.where(flip, reflected, extra) + low, slope
+
+
+def _source_index(coord: jax.Array, size: int, padding_mode: str,
+                  align_corners: bool) -> tuple[jax.Array, jax.Array]:
+    """Normalised coordinates -> pixel coordinates and d(pixel) / d(normalised).
+
+    For "zeros", pixel coordinates are clamped to [-2, size], which changes nothing (both
+    neighbours of a coordinate beyond that range are outside the image anyway) but keeps the
+    integer corner indices bounded.
+    """
+    if align_corners:
+        scale = (size - 1) / 2
+        ix = (coord + 1) * scale
+    else:
+        scale = size / 2
+        ix = (coord + 1) * scale - 0.5
+    slope = jnp.full_like(ix, scale)
+    if padding_mode == "zeros":
+        return jnp.clip(ix, -2, size), slope
+    if padding_mode == "reflection":
+        ix, reflect_slope = _reflect(ix, size, align_corners)
+        slope = slope * reflect_slope
+    ix, clip_slope = _clip(ix, size)
+    return ix, slope * clip_slope
+
+
+# --- Sampling: four corner gathers with bilinear weights. -------------------------------------
+
+
+def _locate(grid: jax.Array, hw: tuple[int, int], padding_mode: str, align_corners: bool):
+    """Top-left corners y0, x0 `[B, h, w]` (int32), the distances dy, dx in [0, 1) to them and
+    the slopes d(pixel) / d(normalised) of every grid point, in at least float32."""
+    grid = grid.astype(jnp.promote_types(grid.dtype, jnp.float32))
+    iy, slope_y = _source_index(grid[..., 1], hw[0], padding_mode, align_corners)
+    ix, slope_x = _source_index(grid[..., 0], hw[1], padding_mode, align_corners)
+    y0, x0 = jnp.floor(iy), jnp.floor(ix)
+    return y0.astype(jnp.int32), x0.astype(jnp.int32), iy - y0, ix - x0, slope_y, slope_x
+
+
+def _corners(y0: jax.Array, x0: jax.Array, hw: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    """Row indices into the flattened image `[B * H * W, C]` of the four neighbours (y0, x0),
+    (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1) of every grid point, `[4, B, h, w]`, and
+    whether each is inside the image (outside ones point at a clipped, valid row)."""
+    height, width = hw
+    first_row = (jnp.arange(y0.shape[0], dtype=jnp.int32) * height)[:, None, None]
+    rows, inside = [], []
+    for y, x in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+        inside.append((y >= 0) & (y < height) & (x >= 0) & (x < width))
+        rows.append((first_row + jnp.clip(y, 0, height - 1)) * width + jnp.clip(x, 0, width - 1))
+    return jnp.stack(rows), jnp.stack(inside)
+
+
+def _gather(image: jax.Array, rows: jax.Array, inside: jax.Array) -> list[jax.Array]:
+    """The four neighbours' values `[B, h, w, C]` each, 0 outside the image.
+
+    Four separate gathers, which XLA fuses into their consumers (one stacked gather would be
+    materialised)."""
+    flat = image.reshape(-1, image.shape[-1])
+    return [
+        jnp.where(inside[k, ..., None], flat.at[rows[k]].get(mode="promise_in_bounds"), 0)
+        for k in range(4)
+    ]
+
+
+def _weights(dy: jax.Array, dx: jax.Array) -> list[jax.Array]:
+    """Bilinear weights of the four neighbours, in `_corners`' order."""
+    return [(1 - dy) * (1 - dx), (1 - dy) * dx, dy * (1 - dx), dy * dx]
+
+
+def _sample(image: jax.Array, grid: jax.Array, padding_mode: str,
+            align_corners: bool) -> jax.Array:
+    """The primal computation of `bilinear_sample` (plain autodiff also differentiates it)."""
+    hw = image.shape[1:3]
+    y0, x0, dy, dx, _, _ = _locate(grid, hw, padding_mode, align_corners)
+    values = _gather(image.astype(dy.dtype), *_corners(y0, x0, hw))
+    out = sum(w[..., None] * v for w, v in zip(_weights(dy, dx), values, strict=True))
+    return out.astype(image.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _bilinear_sample(image: jax.Array, grid: jax.Array, padding_mode: str,
+                     align_corners: bool) -> jax.Array:
+    return _sample(image, grid, padding_mode, align_corners)
+
+
+def _sample_fwd(image, grid, padding_mode, align_corners):
+    return _sample(image, grid, padding_mode, align_corners), (image, grid)
+
+
+def _dot_channels(values: list[jax.Array], g: jax.Array) -> tuple[jax.Array, ...]:
+    """`sum_C(v * g)` `[B, h, w]` for each neighbour, in one variadic reduction: XLA then fuses
+    the gathers into it instead of materialising the four `[B, h, w, C]` values."""
+    zero = jnp.zeros((), g.dtype)
+    return lax.reduce(tuple(v * g for v in values), (zero,) * len(values),
+                      lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)), (3,))
+
+
+def _backward(padding_mode: str, align_corners: bool, image: jax.Array, grid: jax.Array,
+              g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Image gradient: one scatter-add of the four weighted copies of the output gradient;
+    grid gradient: differences of the neighbours' values along x and y."""
+    b, height, width, c = image.shape
+    y0, x0, dy, dx, slope_y, slope_x = _locate(grid, (height, width), padding_mode,
+                                               align_corners)
+    rows, inside = _corners(y0, x0, (height, width))
+    g = g.astype(dy.dtype)
+    nw, ne, sw, se = _dot_channels(_gather(image.astype(dy.dtype), rows, inside), g)
+    d_x = ((1 - dy) * (ne - nw) + dy * (se - sw)) * slope_x
+    d_y = ((1 - dx) * (sw - nw) + dx * (se - ne)) * slope_y
+    updates = jnp.where(inside, jnp.stack(_weights(dy, dx)), 0)[..., None] * g
+    d_image = jnp.zeros((b * height * width, c), g.dtype).at[rows.reshape(-1)].add(
+        updates.reshape(-1, c), mode="promise_in_bounds")
+    return (d_image.reshape(image.shape).astype(image.dtype),
+            jnp.stack([d_x, d_y], axis=-1).astype(grid.dtype))
+
+
+# Images per step of the backward loop: the largest divisor of the batch whose output gradient
+# has at most this many elements, so that the scatter's updates (4x that, float32) stay in cache.
+# Measured on CPU at B=64, C=32, 64x64: 2.5x faster than one step over the whole batch.
+_BACKWARD_CHUNK_ELEMENTS = 2**18
+
+
+def _sample_bwd(padding_mode, align_corners, residuals, g):
+    """`_backward` over chunks of the batch, in sequence. The residuals are just the inputs:
+    corners and weights are cheap to recompute."""
+    image, grid = residuals
+    batch, per_image = g.shape[0], math.prod(g.shape[1:])
+    chunk = max(n for n in range(1, batch + 1)
+                if batch % n == 0 and (n == 1 or n * per_image <= _BACKWARD_CHUNK_ELEMENTS))
+
+    def split(a: jax.Array) -> jax.Array:
+        return a.reshape(batch // chunk, chunk, *a.shape[1:])
+
+    d_image, d_grid = lax.map(lambda args: _backward(padding_mode, align_corners, *args),
+                              (split(image), split(grid), split(g)))
+    return d_image.reshape(image.shape), d_grid.reshape(grid.shape)
+
+
+_bilinear_sample.defvjp(_sample_fwd, _sample_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("padding_mode", "align_corners"))
+def bilinear_sample(image: jax.Array, grid: jax.Array, padding_mode: str = "zeros",
+                    align_corners: bool = False) -> jax.Array:
+    """Samples `image` bilinearly at the normalised coordinates of `grid` (torch's
+    `grid_sample(mode="bilinear")`).
+
+    Differentiable w.r.t. both arguments in reverse mode, through a custom VJP (`jax.jvp` is not
+    supported). Coordinates, weights and sums are computed in at least float32; pixels are
+    indexed with int32 (B * H * W below 2**31). Jitted, with `padding_mode` and `align_corners`
+    static.
+
+    Args:
+      image: `[B, H, W, C]`.
+      grid: `[B, h, w, 2]` source coordinates (x, y); (-1, -1) is the top-left of the image.
+      padding_mode: what coordinates outside the image read: "zeros" (each outside neighbour
+        counts as 0, with its weight unchanged), "border" (coordinates are clipped to the
+        image), "reflection" (coordinates are reflected about the borders, then clipped).
+      align_corners: as in `affine_grid`.
+
+    Returns:
+      `[B, h, w, C]` in image's dtype.
+    """
+    check_rank("image", image, 4, "[B, H, W, C]")
+    check_rank("grid", grid, 4, "[B, h, w, 2]")
+    if grid.shape[-1] != 2:
+        raise ValueError(f"grid must have shape [B, h, w, 2] (x, y), got {tuple(grid.shape)}")
+    check_same(("image", "grid"), (image.shape[0], grid.shape[0]), "batch size",
+               (image.shape, grid.shape))
+    check_choice("padding_mode", padding_mode, PADDING_MODES)
+    return _bilinear_sample(image, grid, padding_mode, align_corners)

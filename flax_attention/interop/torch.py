@@ -37,6 +37,8 @@ _FAMILIES = (
     "_criss_cross",
     "_transformer",
     "_spatial_transformer",
+    "_resnet",
+    "_residual_attention",
 )
 
 
@@ -162,9 +164,10 @@ def _converter_for(module: nn.Module) -> Converter:
 
 
 def _to_numpy(value: Any) -> np.ndarray:
+    """A copy, so later in-place changes of the torch tensor do not reach the Flax variables."""
     if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
         value = value.detach().cpu().numpy()
-    return np.asarray(value)
+    return np.array(value, copy=True)
 
 
 def _check_keys(rules: Rules, arrays: Mapping[str, np.ndarray]) -> None:

@@ -1,0 +1,119 @@
+"""Criss-cross attention modules (Huang et al., "CCNet: Criss-Cross Attention for Semantic
+Segmentation", ICCV 2019; reference: speedinghzl/CCNet).
+
+Differences from the reference:
+- NHWC; channels are inferred from the input and must be divisible by the reductions (the
+  reference floors `C // 8` and `C // 4` silently).
+- CCNet's InPlaceABNSync (BatchNorm fused with its default activation, leaky ReLU of slope
+  0.01) is a `layers.ConvBN` with `activation` (default that same leaky ReLU); batch
+  statistics are per device, not synchronised.
+- `RCCAModule` takes `recurrence` as a field (default 2, the paper's and README's setting; the
+  reference's code defaults to 0) and ends with the 1x1 classifier only when `num_classes` is
+  given.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_attention._checks import check_divisible, check_rank
+from flax_attention.functional.criss_cross import criss_cross_attention, criss_cross_weights
+from flax_attention.layers import Activation, ConvBN, conv1x1
+
+__all__ = ["CrissCrossAttention", "RCCAModule"]
+
+leaky_relu = functools.partial(nn.leaky_relu, negative_slope=0.01)
+
+
+class CrissCrossAttention(nn.Module):
+    """CCNet's criss-cross attention block: `gamma * cca(q, k, v) + x`.
+
+    q and k are 1x1 convolutions to `C // reduction` channels, v a 1x1 convolution to C (all
+    with bias); `gamma` has shape (1,) and starts at zero, so a fresh block is the identity.
+    With the "intermediates" collection mutable, the weights `[B, H, W, H+W-1]` (CUDA order)
+    are sown as "attention" (computed only then).
+
+    Attributes:
+      reduction: channel reduction of the query and key projections.
+      attention_fn: `(q, k, v, precision) -> out`; `functional.criss_cross_attention` by
+        default, the slot for another kernel.
+    """
+
+    reduction: int = 8
+    attention_fn: Callable[..., jax.Array] = criss_cross_attention
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: jax.lax.PrecisionLike = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, C]` -> `[B, H, W, C]`."""
+        check_rank("x", x, 4, "[B, H, W, C]")
+        channels = x.shape[-1]
+        check_divisible("channels of x", channels, self.reduction, "reduction")
+        conv = functools.partial(conv1x1, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 precision=self.precision)
+        q = conv(channels // self.reduction, name="query_conv")(x)
+        k = conv(channels // self.reduction, name="key_conv")(x)
+        v = conv(channels, name="value_conv")(x)
+        gamma = self.param("gamma", nn.initializers.zeros, (1,), self.param_dtype)
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "attention", criss_cross_weights(q, k, self.precision))
+        gamma, x = nn.dtypes.promote_dtype(gamma, x, dtype=self.dtype)
+        return gamma * self.attention_fn(q, k, v, self.precision) + x
+
+
+class RCCAModule(nn.Module):
+    """CCNet's recurrent criss-cross head.
+
+    conva (3x3 conv to C/4, BatchNorm, activation), the SAME `CrissCrossAttention` applied
+    `recurrence` times (shared weights), convb (3x3, C/4), then the bottleneck on
+    `concat(x, convb)`: 3x3 conv to `out_channels`, BatchNorm, activation, Dropout2d, and a
+    1x1 conv (with bias) to `num_classes` when given.
+
+    Attributes:
+      out_channels: channels of the bottleneck.
+      num_classes: channels of the final 1x1 classifier; None for no classifier.
+      recurrence: how many times the criss-cross block is applied (2 in the paper).
+      dropout: Dropout2d rate (whole channels) after the bottleneck.
+      reduction: query/key channel reduction inside the criss-cross block.
+      activation: applied after every BatchNorm (InPlaceABN's default: leaky ReLU, 0.01).
+    """
+
+    out_channels: int = 512
+    num_classes: int | None = None
+    recurrence: int = 2
+    dropout: float = 0.1
+    reduction: int = 8
+    activation: Activation = leaky_relu
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: jax.lax.PrecisionLike = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, deterministic: bool = True):
+        """`[B, H, W, C]` -> `[B, H, W, num_classes or out_channels]`."""
+        check_rank("x", x, 4, "[B, H, W, C]")
+        check_divisible("channels of x", x.shape[-1], 4 * self.reduction, "4 * reduction")
+        inter = x.shape[-1] // 4
+        conv_bn = functools.partial(ConvBN, activation=self.activation, dtype=self.dtype,
+                                    param_dtype=self.param_dtype)
+        out = conv_bn(inter, name="conva")(x, train)
+        cca = CrissCrossAttention(self.reduction, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  precision=self.precision, name="cca")
+        for _ in range(self.recurrence):
+            out = cca(out)
+        out = conv_bn(inter, name="convb")(out, train)
+        out = conv_bn(self.out_channels, name="bottleneck")(
+            jnp.concatenate([x, out], axis=-1), train
+        )
+        out = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(out, deterministic)
+        if self.num_classes is None:
+            return out
+        return conv1x1(self.num_classes, self.dtype, self.param_dtype, "classifier",
+                       precision=self.precision)(out)

@@ -1,0 +1,149 @@
+"""DANet: position and channel attention, and the dual-attention segmentation head.
+
+Fu, Liu, Tian, Li, Bao, Fang, Lu: "Dual Attention Network for Scene Segmentation", CVPR 2019;
+reference code junfu1115/DANet, `encoding/nn/da_att.py` (`PAM_Module`, `CAM_Module`) and
+`encoding/models/danet.py` (`DANetHead`). NHWC here, NCHW there; parameter names follow the
+reference so `flax_attention.interop.torch.from_torch` imports its state dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from jax import lax
+
+from flax_attention import layers
+from flax_attention._checks import check_divisible, check_rank
+from flax_attention.functional import danet as F
+
+__all__ = ["PositionAttention", "ChannelAttention", "DANetHead"]
+
+# Inter channels of the head: C // 4, as in the reference.
+_HEAD_REDUCTION = 4
+
+
+def _residual(module: nn.Module, attended: jax.Array, x: jax.Array) -> jax.Array:
+    """`gamma * attended + x` with a learnable `gamma` of shape (1,) starting at zero."""
+    gamma = module.param("gamma", nn.initializers.zeros, (1,), module.param_dtype)
+    attended, gamma, x = promote_dtype(attended, gamma, x, dtype=module.dtype)
+    return gamma * attended + x
+
+
+class PositionAttention(nn.Module):
+    """DANet's position attention module (PAM, the reference's `PAM_Module`).
+
+    `query_conv`, `key_conv` (C -> C / reduction) and `value_conv` (C -> C) are 1x1 convolutions
+    with bias; `out = gamma * position_attention(q, k, v) + x`, `gamma` starting at zero.
+
+    Differences from the reference: channels must be divisible by `reduction` (the reference
+    floors C / 8); `attention_fn` can swap in another kernel, e.g.
+    `functools.partial(position_attention, chunk_size=512)` for smaller query blocks. The
+    `[B, L, L]` map is sown as ("intermediates", "attention") only when that collection is
+    mutable, since it is not otherwise built at large sizes.
+
+    Attributes:
+      reduction: query/key channels are C / reduction.
+      attention_fn: `(q, k, v, precision=...) -> out`, `functional.position_attention` by default.
+    """
+
+    reduction: int = 8
+    attention_fn: Callable[..., jax.Array] = F.position_attention
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: lax.PrecisionLike = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, C]` -> `[B, H, W, C]`."""
+        check_rank("x", x, 4, "[B, H, W, C]")
+        channels = x.shape[-1]
+        check_divisible("x channels", channels, self.reduction, "reduction")
+
+        def conv(features: int, name: str) -> jax.Array:
+            return layers.conv1x1(features, self.dtype, self.param_dtype, name=name,
+                                  precision=self.precision)(x)
+
+        q = conv(channels // self.reduction, "query_conv")
+        k = conv(channels // self.reduction, "key_conv")
+        v = conv(channels, "value_conv")
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "attention",
+                     F.position_attention_weights(q, k, precision=self.precision))
+        return _residual(self, self.attention_fn(q, k, v, precision=self.precision), x)
+
+
+class ChannelAttention(nn.Module):
+    """DANet's channel attention module (CAM, the reference's `CAM_Module`).
+
+    No projections: `out = gamma * channel_attention(x) + x`, `gamma` starting at zero. As in the
+    reference (not the paper), the energies are `rowmax(E) - E` before the softmax. The `[B, C, C]`
+    map is sown as ("intermediates", "attention") when that collection is mutable.
+    """
+
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: lax.PrecisionLike = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, C]` -> `[B, H, W, C]`."""
+        check_rank("x", x, 4, "[B, H, W, C]")
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "attention",
+                     F.channel_attention_weights(x, precision=self.precision))
+        return _residual(self, F.channel_attention(x, precision=self.precision), x)
+
+
+class DANetHead(nn.Module):
+    """DANet's dual-attention segmentation head (the reference's `DANetHead`).
+
+    With inter = C // 4: `conv5a` -> `sa` (PAM) -> `conv51` and `conv5c` -> `sc` (CAM) ->
+    `conv52` (3x3 conv, no bias, BatchNorm, ReLU each); `conv6`, `conv7` and `conv8` are channel
+    dropout (`Dropout2d`) then a 1x1 conv with bias (inter -> out_channels) on the PAM branch, the
+    CAM branch and their sum.
+
+    Returns, like the reference, the tuple `(fused, pam_out, cam_out)`: `conv8` of the sum, then
+    `conv6` and `conv7` of the branches (DANet trains on all three, infers with the first).
+    Differences: C must be divisible by 32 (inter by PAM's reduction 8; the reference floors).
+    Dropout (rng stream "dropout") and batch statistics are active only when `train`.
+
+    Attributes:
+      out_channels: output channels (classes) of each of the three outputs.
+      dropout: channel dropout rate before `conv6`, `conv7`, `conv8`.
+    """
+
+    out_channels: int
+    dropout: float = 0.1
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: lax.PrecisionLike = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`[B, H, W, C]` -> three `[B, H, W, out_channels]`: (fused, pam_out, cam_out)."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        pam = PositionAttention(precision=self.precision, name="sa", **kw)
+        check_rank("x", x, 4, "[B, H, W, C]")
+        check_divisible("x channels", x.shape[-1], _HEAD_REDUCTION * pam.reduction,
+                        "4 * PositionAttention reduction")
+        inter = x.shape[-1] // _HEAD_REDUCTION
+
+        def conv_bn(name: str, y: jax.Array) -> jax.Array:
+            return layers.ConvBN(inter, 3, name=name, **kw)(y, train)
+
+        def classify(name: str, y: jax.Array) -> jax.Array:
+            y = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(y)
+            return layers.conv1x1(self.out_channels, name=name, precision=self.precision,
+                                  **kw)(y)
+
+        sa = conv_bn("conv51", pam(conv_bn("conv5a", x)))
+        sc = conv_bn("conv52", ChannelAttention(precision=self.precision, name="sc", **kw)(
+            conv_bn("conv5c", x)))
+        return classify("conv8", sa + sc), classify("conv6", sa), classify("conv7", sc)

@@ -1,1 +1,0 @@
-"""Pure functions: non_local."""

@@ -1,0 +1,132 @@
+"""Pure functions: non-local operations (Wang, Girshick, Gupta, He, CVPR 2018).
+
+`y_i = sum_j f(theta_i, phi_j) g_j / C(x)` over flattened positions, for the paper's four
+pairwise functions. Axis legend: B batch, C channels, Lq query positions, Lk key positions
+(`Lk < Lq` when the keys are sub-sampled); Ck the channels of theta and phi, Cg those of g.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flax_attention._checks import check_choice, check_rank, check_same
+
+__all__ = ["MODES", "non_local", "non_local_weights"]
+
+# The pairwise functions: softmax(x_i . x_j) on the input itself, softmax(theta_i . phi_j),
+# theta_i . phi_j / Lk, and relu(w . [theta_i, phi_j]) / Lk.
+MODES = ("gaussian", "embedded", "dot", "concatenate")
+
+
+def _check_weights_inputs(theta: jax.Array, phi: jax.Array, mode: str,
+                          concat_weights: jax.Array | None, use_scale: bool) -> None:
+    check_choice("mode", mode, MODES)
+    check_rank("theta", theta, 3, "[B, Lq, Ck]")
+    check_rank("phi", phi, 3, "[B, Lk, Ck]")
+    check_same(("theta", "phi"), ((theta.shape[0], theta.shape[2]), (phi.shape[0], phi.shape[2])),
+               "batch and channels", (theta.shape, phi.shape))
+    if use_scale and mode != "embedded":
+        raise ValueError(f"use_scale applies to mode 'embedded' only, got mode {mode!r}")
+    if mode != "concatenate":
+        if concat_weights is not None:
+            raise ValueError(f"concat_weights is for mode 'concatenate' only, got mode {mode!r}")
+        return
+    if concat_weights is None:
+        raise ValueError("mode 'concatenate' needs concat_weights [2 Ck]")
+    check_rank("concat_weights", concat_weights, 1, "[2 Ck]")
+    check_same(("theta", "concat_weights"), (2 * theta.shape[2], concat_weights.shape[0]),
+               "channels (2 Ck)", (theta.shape, concat_weights.shape))
+
+
+def _float32_or_wider(x: jax.Array) -> jnp.dtype:
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _logits(theta: jax.Array, phi: jax.Array, precision: lax.PrecisionLike) -> jax.Array:
+    """`theta_i . phi_j`: `[B, Lq, Ck]`, `[B, Lk, Ck]` -> `[B, Lq, Lk]`, float32 (or wider)."""
+    return jnp.einsum("bqc,bkc->bqk", theta, phi, precision=precision,
+                      preferred_element_type=_float32_or_wider(theta))
+
+
+def _concatenation(theta: jax.Array, phi: jax.Array, concat_weights: jax.Array,
+                   precision: lax.PrecisionLike) -> jax.Array:
+    """`relu(w_theta . theta_i + w_phi . phi_j)`, never building `[B, 2 Ck, Lq, Lk]`."""
+    dtype = _float32_or_wider(theta)
+    w_theta, w_phi = jnp.split(concat_weights.astype(dtype), 2)
+    a = jnp.einsum("bqc,c->bq", theta.astype(dtype), w_theta, precision=precision)
+    b = jnp.einsum("bkc,c->bk", phi.astype(dtype), w_phi, precision=precision)
+    return jax.nn.relu(a[:, :, None] + b[:, None, :])
+
+
+def _weights(theta: jax.Array, phi: jax.Array, mode: str, concat_weights: jax.Array | None,
+             use_scale: bool, precision: lax.PrecisionLike) -> jax.Array:
+    """`non_local_weights` without the checks."""
+    num_keys = phi.shape[1]
+    if mode == "concatenate":
+        return _concatenation(theta, phi, concat_weights, precision) / num_keys
+    logits = _logits(theta, phi, precision)
+    if mode == "dot":
+        return logits / num_keys
+    if use_scale:
+        logits = logits / jnp.sqrt(jnp.float32(theta.shape[-1]))
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def non_local_weights(
+    theta: jax.Array,
+    phi: jax.Array,
+    mode: str = "embedded",
+    concat_weights: jax.Array | None = None,
+    use_scale: bool = False,
+    precision: lax.PrecisionLike = None,
+) -> jax.Array:
+    """The normalised pairwise weights `f(theta_i, phi_j) / C(x)` (the reference's `nl_map`).
+
+    Args:
+      theta: `[B, Lq, Ck]` (the input itself in mode "gaussian").
+      phi: `[B, Lk, Ck]` (the, possibly sub-sampled, input itself in mode "gaussian").
+      mode: "gaussian" or "embedded": softmax over keys of `theta_i . phi_j` (the two differ only
+        in what the caller passes as theta and phi); "dot": `theta_i . phi_j / Lk`;
+        "concatenate": `relu(concat_weights . [theta_i, phi_j]) / Lk`.
+      concat_weights: `[2 Ck]`, mode "concatenate" only: the weight of the reference's
+        `concat_project` conv, theta's half first.
+      use_scale: mode "embedded" only: divide the logits by `sqrt(Ck)` (mmcv's option; the
+        reference does not).
+      precision: of the matrix products.
+
+    Returns:
+      `[B, Lq, Lk]` weights, float32 (float64 for float64 inputs).
+    """
+    _check_weights_inputs(theta, phi, mode, concat_weights, use_scale)
+    return _weights(theta, phi, mode, concat_weights, use_scale, precision)
+
+
+def non_local(
+    theta: jax.Array,
+    phi: jax.Array,
+    g: jax.Array,
+    mode: str = "embedded",
+    concat_weights: jax.Array | None = None,
+    use_scale: bool = False,
+    precision: lax.PrecisionLike = None,
+) -> jax.Array:
+    """The non-local operation `y_i = sum_j w(theta_i, phi_j) g_j`.
+
+    Args:
+      theta: `[B, Lq, Ck]`.
+      phi: `[B, Lk, Ck]`.
+      g: `[B, Lk, Cg]`.
+      mode, concat_weights, use_scale: as in `non_local_weights`.
+      precision: of the matrix products.
+
+    Returns:
+      `[B, Lq, Cg]` in g's dtype (the weights are computed in float32).
+    """
+    _check_weights_inputs(theta, phi, mode, concat_weights, use_scale)
+    check_rank("g", g, 3, "[B, Lk, Cg]")
+    check_same(("phi", "g"), (phi.shape[:2], g.shape[:2]), "batch and key positions",
+               (phi.shape, g.shape))
+    weights = _weights(theta, phi, mode, concat_weights, use_scale, precision)
+    return jnp.einsum("bqk,bkc->bqc", weights.astype(g.dtype), g, precision=precision)

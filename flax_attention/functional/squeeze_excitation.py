@@ -1,1 +1,0 @@
-"""Pure functions: squeeze_excitation."""

@@ -1,0 +1,97 @@
+"""Pure functions: squeeze-and-excitation channel gating (Hu et al., CVPR 2018).
+
+Axis legend: B batch, H height, W width, C channels, R = C / reduction hidden units; `*S` stands
+for any number (at least one) of spatial axes, so the ops work for `[B, L, C]`, `[B, H, W, C]`
+and `[B, T, H, W, C]` alike.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flax_attention._checks import check_rank, check_same
+
+__all__ = ["squeeze_excitation", "squeeze_excitation_gates", "excite"]
+
+
+def check_spatial_input(name: str, x: jax.Array) -> None:
+    """Raises ValueError unless `x` is `[B, *S, C]` with at least one spatial axis."""
+    if x.ndim < 3:
+        raise ValueError(
+            f"{name} must have rank >= 3 ([B, *S, C], at least one spatial axis), "
+            f"got shape {tuple(x.shape)} (rank {x.ndim})"
+        )
+
+
+def _check_gate_inputs(x: jax.Array, w1: jax.Array, w2: jax.Array) -> None:
+    check_spatial_input("x", x)
+    check_rank("w1", w1, 2, "[C, R]")
+    check_rank("w2", w2, 2, "[R, C]")
+    check_same(("x", "w1"), (x.shape[-1], w1.shape[0]), "channels (x[-1], w1[0])",
+               (x.shape, w1.shape))
+    check_same(("w1", "w2"), (w1.shape[1], w2.shape[0]), "hidden units (w1[1], w2[0])",
+               (w1.shape, w2.shape))
+    check_same(("x", "w2"), (x.shape[-1], w2.shape[1]), "channels (x[-1], w2[1])",
+               (x.shape, w2.shape))
+
+
+def squeeze_excitation_gates(
+    x: jax.Array, w1: jax.Array, w2: jax.Array, precision: lax.PrecisionLike = None
+) -> jax.Array:
+    """The excitation gates: `sigmoid(relu(mean(x) @ w1) @ w2)`.
+
+    The squeeze (global average over every spatial axis) and both bias-free fully connected
+    layers run in float32 (float64 for float64 inputs) whatever the input dtype; they cost
+    `O(B C R)`, nothing next to `x`.
+
+    Args:
+      x: `[B, *S, C]`.
+      w1: `[C, R]`, the reduction layer (torch `fc.0.weight` transposed).
+      w2: `[R, C]`, the expansion layer (torch `fc.2.weight` transposed).
+      precision: of both matrix products.
+
+    Returns:
+      `[B, C]` gates in (0, 1), in x's dtype.
+    """
+    _check_gate_inputs(x, w1, w2)
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    squeezed = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), dtype=dtype)
+    hidden = jax.nn.relu(jnp.dot(squeezed, w1.astype(dtype), precision=precision))
+    gates = jax.nn.sigmoid(jnp.dot(hidden, w2.astype(dtype), precision=precision))
+    return gates.astype(x.dtype)
+
+
+def excite(x: jax.Array, gates: jax.Array) -> jax.Array:
+    """Scales every channel of every sample: `x * gates` broadcast over the spatial axes.
+
+    Args:
+      x: `[B, *S, C]`.
+      gates: `[B, C]`.
+
+    Returns:
+      `[B, *S, C]`.
+    """
+    check_spatial_input("x", x)
+    check_rank("gates", gates, 2, "[B, C]")
+    check_same(("x", "gates"), ((x.shape[0], x.shape[-1]), gates.shape),
+               "batch and channels", (x.shape, gates.shape))
+    return x * gates.reshape(gates.shape[0], *(1,) * (x.ndim - 2), gates.shape[1])
+
+
+def squeeze_excitation(
+    x: jax.Array, w1: jax.Array, w2: jax.Array, precision: lax.PrecisionLike = None
+) -> jax.Array:
+    """Squeeze-and-excitation: `x` with every channel scaled by its gate.
+
+    Args:
+      x: `[B, *S, C]`.
+      w1: `[C, R]`, the reduction layer.
+      w2: `[R, C]`, the expansion layer.
+      precision: of the gates' matrix products.
+
+    Returns:
+      `[B, *S, C]`, `x * squeeze_excitation_gates(x, w1, w2)`.
+    """
+    return excite(x, squeeze_excitation_gates(x, w1, w2, precision))

@@ -1,0 +1,184 @@
+"""Small digit classifiers: one CNN, and the same CNN with an attention mechanism inserted.
+
+The models the trainer's main job compares (`flax-attention train`): sized so an epoch of the
+42 x 42 `distorted-digits` set takes seconds on a 2-core CPU.
+
+- `cnn`: three conv blocks (3x3 conv, BatchNorm, ReLU, 2x2 max-pool) of 16, 32, 64 channels,
+  flatten, Dense(128), ReLU, dropout, Dense(num_classes).
+- `stn-cnn`: a spatial transformer in front (Jaderberg et al. 2015): `LocalizationNet` sized
+  for the input, affine transform, output the input's size.
+- `se-cnn`, `cca-cnn`, `nl-cnn`: an SE layer (Hu et al. 2018), a criss-cross attention block
+  (Huang et al. 2019) or an embedded-Gaussian non-local block (Wang et al. 2018) after the
+  second conv block.
+
+`create_classifier(name, num_classes, input_shape)` builds these by name and falls back to
+`flax_attention.models.registry` for every other name (the ResNets, Attention-56, ...).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from types import MappingProxyType
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flax_attention import layers
+from flax_attention._checks import check_choice, check_rank
+from flax_attention.criss_cross import CrissCrossAttention
+from flax_attention.non_local import NonLocal2D
+from flax_attention.spatial_transformer import LocalizationNet, SpatialTransformer
+from flax_attention.squeeze_excitation import SELayer
+
+__all__ = ["AttentionCNN", "create_classifier", "list_classifiers"]
+
+ATTENTIONS = ("se", "cca", "nl")
+
+
+def _max_pool2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool with stride 2, flooring odd sizes, by a reshape (on the CPU its gradient is
+    much faster than XLA's select-and-scatter). `[B, H, W, C]` -> `[B, H // 2, W // 2, C]`."""
+    b, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _localization_kernels(height: int, width: int) -> tuple[int, int]:
+    """Kernel sizes of the localization convs: the STN tutorial's (7, 5) from 28 px up, smaller
+    below, so both pooled feature maps keep at least 2 px."""
+    return (7, 5) if min(height, width) >= 28 else (3, 3)
+
+
+class AttentionCNN(nn.Module):
+    """A small CNN classifier with an optional spatial transformer and attention block.
+
+    `[B, H, W, C]` -> (STN) -> conv blocks (3x3 conv without bias, BatchNorm, ReLU, 2x2 max-pool),
+    the attention block after block `attention_after` -> flatten -> Dense(hidden), ReLU,
+    dropout -> Dense(num_classes). Needs H, W >= 2 ** len(features).
+
+    Not a reproduction of a paper's network: a common test bed, so the mechanisms are compared
+    on the same CNN at the same budget. The STN's localization net is the PyTorch tutorial's
+    (`LocalizationNet`, smaller kernels below 28 px); its transform starts at the identity.
+
+    Attributes:
+      num_classes: outputs.
+      features: channels of the conv blocks.
+      hidden: width of the hidden dense layer.
+      dropout: rate before the last layer (`deterministic=False` needs a "dropout" rng).
+      attention: None, "se" (SE layer, reduction 8), "cca" (criss-cross block, reduction 8) or
+        "nl" (embedded-Gaussian non-local block, sub-sampled).
+      attention_after: index of the conv block the attention follows.
+      stn: put a spatial transformer (affine) in front.
+    """
+
+    num_classes: int = 10
+    features: Sequence[int] = (16, 32, 64)
+    hidden: int = 128
+    dropout: float = 0.25
+    attention: str | None = None
+    attention_after: int = 1
+    stn: bool = False
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: lax.PrecisionLike = None
+
+    def _check(self, x: jax.Array) -> None:
+        check_rank("x", x, 4, "[B, H, W, C]")
+        if self.attention is not None:
+            check_choice("attention", self.attention, ATTENTIONS)
+        if not 0 <= self.attention_after < len(self.features):
+            raise ValueError(f"attention_after must lie in [0, {len(self.features)}), "
+                             f"got {self.attention_after}")
+        side = 2 ** len(self.features)
+        if min(x.shape[1:3]) < side:
+            raise ValueError(f"x must be at least {side} x {side} for {len(self.features)} "
+                             f"pooling blocks, got shape {tuple(x.shape)}")
+
+    def _attention_block(self, x: jax.Array, train: bool) -> jax.Array:
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                      name=self.attention)
+        if self.attention == "se":
+            return SELayer(reduction=8, **common)(x)
+        if self.attention == "cca":
+            return CrissCrossAttention(reduction=8, **common)(x)
+        return NonLocal2D(mode="embedded", **common)(x, train)
+
+    def _spatial_transformer(self, x: jax.Array) -> jax.Array:
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        localization = LocalizationNet(kernel_sizes=_localization_kernels(*x.shape[1:3]),
+                                       **common)
+        return SpatialTransformer(localization, **common, name="stn")(x)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False,
+                 deterministic: bool = True) -> jax.Array:
+        """`[B, H, W, C]` -> logits `[B, num_classes]` (in `dtype`)."""
+        self._check(x)
+        if self.stn:
+            x = self._spatial_transformer(x)
+        for i, features in enumerate(self.features):
+            x = layers.ConvBN(features, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name=f"block{i}")(x, train)
+            x = _max_pool2(x)
+            if self.attention is not None and i == self.attention_after:
+                x = self._attention_block(x, train)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  precision=self.precision)
+        x = nn.relu(dense(self.hidden, name="fc")(x.reshape(x.shape[0], -1)))
+        x = nn.Dropout(self.dropout)(x, deterministic)
+        return dense(self.num_classes, name="head")(x)
+
+
+_CLASSIFIERS: MappingProxyType[str, Callable[..., nn.Module]] = MappingProxyType({
+    "cnn": AttentionCNN,
+    "stn-cnn": functools.partial(AttentionCNN, stn=True),
+    "se-cnn": functools.partial(AttentionCNN, attention="se"),
+    "cca-cnn": functools.partial(AttentionCNN, attention="cca"),
+    "nl-cnn": functools.partial(AttentionCNN, attention="nl"),
+})
+
+
+def list_classifiers() -> list[str]:
+    """The small classifiers' names (`create_classifier` also takes the registry's)."""
+    return list(_CLASSIFIERS)
+
+
+def create_classifier(name: str, num_classes: int, input_shape: Sequence[int],
+                      **overrides) -> nn.Module:
+    """Builds the classifier `name` for images of `input_shape`.
+
+    Args:
+      name: one of `list_classifiers()`, or a classifier of
+        `flax_attention.models.registry.list_models()` (e.g. "se_resnet18").
+      num_classes: outputs of the classifier.
+      input_shape: `(H, W, C)` of one image; checked against what the small CNNs need.
+      **overrides: other fields, e.g. `dtype=jnp.bfloat16`.
+
+    Returns:
+      The unbound module; call it as `model.apply(variables, x, train=...)`.
+
+    Raises:
+      ValueError: an unknown name (the message lists the known ones), `num_classes` < 1, or a
+        `input_shape` that is not (H, W, C) or is too small.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise ValueError(f"input_shape must be (H, W, C) with positive sizes, got "
+                         f"{tuple(input_shape)}")
+    if name not in _CLASSIFIERS:
+        from flax_attention.models import registry
+
+        if name not in registry.list_models():
+            raise ValueError(f"unknown model {name!r}; known: "
+                             f"{', '.join([*_CLASSIFIERS, *registry.list_models()])}")
+        return registry.create(name, num_classes=num_classes, **overrides)
+    model = _CLASSIFIERS[name](num_classes=num_classes, **overrides)
+    side = 2 ** len(model.features)
+    if min(input_shape[:2]) < side:
+        raise ValueError(f"model {name!r} needs images of at least {side} x {side}, got "
+                         f"input_shape {tuple(input_shape)}")
+    return model

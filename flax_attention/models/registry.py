@@ -1,0 +1,80 @@
+"""The model registry: every whole network by name, as timm's `create_model`.
+
+    >>> from flax_attention.models import registry
+    >>> net = registry.create("se_resnet50", num_classes=10, dtype=jax.numpy.bfloat16)
+    >>> registry.list_models()[:3]
+    ['ccnet_resnet101', 'ccnet_resnet50', 'danet_resnet101']
+
+Each name maps to a `functools.partial` of one generic module (`ResNet`,
+`ResidualAttentionNetwork`, `DANet`, `CCNet`, `DETR`); `create` fills in the remaining fields.
+Every model has `dtype` and `param_dtype` fields.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from types import MappingProxyType
+
+import flax.linen as nn
+
+from flax_attention.models import detr, residual_attention, resnet, segmentation
+
+__all__ = ["create", "list_models"]
+
+_MODELS: MappingProxyType[str, Callable[..., nn.Module]] = MappingProxyType({
+    # classifiers: num_classes defaults to 1000 (ImageNet), 10 for the CIFAR variants
+    "resnet18": resnet.resnet18,
+    "resnet34": resnet.resnet34,
+    "resnet50": resnet.resnet50,
+    "resnet101": resnet.resnet101,
+    "resnet152": resnet.resnet152,
+    "se_resnet18": resnet.se_resnet18,
+    "se_resnet34": resnet.se_resnet34,
+    "se_resnet50": resnet.se_resnet50,
+    "se_resnet101": resnet.se_resnet101,
+    "se_resnet152": resnet.se_resnet152,
+    "se_resnext50_32x4d": resnet.se_resnext50_32x4d,
+    "residual_attention_56": residual_attention.residual_attention_56,
+    "residual_attention_92": residual_attention.residual_attention_92,
+    "residual_attention_56_cifar": residual_attention.residual_attention_56_cifar,
+    "residual_attention_92_cifar": residual_attention.residual_attention_92_cifar,
+    # segmenters: num_classes defaults to 19 (Cityscapes)
+    "danet_resnet50": segmentation.danet_resnet50,
+    "danet_resnet101": segmentation.danet_resnet101,
+    "ccnet_resnet50": segmentation.ccnet_resnet50,
+    "ccnet_resnet101": segmentation.ccnet_resnet101,
+    # detector: num_classes defaults to 91 (COCO's ids; the logits have one more, "no object")
+    "detr_resnet50": detr.detr_resnet50,
+})
+
+
+def list_models() -> list[str]:
+    """The registered model names, sorted."""
+    return sorted(_MODELS)
+
+
+def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
+    """Builds the model registered as `name`.
+
+    Args:
+      name: one of `list_models()`.
+      num_classes: classes of the classifier, the segmenter or the detector; None keeps the
+        model's default.
+      **overrides: any other field of the model, e.g. `dtype=jnp.bfloat16`, `backbone=...`.
+
+    Returns:
+      The (unbound) Flax module.
+
+    Raises:
+      ValueError: if `name` is not registered (the message lists the known names).
+      TypeError: if an override is not a field of the model.
+    """
+    if name not in _MODELS:
+        close = difflib.get_close_matches(name, _MODELS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown model name {name!r}{hint}; known names: "
+                         f"{', '.join(list_models())}")
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    return _MODELS[name](**overrides)

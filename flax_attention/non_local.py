@@ -1,0 +1,164 @@
+"""Non-local blocks in 1-D, 2-D and 3-D, for the four pairwise functions of the paper.
+
+Wang, Girshick, Gupta, He: "Non-local Neural Networks", CVPR 2018; reference code
+AlexHex7/Non-local_pytorch (`lib/non_local_{gaussian,embedded_gaussian,dot_product,
+concatenation}.py`, one file per pairwise function there, one `mode` field here). Channels last
+here, channels first there; parameter names follow the reference so
+`flax_attention.interop.torch.from_torch` imports its state dicts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from jax import lax
+
+from flax_attention import layers
+from flax_attention._checks import check_choice, check_rank
+from flax_attention.functional import non_local_ops as F
+
+__all__ = ["NonLocal1D", "NonLocal2D", "NonLocal3D"]
+
+_LAYOUTS = {1: "[B, L, C]", 2: "[B, H, W, C]", 3: "[B, T, H, W, C]"}
+# Sub-sampling max-pools every spatial axis by 2, except time in 3-D.
+_POOL_WINDOWS = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
+
+
+def _max_pool(x: jax.Array, window: Sequence[int]) -> jax.Array:
+    """Max-pool with stride = window, flooring odd sizes (torch's MaxPool, "VALID").
+
+    By reshaping each pooled axis into (size / k, k) and reducing: on the CPU its gradient (a
+    mask) is several times faster than XLA's select-and-scatter for `nn.max_pool`. Ties share
+    the gradient equally, where torch gives all of it to the first maximum.
+
+    Args:
+      x: `[B, *S, C]`.
+      window: one size per spatial axis.
+
+    Returns:
+      `[B, *(S // window), C]`.
+    """
+    kept = [n // k * k for n, k in zip(x.shape[1:-1], window, strict=True)]
+    x = x[(slice(None), *(slice(0, n) for n in kept))]
+    split = [d for n, k in zip(kept, window, strict=True) for d in (n // k, k)]
+    x = x.reshape(x.shape[0], *split, x.shape[-1])
+    return x.max(axis=tuple(range(2, 2 + 2 * len(window), 2)))
+
+
+class _NonLocalND(nn.Module):
+    """The non-local block; `NonLocal1D`, `NonLocal2D` and `NonLocal3D` fix `spatial_dims`.
+
+    With C input channels and inter = `inter_channels` (default max(C // 2, 1)): `g`, `theta` and
+    `phi` are 1x1 convolutions C -> inter (mode "gaussian" has no `theta` or `phi`: both are the
+    input itself); with `sub_sample`, `g` and `phi` are max-pooled (2, 2x2 or 1x2x2, floor on odd
+    sizes as torch's MaxPool); `y = functional.non_local(theta, phi, g, mode)` over the flattened
+    positions; `z = W(y) + x`, where `W` is a 1x1 convolution inter -> C followed by a
+    BatchNorm whose scale and bias start at zero (`bn_layer`), or a 1x1 convolution that starts
+    at zero, so a fresh block is the identity. Mode "concatenate" owns `concat_project`, the
+    `[2 inter]` weight of the reference's `Conv(2 inter, 1, 1)`. The `[B, Lq, Lk]` weights are
+    sown as ("intermediates", "attention") when that collection is mutable.
+
+    Differences from the reference: an axis of size 1 cannot be sub-sampled and raises
+    ValueError (torch fails inside its pool); `use_scale` (mmcv's option, mode "embedded" only)
+    divides the logits by sqrt(inter); the reference never scales. The concatenation weights
+    are computed without building the reference's `[B, 2 inter, Lq, Lk]` tensor. Ties within a
+    pooling window share the gradient (torch gives it to the first maximum).
+
+    Attributes:
+      inter_channels: channels of theta, phi and g; None for max(C // 2, 1).
+      mode: the pairwise function: "gaussian", "embedded", "dot" or "concatenate".
+      sub_sample: max-pool g and phi (4x fewer keys in 2-D and 3-D, 2x in 1-D).
+      bn_layer: end W with a zero-initialised BatchNorm (else W's conv starts at zero).
+      use_scale: divide embedded-gaussian logits by sqrt(inter).
+      attention_fn: `(theta, phi, g, mode, concat_weights, use_scale, precision) -> y` on the
+        flattened positions, `functional.non_local` by default (a kernel can be swapped in).
+    """
+
+    inter_channels: int | None = None
+    mode: str = "embedded"
+    sub_sample: bool = True
+    bn_layer: bool = True
+    use_scale: bool = False
+    attention_fn: Callable[..., jax.Array] = F.non_local
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: lax.PrecisionLike = None
+
+    spatial_dims: ClassVar[int]
+
+    def _check(self, x: jax.Array) -> int:
+        """Checks `x` and the fields; returns the inter channels."""
+        check_rank("x", x, self.spatial_dims + 2, _LAYOUTS[self.spatial_dims])
+        check_choice("mode", self.mode, F.MODES)
+        if self.use_scale and self.mode != "embedded":
+            raise ValueError(f"use_scale applies to mode 'embedded' only, got mode {self.mode!r}")
+        if self.sub_sample:
+            window = _POOL_WINDOWS[self.spatial_dims]
+            if any(n < k for n, k in zip(x.shape[1:-1], window, strict=True)):
+                raise ValueError(
+                    f"sub_sample max-pools the spatial axes of x by {window}; every pooled axis "
+                    f"needs size >= 2, got x shape {tuple(x.shape)}"
+                )
+        inter = max(x.shape[-1] // 2, 1) if self.inter_channels is None else self.inter_channels
+        if inter < 1:
+            raise ValueError(f"inter_channels must be >= 1, got {inter}")
+        return inter
+
+    def _conv(self, features: int, name: str, **kwargs) -> layers.PointwiseConv:
+        return layers.PointwiseConv(features, self.spatial_dims, dtype=self.dtype,
+                              param_dtype=self.param_dtype, precision=self.precision, name=name,
+                              **kwargs)
+
+    def _pool(self, x: jax.Array) -> jax.Array:
+        return _max_pool(x, _POOL_WINDOWS[self.spatial_dims]) if self.sub_sample else x
+
+    def _project(self, y: jax.Array, channels: int, train: bool) -> jax.Array:
+        """W: inter -> C, starting at zero."""
+        zeros = nn.initializers.zeros
+        if not self.bn_layer:
+            return self._conv(channels, "W", kernel_init=zeros, bias_init=zeros)(y)
+        y = self._conv(channels, "W_0")(y)
+        return layers.batch_norm(train, self.dtype, self.param_dtype, name="W_1",
+                                 scale_init=zeros, bias_init=zeros)(y)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """`[B, *S, C]` -> `[B, *S, C]` (S: L in 1-D, H, W in 2-D, T, H, W in 3-D)."""
+        inter = self._check(x)
+        (x,) = promote_dtype(x, dtype=self.dtype)
+        if self.mode == "gaussian":
+            theta, phi = x, x
+        else:
+            theta, phi = self._conv(inter, "theta")(x), self._conv(inter, "phi")(x)
+        g, phi = self._pool(self._conv(inter, "g")(x)), self._pool(phi)
+        concat_weights = None
+        if self.mode == "concatenate":
+            init = nn.initializers.normal(1 / math.sqrt(2 * inter))
+            concat_weights = self.param("concat_project", init, (2 * inter,), self.param_dtype)
+        theta, phi, g = (a.reshape(a.shape[0], -1, a.shape[-1]) for a in (theta, phi, g))
+        args = (self.mode, concat_weights, self.use_scale, self.precision)
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "attention", F.non_local_weights(theta, phi, *args))
+        y = self.attention_fn(theta, phi, g, *args).reshape(*x.shape[:-1], inter)
+        return x + self._project(y, x.shape[-1], train)
+
+
+class NonLocal1D(_NonLocalND):
+    __doc__ = f"The 1-D non-local block, `[B, L, C]`.\n\n{_NonLocalND.__doc__}"
+    spatial_dims: ClassVar[int] = 1
+
+
+class NonLocal2D(_NonLocalND):
+    __doc__ = f"The 2-D non-local block, `[B, H, W, C]`.\n\n{_NonLocalND.__doc__}"
+    spatial_dims: ClassVar[int] = 2
+
+
+class NonLocal3D(_NonLocalND):
+    __doc__ = f"The 3-D non-local block, `[B, T, H, W, C]`.\n\n{_NonLocalND.__doc__}"
+    spatial_dims: ClassVar[int] = 3

@@ -1,0 +1,122 @@
+"""Spatial transformer networks.
+
+Jaderberg, Simonyan, Zisserman, Kavukcuoglu: "Spatial Transformer Networks", NeurIPS 2015; the
+reference for equivalence is the PyTorch STN tutorial (`localization`, `fc_loc`, `stn()`), with
+torch's `affine_grid` / `grid_sample` semantics. NHWC here, NCHW there; parameter names follow the
+tutorial so `flax_attention.interop.torch.from_torch` imports its state dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flax_attention._checks import check_choice, check_rank
+from flax_attention.functional import spatial as F
+
+__all__ = ["SpatialTransformer", "LocalizationNet"]
+
+
+def _identity_init(transform: str) -> nn.initializers.Initializer:
+    """Initialises a bias to the identity parameters of `transform`."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+        del key
+        return jnp.broadcast_to(jnp.asarray(F.TRANSFORMS[transform], dtype), shape)
+
+    return init
+
+
+class SpatialTransformer(nn.Module):
+    """A spatial transformer: localization net -> transform -> grid -> bilinear sampling.
+
+    `localization` maps the image `[B, H, W, C]` to features `[B, ...]` (flattened); the last
+    layer `fc_loc` (a Dense to the transform's parameter count) starts with zero weights and the
+    identity bias, so an untrained transformer samples the identity grid. theta `[B, 2, 3]` is
+    sown as ("intermediates", "theta").
+
+    Differences from the tutorial: `transform` offers the paper's restricted transforms besides
+    the full affine one (see `functional.affine_matrix`); the output size `out_hw` need not be
+    the input's; theta, the grid and the sampling weights are float32 even under bf16.
+
+    Attributes:
+      localization: the localization network (its own parameters live under "localization").
+      out_hw: (h, w) of the output; None for the input's size.
+      transform: a key of `functional.TRANSFORMS`.
+      align_corners: as in `functional.affine_grid` / `bilinear_sample`.
+      padding_mode: "zeros", "border" or "reflection", as in `functional.bilinear_sample`.
+    """
+
+    localization: nn.Module
+    out_hw: tuple[int, int] | None = None
+    transform: str = "affine"
+    align_corners: bool = False
+    padding_mode: str = "zeros"
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: lax.PrecisionLike = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, C]` -> `[B, h, w, C]`, (h, w) = `out_hw` or (H, W)."""
+        check_rank("x", x, 4, "[B, H, W, C]")
+        check_choice("transform", self.transform, F.TRANSFORMS)
+        check_choice("padding_mode", self.padding_mode, F.PADDING_MODES)
+        features = self.localization(x)
+        params = nn.Dense(
+            len(F.TRANSFORMS[self.transform]),
+            kernel_init=nn.initializers.zeros,
+            bias_init=_identity_init(self.transform),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            name="fc_loc",
+        )(features.reshape(features.shape[0], -1))
+        theta = F.affine_matrix(params.astype(jnp.float32), self.transform)
+        self.sow("intermediates", "theta", theta)
+        out_hw = x.shape[1:3] if self.out_hw is None else self.out_hw
+        grid = F.affine_grid(theta, out_hw, self.align_corners, precision=self.precision)
+        image = x if self.dtype is None else x.astype(self.dtype)
+        return F.bilinear_sample(image, grid, self.padding_mode, self.align_corners)
+
+
+class LocalizationNet(nn.Module):
+    """The localization network of the PyTorch STN tutorial (1-channel 28 x 28 MNIST).
+
+    Conv(8, 7) -> MaxPool 2 -> ReLU -> Conv(10, 5) -> MaxPool 2 -> ReLU -> flatten -> Dense(32)
+    -> ReLU; the tutorial's `fc_loc.2` is the `SpatialTransformer`'s own `fc_loc`. Convolutions
+    are named after their index in the tutorial's `localization` Sequential (`conv_0`,
+    `conv_3`), the Dense after `fc_loc.0` (`fc_loc_0`). The feature map is flattened in torch's
+    NCHW order, so imported weights give the tutorial's numbers. Channels and size are inferred
+    from the input (28 x 28 gives the tutorial's 90 flattened features).
+
+    Attributes:
+      features: output channels of the convolutions.
+      kernel_sizes: their square kernel sizes (no padding, stride 1).
+      hidden: width of the Dense layer.
+    """
+
+    features: tuple[int, ...] = (8, 10)
+    kernel_sizes: tuple[int, ...] = (7, 5)
+    hidden: int = 32
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: lax.PrecisionLike = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, C]` -> `[B, hidden]`."""
+        check_rank("x", x, 4, "[B, H, W, C]")
+        for i, (features, kernel) in enumerate(zip(self.features, self.kernel_sizes, strict=True)):
+            x = nn.Conv(features, (kernel, kernel), padding="VALID", dtype=self.dtype,
+                        param_dtype=self.param_dtype, precision=self.precision,
+                        name=f"conv_{3 * i}")(x)
+            x = nn.relu(nn.max_pool(x, (2, 2), strides=(2, 2)))
+        x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # torch's flatten order
+        x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+                     precision=self.precision, name="fc_loc_0")(x)
+        return nn.relu(x)

@@ -1,0 +1,202 @@
+"""Squeeze-and-excitation: functional op, SELayer and SE blocks against the PyTorch reference."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.test_util import check_grads
+
+from flax_attention.functional import squeeze_excitation_ops as F
+from flax_attention.interop.torch import from_torch
+from flax_attention.squeeze_excitation import SEBasicBlock, SEBottleneck, SELayer
+from tests.helpers import (
+    assert_close,
+    nhwc_to_torch,
+    random_nhwc,
+    randomize_,
+    state_dict,
+    torch_to_nhwc,
+)
+from tests.reference import squeeze_excitation as ref
+
+
+def _imported(module, torch_module, seed: int = 0):
+    return from_torch(module, state_dict(randomize_(torch_module, seed)))
+
+
+def _torch_out(torch_module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return torch_to_nhwc(torch_module(nhwc_to_torch(x)))
+
+
+# --- hand-checkable values ------------------------------------------------------------------------
+
+
+def test_zero_weights_give_gates_of_one_half():
+    x = jnp.asarray(random_nhwc((2, 3, 4, 8)))
+    w1, w2 = jnp.zeros((8, 2)), jnp.zeros((2, 8))
+    np.testing.assert_array_equal(F.squeeze_excitation_gates(x, w1, w2), np.full((2, 8), 0.5))
+    np.testing.assert_array_equal(F.squeeze_excitation(x, w1, w2), 0.5 * np.asarray(x))
+
+
+def test_gates_by_hand():
+    # Channel 0 averages to 1, channel 1 to 3; hidden = relu(1 * 1 + 3 * 0) = 1;
+    # gates = sigmoid([1, -1]) = [e, 1] / (1 + e).
+    x = jnp.asarray([[[1.0, 2.0], [1.0, 4.0]]])  # [B=1, L=2, C=2]
+    w1 = jnp.asarray([[1.0], [0.0]])
+    w2 = jnp.asarray([[1.0, -1.0]])
+    e = math.e
+    expected_gates = np.array([[e / (1 + e), 1 / (1 + e)]])
+    np.testing.assert_allclose(F.squeeze_excitation_gates(x, w1, w2), expected_gates, rtol=1e-6)
+    np.testing.assert_allclose(
+        F.squeeze_excitation(x, w1, w2), np.asarray(x) * expected_gates[:, None], rtol=1e-6
+    )
+
+
+# --- equivalence with the reference ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 16), (2, 5, 3, 16), (1, 2, 3, 4, 16)])
+def test_se_layer_matches_torch_any_rank(shape):
+    torch_se = ref.SELayer(16, reduction=4)
+    variables = _imported(SELayer(reduction=4), torch_se)
+    x = random_nhwc(shape, seed=1)
+    out, state = SELayer(reduction=4).apply(variables, x, mutable=["intermediates"])
+    assert_close(out, _torch_out(torch_se, x))
+    with torch.no_grad():
+        gates = torch_se.gates(nhwc_to_torch(x)).numpy()
+    assert_close(state["intermediates"]["attention"][0], gates)
+
+
+BLOCKS = [
+    pytest.param(SEBasicBlock(8, reduction=4), ref.SEBasicBlock(8, 8, reduction=4), 8,
+                 id="basic-identity"),
+    pytest.param(SEBasicBlock(8, stride=2, reduction=4), ref.SEBasicBlock(6, 8, 2, 4), 6,
+                 id="basic-stride2"),
+    pytest.param(SEBottleneck(4, reduction=4), ref.SEBottleneck(16, 4, reduction=4), 16,
+                 id="bottleneck-identity"),
+    pytest.param(SEBottleneck(4, reduction=4), ref.SEBottleneck(8, 4, reduction=4), 8,
+                 id="bottleneck-project"),
+    pytest.param(SEBottleneck(4, stride=2, reduction=8, groups=4, base_width=32),
+                 ref.SEBottleneck(12, 4, 2, 8, groups=4, base_width=32), 12,
+                 id="resnext-stride2"),
+]
+
+
+def _with_downsample(module, torch_module):
+    """from_torch needs the projection spelled out at stride 1 (it cannot see the input)."""
+    return module.clone(use_downsample=torch_module.downsample is not None)
+
+
+@pytest.mark.parametrize(("module", "torch_module", "cin"), BLOCKS)
+def test_block_matches_torch(module, torch_module, cin):
+    module = _with_downsample(module, torch_module)
+    variables = _imported(module, torch_module, seed=2)
+    x = random_nhwc((2, 7, 6, cin), seed=3)
+    assert_close(module.apply(variables, x), _torch_out(torch_module, x))
+
+
+def test_block_without_explicit_downsample_decides_from_input():
+    torch_module = ref.SEBottleneck(8, 4, reduction=4)
+    variables = _imported(_with_downsample(SEBottleneck(4, reduction=4), torch_module),
+                          torch_module)
+    x = random_nhwc((1, 4, 4, 8))
+    assert_close(SEBottleneck(4, reduction=4).apply(variables, x), _torch_out(torch_module, x))
+
+
+def test_block_training_mode_matches_torch_and_updates_statistics():
+    torch_module = ref.SEBasicBlock(6, 8, 2, 4)
+    module = SEBasicBlock(8, stride=2, reduction=4)
+    variables = _imported(module, torch_module, seed=4)
+    x = random_nhwc((3, 6, 6, 6), seed=5)
+    out, state = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    torch_out = torch_to_nhwc(torch_module.train()(nhwc_to_torch(x)))
+    assert_close(out, torch_out)
+    # Running means agree; running variances do not (flax's BatchNorm tracks the biased batch
+    # variance, torch the unbiased one), so they are not compared.
+    assert_close(state["batch_stats"]["bn1"]["mean"], torch_module.bn1.running_mean.numpy())
+    assert_close(state["batch_stats"]["downsample"]["bn"]["mean"],
+                 torch_module.downsample[1].running_mean.numpy())
+
+
+# --- transformations, gradients, dtypes -----------------------------------------------------------
+
+
+def test_check_grads():
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((2, 3, 3, 8)))
+        w1 = jnp.asarray(rng.standard_normal((8, 2)))
+        w2 = jnp.asarray(rng.standard_normal((2, 8)))
+        check_grads(F.squeeze_excitation, (x, w1, w2), order=1, modes=["rev"],
+                    atol=1e-5, rtol=1e-5)
+
+
+def test_jit_and_vmap_equal_eager():
+    module = SEBottleneck(4, stride=2, reduction=4)
+    x = jnp.asarray(random_nhwc((2, 6, 6, 8)))
+    variables = module.init(jax.random.key(0), x)
+    eager = module.apply(variables, x)
+    chex.assert_trees_all_close(jax.jit(module.apply)(variables, x), eager, atol=1e-5)
+
+    xs = jnp.asarray(random_nhwc((3, 2, 4, 5, 8), seed=1))
+    w1, w2 = jnp.asarray(random_nhwc((8, 2), 2)), jnp.asarray(random_nhwc((2, 8), 3))
+    batched = jax.vmap(F.squeeze_excitation, in_axes=(0, None, None))(xs, w1, w2)
+    looped = np.stack([F.squeeze_excitation(x, w1, w2) for x in xs])
+    chex.assert_trees_all_close(batched, looped, atol=1e-6)
+
+
+def test_bfloat16_is_finite_and_close():
+    x = random_nhwc((2, 5, 5, 32), seed=4)
+    variables = SELayer(reduction=8).init(jax.random.key(1), x)
+    expected = SELayer(reduction=8).apply(variables, x)
+    out = SELayer(reduction=8, dtype=jnp.bfloat16).apply(variables, x.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert_close(np.asarray(out, np.float32), expected, rtol=2e-2)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def test_bad_input_raises():
+    x = jnp.zeros((2, 4, 4, 12))
+    with pytest.raises(ValueError, match=r"x must have rank >= 3.*\(2, 12\)"):
+        F.squeeze_excitation(jnp.zeros((2, 12)), jnp.zeros((12, 3)), jnp.zeros((3, 12)))
+    with pytest.raises(ValueError, match=r"x and w1 must agree in channels.*\(12, 3\)"):
+        F.squeeze_excitation(jnp.zeros((2, 4, 10)), jnp.zeros((12, 3)), jnp.zeros((3, 12)))
+    with pytest.raises(ValueError, match=r"w1 and w2 must agree in hidden units"):
+        F.squeeze_excitation(x, jnp.zeros((12, 3)), jnp.zeros((4, 12)))
+    with pytest.raises(ValueError, match=r"x and gates must agree in batch and channels"):
+        F.excite(x, jnp.zeros((3, 12)))
+    with pytest.raises(ValueError, match=r"x channels \(12\) must be divisible by reduction"):
+        SELayer(reduction=8).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"x must have rank 4.*\(4, 4, 12\)"):
+        SEBasicBlock(12, reduction=4).init(jax.random.key(0), x[0])
+    with pytest.raises(ValueError, match=r"planes \* expansion \(12\) must be divisible"):
+        SEBasicBlock(12, reduction=8).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"use_downsample=False needs stride 1"):
+        SEBasicBlock(12, stride=2, reduction=4, use_downsample=False).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"width .* must be >= 1"):
+        SEBottleneck(4, reduction=4, base_width=8).init(jax.random.key(0), x)
+
+
+def test_from_torch_rejects_bad_state_dicts():
+    sd = state_dict(ref.SELayer(16, 4))
+    with pytest.raises(ValueError, match=r"missing keys \['fc.2.weight'\]"):
+        from_torch(SELayer(reduction=4), {"fc.0.weight": sd["fc.0.weight"]})
+    with pytest.raises(ValueError, match=r"unexpected keys \['fc.1.weight'\]"):
+        from_torch(SELayer(reduction=4), {**sd, "fc.1.weight": sd["fc.0.weight"]})
+    with pytest.raises(ValueError, match=r"misshaped keys.*fc.2.weight: expected \(4, 16\)"):
+        from_torch(SELayer(reduction=4), {**sd, "fc.2.weight": np.zeros((16, 5), np.float32)})
+    block_sd = state_dict(ref.SEBasicBlock(8, 8, reduction=4))
+    with pytest.raises(ValueError, match=r"set use_downsample=True or False"):
+        from_torch(SEBasicBlock(8, reduction=4), block_sd)
+    with pytest.raises(ValueError, match=r"missing keys \['downsample.0.weight'"):
+        from_torch(SEBasicBlock(8, reduction=4, use_downsample=True), block_sd)
