@@ -61,10 +61,10 @@ def demo(args: argparse.Namespace) -> int:
         out = jax.block_until_ready(apply(variables, *inputs))
         ms = (time.perf_counter() - start) * 1e3
         first = jax.tree.leaves(out)[0]
-        finite = bool(jnp.all(jnp.isfinite(first)))
+        flag = "" if bool(jnp.all(jnp.isfinite(first))) else "  NOT FINITE"
         print(
             f"{name:<26} {str(shapes[0]):<22} {str(tuple(first.shape)):<20} "
-            f"{_count(variables.get('params', {})):>9,} {ms:>9.2f}" + ("" if finite else "  NOT FINITE")
+            f"{_count(variables.get('params', {})):>9,} {ms:>9.2f}{flag}"
         )
     return 0
 

@@ -69,14 +69,12 @@ def test_chunked_position_attention_equals_dense(chunk_size):
         assert_close(got, want)
 
 
-def test_position_attention_chunks_above_threshold():
-    small = _qkv(1, 64, 64, 1, 2)  # DENSE_MAX_POSITIONS positions: dense
-    large = _qkv(1, 65, 64, 1, 2)  # one row more: chunked
-    assert F.DENSE_MAX_POSITIONS == 64 * 64
-    assert not _uses_scan(F.position_attention, *small)
+def test_position_attention_chunks_above_default_chunk_size():
+    assert F.DEFAULT_CHUNK_SIZE == 512
+    assert not _uses_scan(F.position_attention, *_qkv(1, 16, 32, 1, 2))  # 512 positions: dense
+    large = _qkv(1, 19, 27, 1, 2)  # 513 positions: two blocks
     assert _uses_scan(F.position_attention, *large)
-    dense = F.position_attention(*large, chunk_size=65 * 64)
-    assert_close(F.position_attention(*large), dense)
+    assert_close(F.position_attention(*large), F.position_attention(*large, chunk_size=513))
 
 
 def test_one_hot_keys_pick_one_value():

@@ -179,7 +179,7 @@ def test_bad_input_raises():
         SELayer(reduction=8).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"x must have rank 4.*\(4, 4, 12\)"):
         SEBasicBlock(12, reduction=4).init(jax.random.key(0), x[0])
-    with pytest.raises(ValueError, match=r"planes \* expansion \(12\) must be divisible"):
+    with pytest.raises(ValueError, match=r"channels \(12\) must be divisible by reduction"):
         SEBasicBlock(12, reduction=8).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"use_downsample=False needs stride 1"):
         SEBasicBlock(12, stride=2, reduction=4, use_downsample=False).init(jax.random.key(0), x)

@@ -8,16 +8,16 @@ wraps them with the pool; mode "gaussian" has no `theta` and a parameter-free `p
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
-from flax_attention.interop._squeeze_excitation import in_channels
 from flax_attention.interop.torch import (
     Converter,
     Rules,
     Shapes,
     batch_norm,
     conv,
+    image_input,
     param,
     register,
 )
@@ -47,9 +47,9 @@ def _rules(module: NonLocal) -> Rules:
     return rules | conv(("W",), "W")
 
 
-def _inputs(module: NonLocal, shapes: Shapes) -> tuple[jnp.ndarray]:
-    channels = in_channels(shapes, f"{_g_key(module)}.weight")
-    return (jnp.zeros((1, *(4,) * module.spatial_dims, channels)),)
+def _inputs(module: NonLocal, shapes: Shapes) -> tuple[jax.ShapeDtypeStruct]:
+    return image_input(shapes, f"{_g_key(module)}.weight", side=4,
+                       spatial_dims=module.spatial_dims)
 
 
 register(NonLocal1D, NonLocal2D, NonLocal3D)(Converter(_rules, _inputs))

@@ -7,9 +7,8 @@ of SE-ResNets.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+import jax
 
-from flax_attention.interop._squeeze_excitation import _has_downsample, in_channels
 from flax_attention.interop.torch import (
     Converter,
     Rules,
@@ -18,31 +17,45 @@ from flax_attention.interop.torch import (
     conv,
     conv_bn,
     dense,
+    image_input,
     nested,
     register,
     rules_for,
 )
-from flax_attention.models.resnet import BasicBlock, Bottleneck, ResNet, block_specs
+from flax_attention.models.resnet import ResNet, block_specs
+from flax_attention.resnet_blocks import ResidualBlock
 
 
-def _block_rules(module: BasicBlock | Bottleneck) -> Rules:
+def _has_downsample(module: ResidualBlock) -> bool:
+    if module.use_downsample is not None:
+        return module.use_downsample
+    if module.stride != 1:
+        return True
+    raise ValueError(
+        f"from_torch cannot tell whether {type(module).__name__}(stride=1) has a `downsample` "
+        "projection before seeing the input channels: set use_downsample=True or False"
+    )
+
+
+def _block_rules(module: ResidualBlock) -> Rules:
     rules: Rules = {}
     for index in range(1, module.num_convs + 1):
         rules |= conv((f"conv{index}",), f"conv{index}", bias=False)
         rules |= batch_norm((f"bn{index}",), f"bn{index}")
-    if module.attention is not None:
-        rules |= nested(rules_for(module.attention()), ("se",), "se")
+    attention = module.attention_module()
+    if attention is not None:
+        rules |= nested(rules_for(attention), ("se",), "se")
     if _has_downsample(module):
         rules |= conv_bn(("downsample",), "downsample")
     return rules
 
 
-def _block_inputs(module: BasicBlock | Bottleneck, shapes: Shapes) -> tuple[jnp.ndarray]:
+def _block_inputs(module: ResidualBlock, shapes: Shapes) -> tuple[jax.ShapeDtypeStruct]:
     del module
-    return (jnp.zeros((1, 8, 8, in_channels(shapes, "conv1.weight"))),)
+    return image_input(shapes, "conv1.weight", side=8)
 
 
-register(BasicBlock, Bottleneck)(Converter(_block_rules, _block_inputs))
+register(ResidualBlock)(Converter(_block_rules, _block_inputs))
 
 
 def _resnet_rules(module: ResNet) -> Rules:
@@ -55,9 +68,9 @@ def _resnet_rules(module: ResNet) -> Rules:
     return rules
 
 
-def _resnet_inputs(module: ResNet, shapes: Shapes) -> tuple[jnp.ndarray]:
+def _resnet_inputs(module: ResNet, shapes: Shapes) -> tuple[jax.ShapeDtypeStruct]:
     del module
-    return (jnp.zeros((1, 32, 32, in_channels(shapes, "conv1.weight"))),)
+    return image_input(shapes, "conv1.weight", side=32)
 
 
 register(ResNet)(Converter(_resnet_rules, _resnet_inputs))

@@ -87,6 +87,22 @@ def register(*module_types: type) -> Callable[[Converter], Converter]:
     return decorator
 
 
+def in_channels(shapes: Shapes, key: str) -> int:
+    """The input channels of the torch conv or linear weight `key` (`[O, I, *K]`)."""
+    shape = shapes[key]
+    if len(shape) < 2:
+        raise ValueError(f"state_dict has misshaped keys: {key}: expected [O, I, ...], got {shape}")
+    return shape[1]
+
+
+def image_input(shapes: Shapes, key: str, side: int = 1, spatial_dims: int = 2
+                ) -> tuple[jax.ShapeDtypeStruct]:
+    """An example input `[1, side, ..., side, C]` for `example_inputs`, C being the input
+    channels of the torch weight `key`."""
+    shape = (1, *(side,) * spatial_dims, in_channels(shapes, key))
+    return (jax.ShapeDtypeStruct(shape, jnp.float32),)
+
+
 # --- Rule builders: a torch prefix and the Flax submodule path it goes to. -----------------------
 
 

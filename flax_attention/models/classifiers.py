@@ -3,10 +3,12 @@
 The models the trainer's main job compares (`flax-attention train`): sized so an epoch of the
 42 x 42 `distorted-digits` set takes seconds on a 2-core CPU.
 
-- `cnn`: three conv blocks (3x3 conv, BatchNorm, ReLU, 2x2 max-pool) of 16, 32, 64 channels,
-  flatten, Dense(128), ReLU, dropout, Dense(num_classes).
-- `stn-cnn`: a spatial transformer in front (Jaderberg et al. 2015): `LocalizationNet` sized
-  for the input, affine transform, output the input's size.
+- `cnn`: three conv blocks (3x3 conv, BatchNorm, ReLU; stride 2 in the first, a 2x2 max-pool
+  after the others) of 16, 32, 64 channels, flatten, Dense(128), ReLU, dropout,
+  Dense(num_classes).
+- `stn-cnn`: a spatial transformer in front (Jaderberg et al. 2015): the tutorial's
+  `LocalizationNet` on the input pooled to about 21 px, affine transform, output the input's
+  size.
 - `se-cnn`, `cca-cnn`, `nl-cnn`: an SE layer (Hu et al. 2018), a criss-cross attention block
   (Huang et al. 2019) or an embedded-Gaussian non-local block (Wang et al. 2018) after the
   second conv block.
@@ -46,22 +48,39 @@ def _max_pool2(x: jax.Array) -> jax.Array:
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def _localization_kernels(height: int, width: int) -> tuple[int, int]:
-    """Kernel sizes of the localization convs: the STN tutorial's (7, 5) from 28 px up, smaller
-    below, so both pooled feature maps keep at least 2 px."""
-    return (7, 5) if min(height, width) >= 28 else (3, 3)
+class _Localization(nn.Module):
+    """The STN tutorial's `LocalizationNet` on the input average-pooled by `factor`; kernels
+    (7, 5) from 28 px up, (5, 3) from 16 px, (3, 3) below. `[B, H, W, C]` -> `[B, 32]`."""
+
+    factor: int = 1
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: lax.PrecisionLike = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.factor > 1:
+            x = nn.avg_pool(x, (self.factor,) * 2, strides=(self.factor,) * 2)
+        side = min(x.shape[1:3])
+        kernels = (7, 5) if side >= 28 else (5, 3) if side >= 16 else (3, 3)
+        return LocalizationNet(kernel_sizes=kernels, dtype=self.dtype,
+                               param_dtype=self.param_dtype, precision=self.precision,
+                               name="net")(x)
 
 
 class AttentionCNN(nn.Module):
     """A small CNN classifier with an optional spatial transformer and attention block.
 
-    `[B, H, W, C]` -> (STN) -> conv blocks (3x3 conv without bias, BatchNorm, ReLU, 2x2 max-pool),
-    the attention block after block `attention_after` -> flatten -> Dense(hidden), ReLU,
-    dropout -> Dense(num_classes). Needs H, W >= 2 ** len(features).
+    `[B, H, W, C]` -> (STN) -> conv blocks (3x3 conv without bias, BatchNorm, ReLU; the first
+    conv has stride 2, the others are followed by a 2x2 max-pool), the attention block after
+    block `attention_after` -> flatten -> Dense(hidden), ReLU, dropout -> Dense(num_classes).
+    Needs H, W >= 2 ** len(features). 42 x 42 inputs give feature maps of 21, 10 and 5 px.
 
     Not a reproduction of a paper's network: a common test bed, so the mechanisms are compared
-    on the same CNN at the same budget. The STN's localization net is the PyTorch tutorial's
-    (`LocalizationNet`, smaller kernels below 28 px); its transform starts at the identity.
+    on the same CNN at the same budget (and fast on a CPU: XLA's CPU convolutions are slow on
+    one input channel at full resolution, hence the strided first conv). The STN's localization
+    net is the PyTorch tutorial's `LocalizationNet` on the input average-pooled to about 21 px;
+    its transform starts at the identity.
 
     Attributes:
       num_classes: outputs.
@@ -95,22 +114,22 @@ class AttentionCNN(nn.Module):
         side = 2 ** len(self.features)
         if min(x.shape[1:3]) < side:
             raise ValueError(f"x must be at least {side} x {side} for {len(self.features)} "
-                             f"pooling blocks, got shape {tuple(x.shape)}")
+                             f"downsampling blocks, got shape {tuple(x.shape)}")
+
+    def _common(self, name: str | None = None) -> dict:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                    name=name)
 
     def _attention_block(self, x: jax.Array, train: bool) -> jax.Array:
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                      name=self.attention)
         if self.attention == "se":
-            return SELayer(reduction=8, **common)(x)
+            return SELayer(reduction=8, **self._common("se"))(x)
         if self.attention == "cca":
-            return CrissCrossAttention(reduction=8, **common)(x)
-        return NonLocal2D(mode="embedded", **common)(x, train)
+            return CrissCrossAttention(reduction=8, **self._common("cca"))(x)
+        return NonLocal2D(mode="embedded", **self._common("nl"))(x, train)
 
     def _spatial_transformer(self, x: jax.Array) -> jax.Array:
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-        localization = LocalizationNet(kernel_sizes=_localization_kernels(*x.shape[1:3]),
-                                       **common)
-        return SpatialTransformer(localization, **common, name="stn")(x)
+        localization = _Localization(max(1, min(x.shape[1:3]) // 21), **self._common())
+        return SpatialTransformer(localization, **self._common("stn"))(x)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False,
@@ -120,9 +139,9 @@ class AttentionCNN(nn.Module):
         if self.stn:
             x = self._spatial_transformer(x)
         for i, features in enumerate(self.features):
-            x = layers.ConvBN(features, dtype=self.dtype, param_dtype=self.param_dtype,
-                              name=f"block{i}")(x, train)
-            x = _max_pool2(x)
+            x = layers.ConvBN(features, strides=1 if i else 2, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name=f"block{i}")(x, train)
+            x = _max_pool2(x) if i else x
             if self.attention is not None and i == self.attention_after:
                 x = self._attention_block(x, train)
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,7 +24,10 @@ from jax import lax
 
 from flax_attention import layers
 from flax_attention._checks import check_rank
+from flax_attention.resnet_blocks import AttentionFactory, BasicBlock, Bottleneck, ResidualBlock
 from flax_attention.squeeze_excitation import SELayer
+
+_STEM_FEATURES = 64
 
 __all__ = [
     "BasicBlock",
@@ -42,152 +45,6 @@ __all__ = [
     "se_resnet152",
     "se_resnext50_32x4d",
 ]
-
-# The factory of a block's attention: called as `attention(dtype=, param_dtype=, precision=,
-# name="se")` and applied to `[B, H, W, C]`, e.g. `functools.partial(SELayer, reduction=16)`.
-AttentionFactory = Callable[..., nn.Module]
-
-_STEM_FEATURES = 64
-
-
-class _ResidualBlock(nn.Module):
-    """What the basic and bottleneck blocks share: torchvision's conv/BN names, the attention
-    hook `se` after the last BN, and the shortcut (`downsample`: 1x1 conv with the block's
-    stride, then BN, when the stride is not 1 or the channels change)."""
-
-    planes: int
-    stride: int = 1
-    dilation: int = 1
-    groups: int = 1
-    base_width: int = 64
-    attention: AttentionFactory | None = None
-    use_downsample: bool | None = None
-    dtype: jnp.dtype | None = None
-    param_dtype: jnp.dtype = jnp.float32
-    precision: lax.PrecisionLike = None
-
-    expansion: ClassVar[int] = 1
-    num_convs: ClassVar[int] = 2
-
-    @property
-    def out_channels(self) -> int:
-        return self.planes * self.expansion
-
-    def _check(self, x: jax.Array) -> bool:
-        """Checks `x` and the fields; returns whether the shortcut is projected."""
-        check_rank("x", x, 4, "[B, H, W, C]")
-        for name in ("planes", "stride", "dilation", "groups", "base_width"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        needed = self.stride != 1 or x.shape[-1] != self.out_channels
-        if self.use_downsample is None:
-            return needed
-        if needed and not self.use_downsample:
-            raise ValueError(
-                f"use_downsample=False needs stride 1 and x channels == planes * expansion "
-                f"({self.out_channels}); got stride {self.stride}, x shape {tuple(x.shape)}"
-            )
-        return self.use_downsample
-
-    def _conv(self, index: int, features: int, kernel: int, stride: int = 1,
-              dilation: int = 1, groups: int = 1) -> nn.Conv:
-        pad = dilation * (kernel - 1) // 2
-        return nn.Conv(features, (kernel, kernel), strides=stride, padding=[(pad, pad)] * 2,
-                       kernel_dilation=dilation, feature_group_count=groups, use_bias=False,
-                       dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                       name=f"conv{index}")
-
-    def _bn(self, index: int, train: bool) -> nn.BatchNorm:
-        return layers.batch_norm(train, self.dtype, self.param_dtype, name=f"bn{index}")
-
-    def _conv_bn(self, index: int, x: jax.Array, train: bool, features: int, kernel: int,
-                 **conv_kwargs: int) -> jax.Array:
-        return self._bn(index, train)(self._conv(index, features, kernel, **conv_kwargs)(x))
-
-    def _attend_and_add(self, x: jax.Array, out: jax.Array, downsample: bool,
-                        train: bool) -> jax.Array:
-        """`relu(attention(out) + shortcut(x))`."""
-        if self.attention is not None:
-            out = self.attention(dtype=self.dtype, param_dtype=self.param_dtype,
-                                 precision=self.precision, name="se")(out)
-        if downsample:
-            x = layers.ConvBN(self.out_channels, kernel_size=1, strides=self.stride,
-                              activation=None, dtype=self.dtype, param_dtype=self.param_dtype,
-                              name="downsample")(x, train)
-        return nn.relu(out + x)
-
-
-class BasicBlock(_ResidualBlock):
-    """The ResNet-18/34 block (torchvision's `BasicBlock`, expansion 1), with an optional
-    attention hook (SE-ResNet-18/34's `SEBasicBlock` with `attention=SELayer`).
-
-    conv3x3(stride)-BN-ReLU, conv3x3-BN, attention, plus the shortcut, ReLU.
-
-    Differences from torchvision: dilation > 1 is allowed (torchvision refuses it) and dilates
-    both 3x3 convolutions; the projection is decided from the input (or forced by
-    `use_downsample`) instead of being passed in as a module.
-
-    Attributes:
-      planes: output channels.
-      stride: of the first convolution and of the projection.
-      dilation: of both 3x3 convolutions.
-      groups, base_width: must be 1 and 64 (present so that `ResNet` can build any block alike).
-      attention: factory of the module applied after the last BN (named `se`); None for none.
-      use_downsample: force (True) or forbid (False) the projection; None decides from the input.
-        `from_torch` needs it set when stride is 1, since it cannot see the input channels.
-    """
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """`[B, H, W, C]` -> `[B, H / stride, W / stride, planes]` (sizes rounded up)."""
-        downsample = self._check(x)
-        if self.groups != 1 or self.base_width != 64:
-            raise ValueError(
-                f"BasicBlock needs groups=1 and base_width=64, got {self.groups}, {self.base_width}"
-            )
-        d = self.dilation
-        out = nn.relu(self._conv_bn(1, x, train, self.planes, 3, stride=self.stride, dilation=d))
-        out = self._conv_bn(2, out, train, self.planes, 3, dilation=d)
-        return self._attend_and_add(x, out, downsample, train)
-
-
-class Bottleneck(_ResidualBlock):
-    """The ResNet-50/101/152 and ResNeXt block (torchvision's `Bottleneck`, v1.5, expansion 4),
-    with an optional attention hook (SE-ResNet's `SEBottleneck` with `attention=SELayer`).
-
-    conv1x1-BN-ReLU, grouped conv3x3(stride, dilation)-BN-ReLU, conv1x1-BN, attention, plus the
-    shortcut, ReLU. The inner width is `int(planes * base_width / 64) * groups`.
-
-    Differences from torchvision: the projection is decided as in `BasicBlock`.
-
-    Attributes:
-      planes: the block outputs 4 * planes channels.
-      stride: of the 3x3 convolution and of the projection.
-      dilation: of the 3x3 convolution.
-      groups: of the 3x3 convolution.
-      base_width: width per group at planes = 64.
-      attention, use_downsample: as in `BasicBlock`.
-    """
-
-    expansion: ClassVar[int] = 4
-    num_convs: ClassVar[int] = 3
-
-    @property
-    def width(self) -> int:
-        return int(self.planes * (self.base_width / 64.0)) * self.groups
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """`[B, H, W, C]` -> `[B, H / stride, W / stride, 4 * planes]` (sizes rounded up)."""
-        downsample = self._check(x)
-        if self.width < 1:
-            raise ValueError(f"the width int(planes * base_width / 64) * groups is {self.width}")
-        out = nn.relu(self._conv_bn(1, x, train, self.width, 1))
-        out = nn.relu(self._conv_bn(2, out, train, self.width, 3, stride=self.stride,
-                                    dilation=self.dilation, groups=self.groups))
-        out = self._conv_bn(3, out, train, self.out_channels, 1)
-        return self._attend_and_add(x, out, downsample, train)
-
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
@@ -270,7 +127,7 @@ class ResNet(nn.Module):
         with four stages (s = 32, 16 or 8; sizes rounded up).
     """
 
-    block_cls: type[_ResidualBlock]
+    block_cls: type[ResidualBlock]
     stage_sizes: Sequence[int]
     num_classes: int = 1000
     width_per_group: int = 64

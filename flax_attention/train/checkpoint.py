@@ -1,0 +1,296 @@
+"""What every trainer of the package shares: checkpoints, the metrics log, interruption, progress.
+
+All of it is generic: a training state is any pytree of arrays, a config any JSON-able mapping.
+A run directory holds
+
+    <run>/config.json        the config of the run (`write_json`)
+    <run>/metrics.jsonl      one JSON record a line (`MetricsLog`), each with a "step"
+    <run>/checkpoints/<step>/state, meta
+                             orbax-checkpoint steps: the state pytree, and JSON metadata (the
+                             config, a SHA-256 digest of the state, whatever the trainer adds)
+
+Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a
+process killed while saving leaves the previous checkpoints as they were and no half-written step
+(the temporary directory is removed when the next `Checkpoints` opens the run). A step is never
+written twice. `restore` checks the digest, so a checkpoint corrupted afterwards is refused.
+
+A trainer uses them as
+
+    checkpoints = Checkpoints(run_dir / "checkpoints")
+    start = checkpoints.resume_or_start(config, resume, compare=...)  # None: start fresh
+    with Interrupt() as interrupt, MetricsLog(run_dir / "metrics.jsonl") as log:
+        for step ...:
+            ...
+            if step % every == 0 or interrupt.requested:
+                checkpoints.save(step, state, config)
+            if interrupt.requested:
+                return "interrupted"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import sys
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+__all__ = ["CheckpointError", "Checkpoints", "Interrupt", "MetricsLog", "progress_bar",
+           "state_digest", "write_json"]
+
+PyTree = Any
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: missing, corrupt, or from an incompatible run."""
+
+
+def state_digest(state: PyTree) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes (leaves must be fully addressable
+    on this process, e.g. replicated)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        array = np.asarray(jax.device_get(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _json_safe(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(dict(config)))
+
+
+class Checkpoints:
+    """The checkpoints of a run: orbax's `CheckpointManager` with the state and JSON metadata.
+
+    Args:
+      directory: where the steps go (created if missing).
+      max_to_keep: the newest steps kept; older ones are deleted after a save.
+    """
+
+    def __init__(self, directory: str | Path, max_to_keep: int = 3):
+        self.directory = Path(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=False)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  item_names=("state", "meta"))
+        except OSError as error:
+            message = f"cannot open checkpoints in {self.directory}: {error}"
+            raise CheckpointError(message) from error
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or None."""
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: PyTree, config: Mapping[str, Any],
+             extra: Mapping[str, Any] | None = None) -> bool:
+        """Saves `state` as `step` with the config, its digest and `extra` (JSON-able).
+
+        Blocks until the step is committed. Returns False (and writes nothing) when `step` is
+        already saved.
+        """
+        if step in self._manager.all_steps():
+            return False
+        meta = {"config": _json_safe(config), "digest": state_digest(state),
+                "step": step, **dict(extra or {})}
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self._manager.wait_until_finished()
+        return True
+
+    def metadata(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON metadata of `step` (default the latest) without reading the state."""
+        step = self._step(step)
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore())).meta
+        except (ValueError, OSError, KeyError) as error:
+            raise self._corrupt(step, error) from error
+
+    def restore(self, abstract_state: PyTree, step: int | None = None
+                ) -> tuple[PyTree, dict[str, Any]]:
+        """The state of `step` (default the latest) and its metadata.
+
+        Args:
+          abstract_state: the state's structure, `jax.ShapeDtypeStruct` leaves (with the
+            shardings to restore to), e.g. from `jax.eval_shape` of the state's init.
+
+        Raises:
+          CheckpointError: no checkpoint; the saved state does not fit `abstract_state` (other
+            model); unreadable files or a digest that does not match (corrupt).
+        """
+        step = self._step(step)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except (ValueError, OSError, KeyError, TypeError) as error:
+            raise self._corrupt(step, error) from error
+        state, meta = restored.state, restored.meta
+        if meta.get("digest") != state_digest(state):
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} is corrupt: its "
+                                  "arrays do not match the digest saved with them")
+        return state, meta
+
+    def resume_or_start(self, config: Mapping[str, Any], resume: bool,
+                        ignore: Iterable[str] = ()) -> int | None:
+        """Decides between a fresh start and a resume; returns the step to resume or None.
+
+        Without `resume`, refuses a directory that already holds checkpoints (they are never
+        overwritten). With it, returns the latest step after checking that its config equals
+        `config` except for the keys in `ignore`; None when there is no checkpoint yet.
+
+        Raises:
+          CheckpointError: with a message naming the run and what to do.
+        """
+        step = self.latest_step()
+        if step is not None and not resume:
+            raise CheckpointError(f"{self.directory} already holds checkpoints (latest step "
+                                  f"{step}); resume them (--resume) or choose another out dir")
+        if step is None:
+            return None
+        saved = self.metadata(step).get("config", {})
+        new = _json_safe(config)
+        differ = sorted(k for k in {*saved, *new} - set(ignore) if saved.get(k) != new.get(k))
+        if differ:
+            listing = ", ".join(f"{k}={saved.get(k)!r} (now {new.get(k)!r})" for k in differ)
+            raise CheckpointError(f"cannot resume {self.directory}: its checkpoint was made "
+                                  f"with another config: {listing}")
+        return step
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _step(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self._manager.all_steps():
+            raise CheckpointError(f"no checkpoint {'' if step is None else step} in "
+                                  f"{self.directory}")
+        return step
+
+    def _corrupt(self, step: int, error: Exception) -> CheckpointError:
+        reason = " ".join(str(error).split())[:300]
+        return CheckpointError(f"checkpoint {self.directory / str(step)} is corrupt or does "
+                               f"not fit this model: {type(error).__name__}: {reason}")
+
+
+class MetricsLog:
+    """Appends JSON records (each with an int "step") to a file, one a line.
+
+    Only process 0 writes, so a multi-host run keeps one log. `truncate(step)` drops the
+    records after `step`, so a resumed run's log equals an uninterrupted run's.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = None
+
+    def __enter__(self) -> MetricsLog:
+        if jax.process_index() == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a")  # noqa: SIM115 (closed in __exit__)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(dict(record)) + "\n")
+            self._file.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every record, skipping a torn last line (a process killed while writing)."""
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def truncate(self, step: int) -> None:
+        """Keeps the records with "step" <= `step` (records start at step 1)."""
+        if jax.process_index() != 0 or not self.path.exists():
+            return
+        kept = [r for r in self.read() if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+class Interrupt:
+    """A context in which SIGINT and SIGTERM set `requested` instead of killing the process.
+
+    The loop checks `requested` after each step, saves a checkpoint and returns. A second
+    signal of either kind restores the default handlers and is re-raised, so a stuck run can
+    still be stopped. Outside the main thread it does nothing (signals cannot be caught there).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is not None:
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: saving a checkpoint and stopping (send it again to stop "
+              "at once)", file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self._restore()
+
+
+def progress_bar(total: int, initial: int = 0, enabled: bool = True,
+                 description: str = "train") -> tqdm:
+    """A tqdm bar over steps (on stderr; only on process 0). Set its postfix with
+    `bar.set_postfix(loss=..., img_s=...)` and advance it with `bar.update(n)`."""
+    return tqdm(total=total, initial=initial, desc=description, unit="step",
+                disable=not enabled or jax.process_index() != 0, dynamic_ncols=True,
+                leave=False)
+
+
+def write_json(path: str | Path, record: Mapping[str, Any]) -> None:
+    """Writes `record` to `path` atomically (temporary file, then rename); process 0 only."""
+    if jax.process_index() != 0:
+        return
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(dict(record), indent=2) + "\n")
+    tmp.replace(path)
+
