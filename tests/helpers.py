@@ -54,3 +54,35 @@ def state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
 
 def tree_max_abs(tree) -> float:
     return max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(tree))
+
+
+def train_step_losses(model, variables, x, labels, tx=None) -> tuple[float, float]:
+    """The cross-entropy loss before and after one optimiser step (BatchNorm in train mode).
+
+    Args:
+      model: a Flax classifier with `__call__(x, train)` and batch statistics.
+      variables: its `{"params", "batch_stats"}`.
+      x: `[B, H, W, C]` inputs; labels: `[B]` integer labels.
+      tx: an optax optimiser; SGD with learning rate 1e-3 by default.
+    """
+    import jax.numpy as jnp
+    import optax
+
+    tx = optax.sgd(1e-3) if tx is None else tx
+
+    def loss_fn(params, stats):
+        logits, state = model.apply({"params": params, "batch_stats": stats}, x, train=True,
+                                    mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, state["batch_stats"]
+
+    @jax.jit
+    def step(params, stats, opt_state):
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+
+    params, stats = variables["params"], variables["batch_stats"]
+    params, stats, opt_state, before = step(params, stats, tx.init(params))
+    after = step(params, stats, opt_state)[3]
+    return float(jnp.asarray(before)), float(jnp.asarray(after))

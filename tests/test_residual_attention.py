@@ -31,6 +31,7 @@ from tests.helpers import (
     randomize_,
     state_dict,
     torch_to_nhwc,
+    train_step_losses,
 )
 from tests.reference import residual_attention as ref
 
@@ -253,22 +254,5 @@ def test_train_step_lowers_the_loss():
     x = random_nhwc((8, 32, 32, 3))
     labels = jnp.arange(8) % 10
     variables = model.init(jax.random.key(0), x)
-    params, stats = variables["params"], variables["batch_stats"]
-    tx = optax.adam(1e-3)
-
-    def loss_fn(p, s):
-        logits, new = model.apply({"params": p, "batch_stats": s}, x, train=True,
-                                  mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return loss, new["batch_stats"]
-
-    @jax.jit
-    def step(p, s, opt):
-        (loss, s), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, s)
-        updates, opt = tx.update(grads, opt, p)
-        return optax.apply_updates(p, updates), s, opt, loss
-
-    opt = tx.init(params)
-    params, stats, opt, first = step(params, stats, opt)
-    _, _, _, second = step(params, stats, opt)
-    assert float(second) < float(first)
+    first, second = train_step_losses(model, variables, x, labels, optax.adam(1e-3))
+    assert second < first

@@ -8,7 +8,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 from jax.test_util import check_grads
@@ -24,6 +23,7 @@ from tests.helpers import (
     randomize_,
     state_dict,
     torch_to_nhwc,
+    train_step_losses,
 )
 from tests.reference import resnet as ref
 
@@ -169,20 +169,7 @@ def test_one_sgd_step_lowers_the_loss(name):
     net = getattr(models, name)(num_classes=4)
     variables = from_torch(net, state_dict(TORCH_NETS[name]()))
     x, labels = jnp.asarray(random_nhwc((4, 32, 32, 3))), jnp.arange(4)
-
-    def loss(params, stats):
-        logits, state = net.apply({"params": params, "batch_stats": stats}, x, train=True,
-                                  mutable=["batch_stats"])
-        value = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return value, state["batch_stats"]
-
-    @jax.jit
-    def step(params, stats):
-        (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(params, stats)
-        return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads), stats, value
-
-    params, stats, before = step(variables["params"], variables["batch_stats"])
-    after = step(params, stats)[2]
+    before, after = train_step_losses(net, variables, x, labels)
     assert np.isfinite(before) and after < before
 
 
