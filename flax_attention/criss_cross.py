@@ -23,7 +23,13 @@ import jax.numpy as jnp
 
 from flax_attention._checks import check_divisible, check_rank
 from flax_attention.functional.criss_cross import criss_cross_attention, criss_cross_weights
-from flax_attention.layers import Activation, ConvBN, conv1x1
+from flax_attention.layers import (
+    Activation,
+    ConvBN,
+    conv1x1,
+    query_key_value,
+    scaled_residual,
+)
 
 __all__ = ["CrissCrossAttention", "RCCAModule"]
 
@@ -54,18 +60,11 @@ class CrissCrossAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
         check_rank("x", x, 4, "[B, H, W, C]")
-        channels = x.shape[-1]
-        check_divisible("channels of x", channels, self.reduction, "reduction")
-        conv = functools.partial(conv1x1, dtype=self.dtype, param_dtype=self.param_dtype,
-                                 precision=self.precision)
-        q = conv(channels // self.reduction, name="query_conv")(x)
-        k = conv(channels // self.reduction, name="key_conv")(x)
-        v = conv(channels, name="value_conv")(x)
-        gamma = self.param("gamma", nn.initializers.zeros, (1,), self.param_dtype)
+        check_divisible("channels of x", x.shape[-1], self.reduction, "reduction")
+        q, k, v = query_key_value(self, x, self.reduction)
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "attention", criss_cross_weights(q, k, self.precision))
-        gamma, x = nn.dtypes.promote_dtype(gamma, x, dtype=self.dtype)
-        return gamma * self.attention_fn(q, k, v, self.precision) + x
+        return scaled_residual(self, self.attention_fn(q, k, v, self.precision), x)
 
 
 class RCCAModule(nn.Module):

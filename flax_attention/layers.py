@@ -95,3 +95,35 @@ def conv1x1(features: int, dtype, param_dtype, name: str, use_bias: bool = True,
     """A 1x1 (or 1, 1x1x1) convolution, named like the torch module it mirrors."""
     return PointwiseConv(features, spatial_dims, use_bias, dtype=dtype, param_dtype=param_dtype,
                          name=name, **kwargs)
+
+
+def query_key_value(module: nn.Module, x: jax.Array, reduction: int
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The 1x1 projections of DANet's PAM and CCNet's CCA, created in `module`'s scope.
+
+    `query_conv` and `key_conv` map C -> C / reduction, `value_conv` C -> C (all with bias), in
+    `module`'s dtype, param_dtype and precision.
+
+    Args:
+      module: the calling module (inside its `nn.compact` method).
+      x: `[B, H, W, C]`.
+      reduction: divides C (checked by the caller).
+
+    Returns:
+      q, k `[B, H, W, C / reduction]` and v `[B, H, W, C]`.
+    """
+    channels = x.shape[-1]
+    features = {"query_conv": channels // reduction, "key_conv": channels // reduction,
+                "value_conv": channels}
+    return tuple(  # type: ignore[return-value]
+        conv1x1(n, module.dtype, module.param_dtype, name, precision=module.precision)(x)
+        for name, n in features.items()
+    )
+
+
+def scaled_residual(module: nn.Module, attended: jax.Array, x: jax.Array) -> jax.Array:
+    """`gamma * attended + x` with a learnable `gamma` of shape (1,) that starts at zero (so a
+    fresh block is the identity), created in `module`'s scope."""
+    gamma = module.param("gamma", nn.initializers.zeros, (1,), module.param_dtype)
+    attended, gamma, x = promote_dtype(attended, gamma, x, dtype=module.dtype)
+    return gamma * attended + x
