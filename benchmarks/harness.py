@@ -55,7 +55,10 @@ def _peak_mib(thunk: Thunk) -> float:
 def _median_ms(thunk: Thunk, min_reps: int = 5, max_reps: int = 50, budget_s: float = 2.0):
     times = []
     start = time.perf_counter()
-    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget_s):
+    def more() -> bool:
+        return len(times) < max_reps and time.perf_counter() - start < budget_s
+
+    while len(times) < min_reps or more():
         t0 = time.perf_counter()
         thunk()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -75,7 +78,8 @@ def run_worker(case: Case, side: str) -> dict:
 
 def measure(case_index: int, side: str, module: str) -> dict:
     """Runs `run_worker` for one case and side in a fresh interpreter; returns its result."""
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    platforms = os.environ.get("JAX_PLATFORMS", "cpu")
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", JAX_PLATFORMS=platforms)
     cmd = [sys.executable, "-m", module, "--worker", str(case_index), side]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
@@ -98,12 +102,18 @@ def format_row(case: Case, mode: str, jax_r: dict, torch_r: dict) -> str:
 
 
 def jax_steps(fn: Callable, *args) -> dict[str, Thunk]:
-    """Forward and forward+backward (gradients w.r.t. every argument) of `fn(*args)`, jitted."""
+    """Forward and forward+backward (gradients w.r.t. every argument) of `fn(*args)`, jitted.
+
+    The backward step returns the loss too (`value_and_grad`), so XLA cannot drop the part of the
+    forward pass that only the loss needs, which torch always computes.
+    """
     import jax
     import jax.numpy as jnp
 
     fwd = jax.jit(fn)
-    grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(len(args)))))
+    grad = jax.jit(
+        jax.value_and_grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(len(args))))
+    )
     return {
         "fwd": lambda: jax.block_until_ready(fwd(*args)),
         "fwd+bwd": lambda: jax.block_until_ready(grad(*args)),

@@ -1,20 +1,34 @@
 """The `flax-attention` command.
 
-`flax-attention demo` builds every mechanism of the library, jit-compiles it on a small random
-input and prints the output shape, the parameter count and the time of a compiled call.
-`flax-attention list` prints the mechanisms.
+    flax-attention train [--model stn-cnn] [--dataset distorted-digits] [--epochs N]
+                         [--out DIR] [--resume] [--batch-size B] [--lr LR] [--seed S] ...
+    flax-attention eval --run DIR
+    flax-attention list
+    flax-attention bench [--only NAME]
+    flax-attention demo
+
+A bare `flax-attention train` is the main job: an STN-CNN on the embedded distorted digits,
+a few minutes on a 2-core CPU, ending with its test accuracy. SIGINT/SIGTERM save a checkpoint
+and exit with status 75 (`EXIT_INTERRUPTED`); `--resume` continues, and options left out are
+taken from the run's config. Bad arguments exit non-zero with a one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_STOPPED = 1, 2, 75, 130
 
 
 def _mechanisms() -> dict[str, tuple[Callable[[], nn.Module], tuple[tuple[int, ...], ...]]]:
@@ -61,29 +75,191 @@ def demo(args: argparse.Namespace) -> int:
         out = jax.block_until_ready(apply(variables, *inputs))
         ms = (time.perf_counter() - start) * 1e3
         first = jax.tree.leaves(out)[0]
-        flag = "" if bool(jnp.all(jnp.isfinite(first))) else "  NOT FINITE"
+        finite = bool(jnp.all(jnp.isfinite(first)))
         print(
             f"{name:<26} {str(shapes[0]):<22} {str(tuple(first.shape)):<20} "
-            f"{_count(variables.get('params', {})):>9,} {ms:>9.2f}{flag}"
+            f"{_count(variables.get('params', {})):>9,} {ms:>9.2f}"
+            + ("" if finite else "  NOT FINITE")
         )
     return 0
 
 
-def list_mechanisms(args: argparse.Namespace) -> int:
-    for name in _mechanisms():
-        print(name)
+def _model_names() -> list[str]:
+    from flax_attention.models import registry
+    from flax_attention.models.classifiers import list_classifiers
+
+    return [*list_classifiers(), *registry.list_models()]
+
+
+def list_all(args: argparse.Namespace) -> int:
+    from flax_attention.data import list_datasets
+    from flax_attention.models import registry
+    from flax_attention.models.classifiers import list_classifiers
+
+    sections = {
+        "mechanisms": list(_mechanisms()),
+        "models (train --model)": list_classifiers(),
+        "registry models (train --model takes the classifiers)": registry.list_models(),
+        "data sets (train --dataset; the *mnist ones need --data-dir)": list(list_datasets()),
+    }
+    for title, names in sections.items():
+        print(f"{title}:")
+        for name in names:
+            print(f"  {name}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flax-attention", description=__doc__.split("\n")[0])
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _train_config(args: argparse.Namespace):
+    """The run's TrainConfig: the options given, then (with --resume) the run's saved config,
+    then the defaults."""
+    from flax_attention.train.supervised import TrainConfig, load_config
+
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    if "out" not in given:
+        model = given.get("model", TrainConfig.model)
+        given["out"] = os.path.join("runs", f"{model}-{given.get('dataset', TrainConfig.dataset)}")
+    base = TrainConfig()
+    if args.resume and (Path(given["out"]) / "config.json").is_file():
+        base = load_config(given["out"])
+    return TrainConfig.from_dict({**base.to_dict(), **given})
+
+
+def train(args: argparse.Namespace) -> int:
+    from flax_attention.train.checkpoint import prepare_run_dir
+    from flax_attention.train.supervised import train as run
+
+    config = _train_config(args)
+    config.validate()
+    if config.model not in _model_names():
+        raise ValueError(f"unknown model {config.model!r}; known: {', '.join(_model_names())}")
+    prepare_run_dir(config.out)
+    print(f"training {config.model} on {config.dataset} for {config.epochs} epochs -> "
+          f"{config.out}", flush=True)
+    result = run(config, resume=args.resume, step_delay=args.step_delay)
+    m = result.metrics
+    scores = (f": test accuracy {100 * m['test_accuracy']:.2f}%, test loss {m['test_loss']:.4f}"
+              if "test_accuracy" in m else "")
+    print(f"{result.status} at step {m['step']} ({m['wall_s']:.0f} s){scores}", flush=True)
+    if result.status == "interrupted":
+        print(f"resume with: flax-attention train --out {config.out} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from flax_attention.train.supervised import evaluate_run
+
+    m = evaluate_run(args.run, data_dir=args.data_dir)
+    print(f"{args.run}: step {m['step']} (epoch {m['epoch']:.2f}): test accuracy "
+          f"{100 * m['test_accuracy']:.2f}%, test loss {m['test_loss']:.4f}")
+    return 0
+
+
+def _benchmarks_root() -> Path | None:
+    """The source checkout holding `benchmarks/run.py`: the working directory or the one above
+    the package (an editable install); None for neither."""
+    return next((p for p in (Path.cwd(), Path(__file__).resolve().parents[1])
+                 if (p / "benchmarks" / "run.py").is_file()), None)
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Runs `python -m benchmarks.run` (with the options given) in the source checkout."""
+    root = _benchmarks_root()
+    if root is None:
+        raise ValueError("the benchmarks are not installed with the package: run `flax-attention "
+                         "bench` in a source checkout (the folder holding benchmarks/)")
+    command = [sys.executable, "-m", "benchmarks.run", *args.args]
+    return subprocess.run(command, cwd=root, check=False).returncode
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line: `flax-attention train: error: ...`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind: type, low: float, strict: bool) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < low or (strict and value == low):
+            bound = f"> {low}" if strict else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int, natural, positive_float = (_number(int, 1, False), _number(int, 0, False),
+                                         _number(float, 0.0, True))
+
+
+def _add_train(sub) -> None:
+    from flax_attention.data import list_datasets
+
+    p = sub.add_parser("train", help="train a classifier (default: the STN-CNN main job)",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("--model", help="a name of `flax-attention list` (default stn-cnn)")
+    p.add_argument("--dataset", choices=list_datasets(), help="default distorted-digits")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--out", help="run directory (default runs/<model>-<dataset>)")
+    p.add_argument("--resume", action="store_true", default=False,
+                   help="continue from the run's last checkpoint")
+    p.add_argument("--batch-size", dest="batch_size", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--seed", type=natural)
+    p.add_argument("--optimizer", choices=("adam", "sgd"))
+    p.add_argument("--dtype", choices=("float32", "bfloat16"))
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=positive_int,
+                   help="steps between checkpoints")
+    p.add_argument("--data-dir", dest="data_dir", help="where MNIST lies (*mnist data sets)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--limit", type=positive_int, help=argparse.SUPPRESS)
+    p.add_argument("--log-every", dest="log_every", type=positive_int, help=argparse.SUPPRESS)
+    p.add_argument("--step-delay", dest="step_delay", type=_number(float, 0.0, False),
+                   default=0.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=train)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="flax-attention", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="jit every mechanism on a small input")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
-    sub.add_parser("list", help="list the mechanisms").set_defaults(func=list_mechanisms)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    sub.add_parser("list", help="list the mechanisms, models and data sets").set_defaults(
+        func=list_all)
+    _add_train(sub)
+    p = sub.add_parser("eval", help="test accuracy of a run's last checkpoint")
+    p.add_argument("--run", required=True, help="the run directory (train --out)")
+    p.add_argument("--data-dir", dest="data_dir", default=None)
+    p.set_defaults(func=evaluate)
+    p = sub.add_parser("bench", help="python -m benchmarks.run (in a source checkout)")
+    p.set_defaults(func=bench, args=[])  # the unknown options, e.g. --only SELayer
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.args = extra
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as error:  # bad input: one line, no traceback
+        print(f"flax-attention {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:  # a second Ctrl-C while a checkpoint was being saved
+        print(f"flax-attention {args.command}: stopped", file=sys.stderr)
+        return EXIT_STOPPED
 
 
 if __name__ == "__main__":

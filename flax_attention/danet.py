@@ -13,7 +13,6 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from flax_attention import layers
@@ -26,13 +25,6 @@ __all__ = ["PositionAttention", "ChannelAttention", "DANetHead"]
 _HEAD_REDUCTION = 4
 
 
-def _residual(module: nn.Module, attended: jax.Array, x: jax.Array) -> jax.Array:
-    """`gamma * attended + x` with a learnable `gamma` of shape (1,) starting at zero."""
-    gamma = module.param("gamma", nn.initializers.zeros, (1,), module.param_dtype)
-    attended, gamma, x = promote_dtype(attended, gamma, x, dtype=module.dtype)
-    return gamma * attended + x
-
-
 class PositionAttention(nn.Module):
     """DANet's position attention module (PAM, the reference's `PAM_Module`).
 
@@ -41,7 +33,7 @@ class PositionAttention(nn.Module):
 
     Differences from the reference: channels must be divisible by `reduction` (the reference
     floors C / 8); `attention_fn` can swap in another kernel, e.g.
-    `functools.partial(position_attention, chunk_size=512)` for smaller query blocks. The
+    `functools.partial(position_attention, chunk_size=256)` for smaller query blocks. The
     `[B, L, L]` map is sown as ("intermediates", "attention") only when that collection is
     mutable, since it is not otherwise built at large sizes.
 
@@ -60,20 +52,13 @@ class PositionAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
         check_rank("x", x, 4, "[B, H, W, C]")
-        channels = x.shape[-1]
-        check_divisible("x channels", channels, self.reduction, "reduction")
-
-        def conv(features: int, name: str) -> jax.Array:
-            return layers.conv1x1(features, self.dtype, self.param_dtype, name=name,
-                                  precision=self.precision)(x)
-
-        q = conv(channels // self.reduction, "query_conv")
-        k = conv(channels // self.reduction, "key_conv")
-        v = conv(channels, "value_conv")
+        check_divisible("x channels", x.shape[-1], self.reduction, "reduction")
+        q, k, v = layers.query_key_value(self, x, self.reduction)
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "attention",
                      F.position_attention_weights(q, k, precision=self.precision))
-        return _residual(self, self.attention_fn(q, k, v, precision=self.precision), x)
+        attended = self.attention_fn(q, k, v, precision=self.precision)
+        return layers.scaled_residual(self, attended, x)
 
 
 class ChannelAttention(nn.Module):
@@ -97,7 +82,7 @@ class ChannelAttention(nn.Module):
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "attention",
                      F.channel_attention_weights(x, precision=self.precision))
-        return _residual(self, F.channel_attention(x, precision=self.precision), x)
+        return layers.scaled_residual(self, F.channel_attention(x, precision=self.precision), x)
 
 
 class DANetHead(nn.Module):
@@ -128,8 +113,8 @@ class DANetHead(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`[B, H, W, C]` -> three `[B, H, W, out_channels]`: (fused, pam_out, cam_out)."""
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        pam = PositionAttention(precision=self.precision, name="sa", **kw)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        pam = PositionAttention(name="sa", **kw)
         check_rank("x", x, 4, "[B, H, W, C]")
         check_divisible("x channels", x.shape[-1], _HEAD_REDUCTION * pam.reduction,
                         "4 * PositionAttention reduction")
@@ -140,10 +125,8 @@ class DANetHead(nn.Module):
 
         def classify(name: str, y: jax.Array) -> jax.Array:
             y = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(y)
-            return layers.conv1x1(self.out_channels, name=name, precision=self.precision,
-                                  **kw)(y)
+            return layers.conv1x1(self.out_channels, name=name, **kw)(y)
 
         sa = conv_bn("conv51", pam(conv_bn("conv5a", x)))
-        sc = conv_bn("conv52", ChannelAttention(precision=self.precision, name="sc", **kw)(
-            conv_bn("conv5c", x)))
+        sc = conv_bn("conv52", ChannelAttention(name="sc", **kw)(conv_bn("conv5c", x)))
         return classify("conv8", sa + sc), classify("conv6", sa), classify("conv7", sc)

@@ -37,6 +37,11 @@ def _qkv(b, h, w, cqk, cv, seed=0):
             random_nhwc((b, h, w, cv), seed + 2))
 
 
+def _grads(fn):
+    """Jitted gradients of a non-linear loss of `fn(q, k, v)` with respect to q, k and v."""
+    return jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2)))
+
+
 def _uses_scan(fn, *args) -> bool:
     return "scan" in str(jax.make_jaxpr(fn)(*args))
 
@@ -64,8 +69,7 @@ def test_chunked_position_attention_equals_dense(chunk_size):
     chunked = functools.partial(F.position_attention, chunk_size=chunk_size)
     assert not _uses_scan(dense, q, k, v) and _uses_scan(chunked, q, k, v)
     assert_close(jax.jit(chunked)(q, k, v), jax.jit(dense)(q, k, v))
-    loss = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2)))  # noqa: E731
-    for got, want in zip(loss(chunked)(q, k, v), loss(dense)(q, k, v), strict=True):
+    for got, want in zip(_grads(chunked)(q, k, v), _grads(dense)(q, k, v), strict=True):
         assert_close(got, want)
 
 
@@ -75,6 +79,20 @@ def test_position_attention_chunks_above_default_chunk_size():
     large = _qkv(1, 19, 27, 1, 2)  # 513 positions: two blocks
     assert _uses_scan(F.position_attention, *large)
     assert_close(F.position_attention(*large), F.position_attention(*large, chunk_size=513))
+
+
+def test_chunked_position_attention_holds_only_blocks():
+    q = jax.ShapeDtypeStruct((1, 32, 64, 2), jnp.float32)  # 2048 positions: a 16 MiB map
+    v = jax.ShapeDtypeStruct((1, 32, 64, 3), jnp.float32)
+    full_map = 2048 * 2048 * 4
+
+    def temp_bytes(fn) -> int:
+        return jax.jit(fn).lower(q, q, v).compile().memory_analysis().temp_size_in_bytes
+
+    chunked = functools.partial(F.position_attention, chunk_size=256)
+    assert temp_bytes(functools.partial(F.position_attention, chunk_size=2048)) >= full_map
+    assert temp_bytes(chunked) <= full_map // 2
+    assert temp_bytes(_grads(chunked)) <= full_map // 2
 
 
 def test_one_hot_keys_pick_one_value():
@@ -151,7 +169,12 @@ def test_bfloat16_is_finite_and_close():
         low = jax.jit(fn)(*(jnp.asarray(a, jnp.bfloat16) for a in args))
         assert low.dtype == jnp.bfloat16
         assert bool(jnp.isfinite(low).all())
-        assert_close(low.astype(jnp.float32), fn(*args), rtol=3e-2)
+        assert_close(low.astype(jnp.float32), jax.jit(fn)(*args), rtol=3e-2)
+    chunked = functools.partial(F.position_attention, chunk_size=8)
+    low = _grads(chunked)(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+    for got, want in zip(low, _grads(chunked)(q, k, v), strict=True):
+        assert got.dtype == jnp.bfloat16 and bool(jnp.isfinite(got).all())
+        assert_close(got.astype(jnp.float32), want, rtol=5e-2)
 
 
 def test_large_energies_stay_finite():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from flax_attention.danet import ChannelAttention, DANetHead, PositionAttention
@@ -11,6 +12,7 @@ from flax_attention.interop.torch import (
     Shapes,
     conv,
     conv_bn,
+    image_input,
     nested,
     param,
     register,
@@ -18,17 +20,11 @@ from flax_attention.interop.torch import (
 )
 
 
-def _nhwc(channels: int) -> tuple[jnp.ndarray]:
-    return (jnp.zeros((1, 1, 1, channels), jnp.float32),)
-
-
 def _pam_rules(module: PositionAttention) -> Rules:
-    return (
-        conv(("query_conv",), "query_conv")
-        | conv(("key_conv",), "key_conv")
-        | conv(("value_conv",), "value_conv")
-        | param(("gamma",), "gamma")
-    )
+    rules = param(("gamma",), "gamma")
+    for name in ("query_conv", "key_conv", "value_conv"):
+        rules |= conv((name,), name)
+    return rules
 
 
 def _head_rules(module: DANetHead) -> Rules:
@@ -41,18 +37,15 @@ def _head_rules(module: DANetHead) -> Rules:
     return rules
 
 
-def _pam_inputs(module: PositionAttention, shapes: Shapes) -> tuple[jnp.ndarray]:
-    return _nhwc(shapes["value_conv.weight"][1])
+def _cam_inputs(module: ChannelAttention, shapes: Shapes) -> tuple[jax.ShapeDtypeStruct]:
+    # No weight tells CAM's width, and every width has the same (1,) gamma.
+    return (jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32),)
 
 
-def _cam_inputs(module: ChannelAttention, shapes: Shapes) -> tuple[jnp.ndarray]:
-    return _nhwc(1)  # no weight tells CAM's width; every width has the same (1,) gamma
-
-
-def _head_inputs(module: DANetHead, shapes: Shapes) -> tuple[jnp.ndarray]:
-    return _nhwc(shapes["conv5a.0.weight"][1])
-
-
-register(PositionAttention)(Converter(_pam_rules, _pam_inputs))
-register(ChannelAttention)(Converter(lambda m: param(("gamma",), "gamma"), _cam_inputs))
-register(DANetHead)(Converter(_head_rules, _head_inputs))
+register(PositionAttention)(
+    Converter(_pam_rules, lambda module, shapes: image_input(shapes, "value_conv.weight"))
+)
+register(ChannelAttention)(Converter(lambda module: param(("gamma",), "gamma"), _cam_inputs))
+register(DANetHead)(
+    Converter(_head_rules, lambda module, shapes: image_input(shapes, "conv5a.0.weight"))
+)

@@ -17,7 +17,7 @@ written twice. `restore` checks the digest, so a checkpoint corrupted afterwards
 A trainer uses them as
 
     checkpoints = Checkpoints(run_dir / "checkpoints")
-    start = checkpoints.resume_or_start(config, resume, compare=...)  # None: start fresh
+    start = checkpoints.resume_or_start(config, resume, ignore=("out",))  # None: fresh
     with Interrupt() as interrupt, MetricsLog(run_dir / "metrics.jsonl") as log:
         for step ...:
             ...
@@ -34,6 +34,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -44,8 +45,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-__all__ = ["CheckpointError", "Checkpoints", "Interrupt", "MetricsLog", "progress_bar",
-           "state_digest", "write_json"]
+__all__ = ["CheckpointError", "Checkpoints", "Interrupt", "MetricsLog", "Throughput",
+           "prepare_run_dir", "progress_bar", "state_digest", "write_json"]
 
 PyTree = Any
 
@@ -55,11 +56,11 @@ class CheckpointError(ValueError):
 
 
 def state_digest(state: PyTree) -> str:
-    """SHA-256 over every leaf's path, dtype, shape and bytes (leaves must be fully addressable
-    on this process, e.g. replicated)."""
+    """SHA-256 over every leaf's path, dtype, shape and bytes (of this process's first shard,
+    the whole array for a replicated one)."""
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        array = np.asarray(jax.device_get(leaf))
+        array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
         digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
@@ -74,14 +75,18 @@ class Checkpoints:
     """The checkpoints of a run: orbax's `CheckpointManager` with the state and JSON metadata.
 
     Args:
-      directory: where the steps go (created if missing).
+      directory: where the steps go (created if missing, unless `read_only`).
       max_to_keep: the newest steps kept; older ones are deleted after a save.
+      read_only: only restore: neither create the directory nor clean up its temporary
+        steps (a save in progress by another process), and never save.
     """
 
-    def __init__(self, directory: str | Path, max_to_keep: int = 3):
-        self.directory = Path(directory)
+    def __init__(self, directory: str | Path, max_to_keep: int = 3, read_only: bool = False):
+        self.directory, self.read_only = Path(directory).absolute(), read_only
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoints: {self.directory} is not a directory")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+            max_to_keep=max_to_keep, create=not read_only, cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=False)
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -101,6 +106,8 @@ class Checkpoints:
         Blocks until the step is committed. Returns False (and writes nothing) when `step` is
         already saved.
         """
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only")
         if step in self._manager.all_steps():
             return False
         meta = {"config": _json_safe(config), "digest": state_digest(state),
@@ -235,7 +242,9 @@ class MetricsLog:
         if jax.process_index() != 0 or not self.path.exists():
             return
         kept = [r for r in self.read() if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
 
 
 class Interrupt:
@@ -276,6 +285,32 @@ class Interrupt:
         self._restore()
 
 
+class Throughput:
+    """Examples per second between marks; `mark(report=False)` starts a window without
+    reporting (after the first step, whose window holds the compilation, or an evaluation).
+    `rates` holds every rate reported."""
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self._images = 0
+        self.rates: list[float] = []
+
+    @property
+    def started(self) -> bool:
+        return self._start is not None
+
+    def add(self, images: int) -> None:
+        self._images += images
+
+    def mark(self, report: bool = True) -> float | None:
+        now, rate = time.perf_counter(), None
+        if report and self._start is not None and self._images:
+            rate = self._images / (now - self._start)
+            self.rates.append(rate)
+        self._start, self._images = now, 0
+        return rate
+
+
 def progress_bar(total: int, initial: int = 0, enabled: bool = True,
                  description: str = "train") -> tqdm:
     """A tqdm bar over steps (on stderr; only on process 0). Set its postfix with
@@ -283,6 +318,19 @@ def progress_bar(total: int, initial: int = 0, enabled: bool = True,
     return tqdm(total=total, initial=initial, desc=description, unit="step",
                 disable=not enabled or jax.process_index() != 0, dynamic_ncols=True,
                 leave=False)
+
+
+def prepare_run_dir(out: str) -> Path:
+    """Creates the run directory `out`; ValueError if it cannot be written."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"cannot write to the out dir {out}: {error.strerror or error}") from None
+    return path
 
 
 def write_json(path: str | Path, record: Mapping[str, Any]) -> None:

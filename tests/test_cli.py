@@ -1,0 +1,113 @@
+"""The `flax-attention` command: bad arguments give one line and a non-zero status, `list`,
+`bench`, `eval`, and the resume defaults (the training itself is in test_train.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flax_attention import cli
+from flax_attention.data import list_datasets
+from flax_attention.models.classifiers import list_classifiers
+from flax_attention.train import Checkpoints, TrainConfig, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _error_line(capsys) -> str:
+    """stderr, which must be exactly one line."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--epochs", "-3"], "argument --epochs: must be >= 1, got -3"),
+    (["train", "--epochs", "two"], "argument --epochs: 'two' is not a int"),
+    (["train", "--lr", "0"], "argument --lr: must be > 0.0, got 0"),
+    (["train", "--dataset", "imagenet"], "argument --dataset: invalid choice: 'imagenet'"),
+    (["train", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["eval"], "the following arguments are required: --run"),
+])
+def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == cli.EXIT_USAGE
+    assert message in _error_line(capsys)
+
+
+def test_bad_values_exit_1_with_one_line(capsys, tmp_path):
+    assert cli.main(["train", "--model", "nope", "--out", str(tmp_path)]) == cli.EXIT_ERROR
+    assert "error: unknown model 'nope'; known: cnn, stn-cnn" in _error_line(capsys)
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "run"
+    assert cli.main(["train", "--model", "cnn", "--out", str(out)]) == cli.EXIT_ERROR
+    assert f"error: cannot write to the out dir {out}" in _error_line(capsys)
+    assert cli.main(["eval", "--run", str(tmp_path)]) == cli.EXIT_ERROR
+    assert "is not a run directory: it has no config.json" in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_a_real_process_prints_no_traceback():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "flax_attention.cli", "train", "--model",
+                           "nope"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert done.returncode == cli.EXIT_ERROR
+    assert done.stderr.startswith("flax-attention train: error: unknown model 'nope'")
+    assert done.stderr.count("\n") == 1 and done.stdout == ""
+
+
+def test_list_prints_mechanisms_models_and_data_sets(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    names = {line.strip() for line in out if line.startswith("  ")}
+    assert {"SELayer", "CrissCrossAttention", "resnet18"} <= names
+    assert set(list_classifiers()) <= names and set(list_datasets()) <= names
+    assert out[0] == "mechanisms:"
+
+
+def test_bench_without_the_benchmarks_folder(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_benchmarks_root", lambda: None)
+    assert cli.main(["bench", "--only", "SELayer"]) == cli.EXIT_ERROR
+    assert "the benchmarks are not installed with the package" in _error_line(capsys)
+
+
+def test_bench_passes_its_options_on(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "run",
+                        lambda command, cwd, check: calls.append((command, cwd))
+                        or subprocess.CompletedProcess(command, 0))
+    assert cli.main(["bench", "--only", "SELayer"]) == 0
+    assert calls == [([sys.executable, "-m", "benchmarks.run", "--only", "SELayer"], ROOT)]
+
+
+def _namespace(**given) -> argparse.Namespace:
+    return argparse.Namespace(resume=given.pop("resume", False), step_delay=0.0, **given)
+
+
+def test_resume_takes_the_options_left_out_from_the_run(tmp_path):
+    out = str(tmp_path / "run")
+    saved = TrainConfig(model="se-cnn", epochs=3, lr=0.01, out=out, limit=100)
+    (tmp_path / "run").mkdir()
+    write_json(tmp_path / "run" / "config.json", saved.to_dict())
+    resumed = cli._train_config(_namespace(out=out, resume=True, checkpoint_every=7))
+    assert resumed == TrainConfig(**{**saved.to_dict(), "checkpoint_every": 7})
+    fresh = cli._train_config(_namespace(model="cnn"))
+    assert fresh == TrainConfig(model="cnn", out=os.path.join("runs", "cnn-distorted-digits"))
+
+
+def test_eval_of_a_checkpoint_that_does_not_fit_is_one_line(capsys, tmp_path):
+    config = TrainConfig(model="cnn", limit=64, batch_size=32, out=str(tmp_path))
+    write_json(tmp_path / "config.json", config.to_dict())
+    with Checkpoints(tmp_path / "checkpoints") as checkpoints:
+        checkpoints.save(1, {"params": {"w": np.zeros(3)}}, config.to_dict())
+    assert cli.main(["eval", "--run", str(tmp_path)]) == cli.EXIT_ERROR
+    assert "is corrupt or does not fit this model" in _error_line(capsys)

@@ -1,0 +1,406 @@
+"""The small classifiers, checkpoints, the supervised trainer, kill/resume and data parallelism.
+
+The kill/resume and sharding tests run real subprocesses (`python -m flax_attention.cli train`,
+8 forced host devices) on tiny subsets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from flax_attention.models.classifiers import AttentionCNN, create_classifier, list_classifiers
+from flax_attention.train import (
+    CheckpointError,
+    Checkpoints,
+    Interrupt,
+    MetricsLog,
+    TrainConfig,
+    evaluate_run,
+    train,
+)
+from tests.helpers import assert_close, random_nhwc
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = (2, 16, 16, 1)  # the smallest input the 4-block CNNs take
+
+
+def _init(model, shape=SMALL, seed=0):
+    with jax.threefry_partitionable(False):  # compiles several times faster
+        return jax.jit(model.init)(jax.random.key(seed), jnp.zeros(shape))
+
+
+# --- classifiers --------------------------------------------------------------------------------
+
+
+# Fresh, these mechanisms are the identity: the STN samples the identity grid, CCA's gamma and
+# the non-local block's last BatchNorm start at zero.
+IDENTITY_AT_INIT = ("stn-cnn", "cca-cnn", "nl-cnn")
+
+
+@pytest.mark.parametrize("name", list_classifiers())
+def test_classifier_logits_and_bf16(name):
+    """Logits `[B, 10]`, finite, close in bf16; a fresh STN, CCA or non-local variant computes
+    the plain CNN with the same conv and dense weights."""
+    model = create_classifier(name, 10, SMALL[1:])
+    x = jnp.asarray(random_nhwc(SMALL))
+    variables = _init(model)
+    logits = jax.jit(model.apply)(variables, x)
+    chex.assert_shape(logits, (2, 10))
+    chex.assert_tree_all_finite(logits)
+    bf16_model = create_classifier(name, 10, SMALL[1:], dtype=jnp.bfloat16)
+    bf16 = jax.jit(bf16_model.apply)(variables, x)
+    assert bf16.dtype == jnp.bfloat16
+    chex.assert_tree_all_finite(bf16)
+    np.testing.assert_allclose(np.asarray(bf16, np.float32), logits,
+                               atol=0.1 * np.abs(logits).max())
+    if name in IDENTITY_AT_INIT:
+        shared = {c: {k: v for k, v in tree.items() if k.startswith(("block", "fc", "head"))}
+                  for c, tree in variables.items()}
+        assert_close(logits, jax.jit(AttentionCNN().apply)(shared, x))
+
+
+def test_classifier_eager_jit_and_dropout():
+    model = AttentionCNN(attention="se")
+    x = jnp.asarray(random_nhwc(SMALL))
+    variables = _init(model)
+    logits = jax.jit(model.apply)(variables, x)
+    assert_close(model.apply(variables, x), logits)
+    train_logits, _ = model.apply(variables, x, train=True, deterministic=False,
+                                  rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
+    assert not np.allclose(train_logits, logits)
+
+
+def test_create_classifier_errors_and_registry_fallback():
+    with pytest.raises(ValueError, match="unknown model 'nope'.*stn-cnn"):
+        create_classifier("nope", 10, (42, 42, 1))
+    with pytest.raises(ValueError, match=r"at least 16 x 16.*\(12, 12, 1\)"):
+        create_classifier("cnn", 10, (12, 12, 1))
+    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+        create_classifier("cnn", 0, (42, 42, 1))
+    with pytest.raises(ValueError, match="attention must be one of"):
+        AttentionCNN(attention="bogus").init(jax.random.key(0), jnp.zeros(SMALL))
+    resnet = create_classifier("resnet18", 7, (32, 32, 3))
+    assert type(resnet).__name__ == "ResNet" and resnet.num_classes == 7
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def _state(value: float = 1.0):
+    params = {"w": jnp.full((3, 4), value), "b": jnp.arange(4.0)}
+    return {"step": jnp.asarray(7, jnp.int32), "params": params,
+            "opt_state": optax.adam(1e-3).init(params), "rng": jax.random.key_data(
+                jax.random.key(0))}
+
+
+def _abstract(state):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+CONFIG = {"model": "cnn", "lr": 0.1, "out": "a"}
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    state = _state(0.3)
+    with Checkpoints(tmp_path) as checkpoints:
+        assert checkpoints.save(7, state, CONFIG, {"epoch": 2})
+        assert checkpoints.latest_step() == 7
+        restored, meta = checkpoints.restore(_abstract(state))
+    chex.assert_trees_all_equal(restored, state)
+    assert meta["config"] == CONFIG and meta["epoch"] == 2 and meta["step"] == 7
+
+
+def test_a_step_is_never_written_twice(tmp_path):
+    with Checkpoints(tmp_path) as checkpoints:
+        assert checkpoints.save(1, _state(1.0), CONFIG)
+        assert not checkpoints.save(1, _state(2.0), CONFIG)
+        restored, _ = checkpoints.restore(_abstract(_state()))
+    np.testing.assert_array_equal(restored["params"]["w"], 1.0)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoints(tmp_path, monkeypatch):
+    """orbax writes `<step>.orbax-checkpoint-tmp` and renames it when complete: a save that
+    dies midway (here: after the arrays, while writing the metadata) leaves no step behind."""
+    state = _state(1.0)
+    with Checkpoints(tmp_path) as checkpoints:
+        checkpoints.save(1, state, CONFIG)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "save", fail)
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "async_save", fail)
+    with Checkpoints(tmp_path) as checkpoints, pytest.raises(OSError, match="disk full"):
+        checkpoints.save(2, _state(2.0), CONFIG)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2.orbax-checkpoint-tmp"]
+    with Checkpoints(tmp_path) as checkpoints:  # reopening cleans the temporary step up
+        assert checkpoints.latest_step() == 1
+        restored, _ = checkpoints.restore(_abstract(state))
+    chex.assert_trees_all_equal(restored, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_corrupt_checkpoint_is_refused(tmp_path, damage):
+    state = _state(0.5)
+    with Checkpoints(tmp_path) as checkpoints:
+        checkpoints.save(3, state, CONFIG)
+    data_files = [p for p in (tmp_path / "3" / "state" / "d").iterdir()]
+    assert data_files
+    for path in data_files:
+        raw = bytearray(path.read_bytes())
+        if damage == "truncate":
+            raw = raw[: len(raw) // 2]
+        else:  # same size, one byte changed in the middle: only the digest can tell
+            raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    with Checkpoints(tmp_path) as checkpoints, pytest.raises(CheckpointError, match="corrupt"):
+        checkpoints.restore(_abstract(state))
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    with Checkpoints(tmp_path) as checkpoints:
+        checkpoints.save(1, _state(), CONFIG)
+        other = _abstract({**_state(), "params": {"w": jnp.zeros((5, 4)), "b": jnp.zeros(4)}})
+        with pytest.raises(CheckpointError, match="does not fit this model"):
+            checkpoints.restore(other)
+
+
+def test_resume_or_start(tmp_path):
+    with Checkpoints(tmp_path) as checkpoints:
+        assert checkpoints.resume_or_start(CONFIG, resume=False) is None
+        assert checkpoints.resume_or_start(CONFIG, resume=True) is None
+        checkpoints.save(4, _state(), CONFIG)
+        with pytest.raises(CheckpointError, match=r"already holds checkpoints \(latest step 4\)"):
+            checkpoints.resume_or_start(CONFIG, resume=False)
+        changed = {**CONFIG, "model": "stn-cnn", "out": "b"}
+        with pytest.raises(CheckpointError, match=r"model='cnn' \(now 'stn-cnn'\)"):
+            checkpoints.resume_or_start(changed, resume=True, ignore=("out",))
+        assert checkpoints.resume_or_start({**CONFIG, "out": "b"}, True, ignore=("out",)) == 4
+
+
+def test_metrics_log_truncates_and_skips_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLog(path) as log:
+        for step in range(1, 6):
+            log.write({"step": step, "loss": 1.0 / step})
+    with open(path, "a") as file:
+        file.write('{"step": 6, "lo')  # a process killed while writing
+    log = MetricsLog(path)
+    assert [r["step"] for r in log.read()] == [1, 2, 3, 4, 5]
+    log.truncate(3)
+    assert [r["step"] for r in log.read()] == [1, 2, 3]
+
+
+def test_interrupt_sets_a_flag_then_a_second_signal_goes_through():
+    before = signal.getsignal(signal.SIGINT)
+    with Interrupt() as interrupt:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert interrupt.requested == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+# --- the trainer --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """One epoch of the CNN on 4096 distorted digits (128 steps), in this process."""
+    config = TrainConfig(model="cnn", epochs=1, batch_size=32, limit=4096, warmup_epochs=0.1,
+                         checkpoint_every=10, log_every=8, progress=False,
+                         out=str(tmp_path_factory.mktemp("run") / "cnn"))
+    return config, train(config)
+
+
+def test_a_short_run_lowers_the_loss(short_run):
+    config, result = short_run
+    assert result.status == "completed" and result.metrics["step"] == 128
+    records = MetricsLog(Path(config.out) / "metrics.jsonl").read()
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 16 and [r["step"] for r in records][-2:] == [128, 128]
+    assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 0.5, losses
+    assert result.metrics["test_loss"] < 2.0 and result.metrics["test_accuracy"] > 0.3
+    steps = sorted(int(p.name) for p in (Path(config.out) / "checkpoints").iterdir())
+    assert steps == [110, 120, 128]  # every 10 steps and at the epoch's end, the newest 3 kept
+
+
+def test_evaluate_run_gives_the_final_metrics(short_run):
+    config, result = short_run
+    metrics = evaluate_run(config.out)
+    assert metrics["step"] == 128 and metrics["epoch"] == 1
+    assert metrics["test_accuracy"] == result.metrics["test_accuracy"]
+    np.testing.assert_allclose(metrics["test_loss"], result.metrics["test_loss"], rtol=1e-6)
+
+
+def test_a_second_run_into_the_same_dir_is_refused_and_changes_nothing(short_run):
+    config, _ = short_run
+    checkpoints = Path(config.out) / "checkpoints"
+    before = {p: p.read_bytes() for p in checkpoints.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        train(config)
+    with pytest.raises(CheckpointError, match=r"another config: lr=0.003 \(now 0.1\)"):
+        train(dataclasses.replace(config, lr=0.1), resume=True)
+    assert {p: p.read_bytes() for p in checkpoints.rglob("*") if p.is_file()} == before
+
+
+def test_bad_configs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="epochs must be >= 1, got -1"):
+        train(TrainConfig(epochs=-1, out=str(tmp_path)))
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        train(TrainConfig(optimizer="lamb", out=str(tmp_path)))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="cannot write to the out dir"):
+        train(TrainConfig(out=str(tmp_path / "file" / "run")))
+
+
+# --- kill and resume, in real processes ---------------------------------------------------------
+
+TINY = ["--model", "cnn", "--limit", "256", "--batch-size", "32", "--epochs", "2",
+        "--checkpoint-every", "3", "--log-every", "2", "--no-progress"]  # 8 steps an epoch
+
+
+def _cli(cache: Path, *args: str) -> subprocess.Popen:
+    """`flax-attention train` on the tiny setting, sharing a persistent compilation cache."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+           "JAX_COMPILATION_CACHE_DIR": str(cache)}
+    return subprocess.Popen([sys.executable, "-m", "flax_attention.cli", "train", *TINY, *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for_step(process: subprocess.Popen, out: Path, step: int, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while not (out / "checkpoints" / str(step)).is_dir():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"no checkpoint {step} after {timeout} s"
+        time.sleep(0.05)
+
+
+def _finish(process: subprocess.Popen, expected: int) -> str:
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == expected, stderr
+    return stdout
+
+
+def _log(out: Path) -> list[dict]:
+    """The metrics log less the timings."""
+    return [{k: v for k, v in r.items() if k != "img_per_s"}
+            for r in MetricsLog(out / "metrics.jsonl").read()]
+
+
+def _final(out: Path) -> tuple[dict, dict]:
+    """The metadata and the state (as saved, without a target) of the last step, 16."""
+    with Checkpoints(out / "checkpoints", read_only=True) as checkpoints:
+        meta = checkpoints.metadata(16)
+    with ocp.StandardCheckpointer() as checkpointer:
+        return meta, checkpointer.restore(out.absolute() / "checkpoints" / "16" / "state")
+
+
+def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
+    """SIGTERM (a checkpoint at the next step, exit 75) and SIGKILL (whatever the last
+    checkpoint was) midway, then --resume: the same final state (its SHA-256 over every array:
+    parameters, BatchNorm statistics, Adam's moments, step, sums), test metrics and log."""
+    reference, stopped, killed = (tmp_path / n for n in ("reference", "stopped", "killed"))
+    cache = tmp_path / "jax-cache"
+    runs = {out: _cli(cache, "--out", str(out),
+                      *(("--step-delay", "0.2") if out != reference else ()))
+            for out in (reference, stopped, killed)}
+    _wait_for_step(runs[stopped], stopped, 3)
+    runs[stopped].send_signal(signal.SIGTERM)
+    _wait_for_step(runs[killed], killed, 9)
+    runs[killed].kill()
+    expected = _finish(runs[reference], 0).splitlines()[-1]
+    stopped_at = int(_finish(runs[stopped], 75).split("interrupted at step ")[1].split()[0])
+    assert 3 < stopped_at < 16  # the step after the signal (4, unless the machine is slow)
+    with Checkpoints(stopped / "checkpoints", read_only=True) as checkpoints:
+        assert checkpoints.latest_step() == stopped_at
+    _finish(runs[killed], -signal.SIGKILL)
+    with Checkpoints(killed / "checkpoints", read_only=True) as checkpoints:
+        assert 9 <= checkpoints.latest_step() < 16
+    resumed = [_cli(cache, "--out", str(out), "--resume") for out in (stopped, killed)]
+    reference_meta, reference_state = _final(reference)
+    for out, process in zip((stopped, killed), resumed, strict=True):
+        assert _finish(process, 0).splitlines()[-1].split(":", 1)[1] == expected.split(":", 1)[1]
+        meta, state = _final(out)
+        chex.assert_trees_all_equal(state, reference_state)
+        assert meta["digest"] == reference_meta["digest"]
+        assert _log(out) == _log(reference)
+    assert [r["epoch"] for r in _log(reference) if "epoch" in r] == [1, 2]
+
+
+# --- data parallelism ---------------------------------------------------------------------------
+
+SHARDING_SCRIPT = textwrap.dedent("""
+    import functools
+    import json
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from flax_attention.models.classifiers import create_classifier
+    from flax_attention.train import parallel, supervised
+
+    model = create_classifier("cnn", 10, (16, 16, 1))
+    tx = optax.adam(1e-3)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(16, 16, 16, 1)).astype(np.float32)
+    labels = rng.integers(0, 10, 16).astype(np.int32)
+    results = {}
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = parallel.data_mesh(devices)
+        state = parallel.replicated_init(
+            functools.partial(supervised.init_state, model, tx, (16, 16, 1), 0), mesh)
+        step = parallel.data_parallel(functools.partial(supervised.train_step, model, tx, 3),
+                                      mesh, num_batch_args=2, donate_state=True)
+        losses = []
+        for _ in range(3):  # the same batch: the loss must fall
+            batch = jax.device_put((images, labels), parallel.batch_sharding(mesh))
+            state, loss = step(state, *batch)
+            losses.append(float(loss))
+        results[len(devices)] = losses, (state["params"], state["batch_stats"])
+    (l1, s1), (l8, s8) = results[1], results[8]
+    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+               for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)))
+    try:
+        parallel.check_batch_size(12, parallel.data_mesh())
+        error = None
+    except ValueError as e:
+        error = str(e)
+    print(json.dumps({"devices": len(jax.devices()), "loss_1": l1, "loss_8": l8,
+                      "param_diff": diff, "error": error}))
+""")
+
+
+def test_eight_devices_match_one():
+    """Three steps with the batch split over 8 (forced host) devices, parameters replicated,
+    give the losses, parameters and BatchNorm statistics of one device (dropout included)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    done = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["devices"] == 8
+    np.testing.assert_allclose(result["loss_8"], result["loss_1"], rtol=1e-5)
+    assert result["loss_1"][-1] < result["loss_1"][0]
+    assert result["param_diff"] < 1e-5
+    assert result["error"] == ("batch_size (12) must be a positive multiple of the number of "
+                               "devices (8), since each device takes an equal slice")
