@@ -80,9 +80,9 @@ class AttentionCNN(nn.Module):
     Not a reproduction of a paper's network: a common test bed, so the mechanisms are compared
     on the same CNN at the same budget (and fast on a CPU: XLA's CPU convolutions are slow on
     one input channel at full resolution, hence the strided first conv). Average pooling
-    rather than flattening: on the distorted digits it learns several times faster. The STN's localization
-    net is the PyTorch tutorial's `LocalizationNet` on the input average-pooled to about 21 px;
-    its transform starts at the identity.
+    rather than flattening: on the distorted digits it learns several times faster. The STN's
+    localization net is the PyTorch tutorial's `LocalizationNet` on the input average-pooled
+    to about 21 px; its transform starts at the identity.
 
     Attributes:
       num_classes: outputs.
