@@ -1,8 +1,8 @@
 """`python -m benchmarks.compare_classifiers`: the attention mechanisms on the same small CNN.
 
 Trains each model of `--models` with each seed of `--seeds` for `--epochs` epochs on
-`--dataset` (the same batch size, learning rate and schedule for all) and prints the test error,
-mean and standard deviation over the seeds, with the parameter count and the training time. Each
+`--dataset` (the same batch size, learning rate and schedule for all) and prints the test error
+(mean ± standard deviation over the seeds, then each seed's) and the parameter count. Each
 run lives in `<out>/<model>-s<seed>` and is resumed, so an interrupted comparison picks up where
 it stopped and a finished one just prints its table again.
 """
@@ -34,9 +34,9 @@ def _run(model: str, seed: int, args: argparse.Namespace) -> dict:
 def _row(model: str, runs: list[dict], params: int) -> str:
     errors = [100 * (1 - m["test_accuracy"]) for m in runs]
     spread = statistics.stdev(errors) if len(errors) > 1 else 0.0
-    seconds = statistics.mean(m["wall_s"] for m in runs)
-    return (f"| {model:<8} | {statistics.mean(errors):6.2f} ± {spread:4.2f} | "
-            f"{' '.join(f'{e:.2f}' for e in errors):<20} | {params:>8,} | {seconds:6.0f} |")
+    mean = f"{statistics.mean(errors):.2f} ± {spread:.2f}"
+    return (f"| {model:<8} | {mean:>13} | {' '.join(f'{e:.2f}' for e in errors):<20} | "
+            f"{params:>8,} |")
 
 
 def _params(model: str, dataset: str) -> int:
@@ -60,8 +60,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     results = {m: [_run(m, s, args) for s in args.seeds] for m in args.models}
     print(f"\n{args.dataset}, {args.epochs} epochs, batch {args.batch_size}, seeds {args.seeds}")
-    print("| model    | test error % (mean ± sd) | per seed             |   params | s/run  |")
-    print("| -------- | ------------------------ | -------------------- | -------- | ------ |")
+    print("| model    | test error %  | per seed             |   params |")
+    print("| -------- | ------------- | -------------------- | -------- |")
     for model, runs in results.items():
         print(_row(model, runs, _params(model, args.dataset)))
 
