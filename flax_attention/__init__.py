@@ -35,6 +35,7 @@ from flax_attention.functional import (
     sine_position_embedding,
     squeeze_excitation_gates,
 )
+from flax_attention.glimpse import GlimpseSensor, retina
 from flax_attention.non_local import NonLocal1D, NonLocal2D, NonLocal3D
 from flax_attention.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from flax_attention.residual_attention import PreActBottleneck, ResidualAttentionModule
@@ -69,6 +70,7 @@ __all__ = [
     "dot_product_attention",
     "dot_product_attention_weights",
     "excite",
+    "retina",
     "generalized_box_iou",
     "generalized_box_iou_loss",
     "learned_position_embedding",
@@ -78,6 +80,7 @@ __all__ = [
     "sine_position_embedding",
     "squeeze_excitation_gates",
     "ChannelAttention",
+    "GlimpseSensor",
     "CrissCrossAttention",
     "DANetHead",
     "LocalizationNet",

@@ -2,6 +2,8 @@
 
     flax-attention train [--model stn-cnn] [--dataset distorted-digits] [--epochs N]
                          [--out DIR] [--resume] [--batch-size B] [--lr LR] [--seed S] ...
+    flax-attention train --model ram [--dataset cluttered-digits] [--steps N] [--glimpses G]
+                         [--random-glimpses] ...
     flax-attention eval --run DIR
     flax-attention list
     flax-attention bench [--only NAME]
@@ -16,6 +18,7 @@ taken from the run's config. Bad arguments exit non-zero with a one-line message
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +32,13 @@ import jax
 import jax.numpy as jnp
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_STOPPED = 1, 2, 75, 130
+RAM = "ram"  # the Recurrent Attention Model, trained by `train.reinforce`
+# The train options of the RAM trainer, by the name of its RamConfig field.
+_RAM_OPTIONS = {"dataset": "dataset", "out": "out", "batch_size": "batch_size", "lr": "lr",
+                "seed": "seed", "checkpoint_every": "checkpoint_every", "data_dir": "data_dir",
+                "progress": "progress", "log_every": "log_every", "steps": "steps",
+                "glimpses": "num_glimpses", "random_glimpses": "random_locations",
+                "limit": "train_examples"}
 
 
 def _mechanisms() -> dict[str, tuple[Callable[[], nn.Module], tuple[tuple[int, ...], ...]]]:
@@ -88,7 +98,7 @@ def _model_names() -> list[str]:
     from flax_attention.models import registry
     from flax_attention.models.classifiers import list_classifiers
 
-    return [*list_classifiers(), *registry.list_models()]
+    return [*list_classifiers(), RAM, *registry.list_models()]
 
 
 def list_all(args: argparse.Namespace) -> int:
@@ -98,7 +108,7 @@ def list_all(args: argparse.Namespace) -> int:
 
     sections = {
         "mechanisms": list(_mechanisms()),
-        "models (train --model)": list_classifiers(),
+        "models (train --model)": [*list_classifiers(), RAM],
         "registry models (train --model takes the classifiers)": registry.list_models(),
         "data sets (train --dataset; the *mnist ones need --data-dir)": list(list_datasets()),
     }
@@ -128,7 +138,52 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig.from_dict({**base.to_dict(), **given})
 
 
+def _ram_config(args: argparse.Namespace):
+    """The RamConfig of `train --model ram`: the options given, then (with --resume) the run's
+    saved config, then the defaults."""
+    from flax_attention.train.reinforce import RamConfig
+
+    given = {field: getattr(args, option) for option, field in _RAM_OPTIONS.items()
+             if hasattr(args, option)}
+    if "epochs" in vars(args):
+        raise ValueError("the RAM trainer counts steps: use --steps, not --epochs")
+    if "limit" in vars(args):
+        given["test_examples"] = args.limit
+    base = RamConfig()
+    out = Path(given.get("out", base.out))
+    if args.resume and (out / "config.json").is_file():
+        base = RamConfig(**json.loads((out / "config.json").read_text()))
+    return RamConfig(**{**base.to_dict(), **given, "resume": args.resume})
+
+
+def train_ram(args: argparse.Namespace) -> int:
+    from flax_attention.train.reinforce import train_ram as run
+
+    config = _ram_config(args)
+    config.validate()
+    kind = "random glimpses" if config.random_locations else "learned glimpses"
+    print(f"training RAM ({config.num_glimpses} {kind}) on {config.dataset} for {config.steps} "
+          f"steps -> {config.out}", flush=True)
+    m = run(config)
+    scores = (f": test accuracy {m['test_accuracy']:.2%}, test error {m['test_error']:.2f}%"
+              if "test_error" in m else "")
+    print(f"{m['status']} at step {m['step']} ({m['wall_s']:.0f} s){scores}", flush=True)
+    return _finish(m["status"], config.out)
+
+
+def _finish(status: str, out: str) -> int:
+    if status == "interrupted":
+        print(f"resume with: flax-attention train --out {out} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
 def train(args: argparse.Namespace) -> int:
+    resuming_ram = args.resume and _is_ram_run(getattr(args, "out", ""))
+    if getattr(args, "model", None) == RAM or resuming_ram:
+        return train_ram(args)
+    if "steps" in vars(args) or "glimpses" in vars(args) or "random_glimpses" in vars(args):
+        raise ValueError("--steps, --glimpses and --random-glimpses are options of --model ram")
     from flax_attention.train.checkpoint import prepare_run_dir
     from flax_attention.train.supervised import train as run
 
@@ -144,15 +199,28 @@ def train(args: argparse.Namespace) -> int:
     scores = (f": test accuracy {100 * m['test_accuracy']:.2f}%, test loss {m['test_loss']:.4f}"
               if "test_accuracy" in m else "")
     print(f"{result.status} at step {m['step']} ({m['wall_s']:.0f} s){scores}", flush=True)
-    if result.status == "interrupted":
-        print(f"resume with: flax-attention train --out {config.out} --resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0
+    return _finish(result.status, config.out)
+
+
+def _is_ram_run(run_dir: str) -> bool:
+    """Whether `run_dir` holds a RAM run (its config.json has `num_glimpses`)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        return "num_glimpses" in json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def evaluate(args: argparse.Namespace) -> int:
     from flax_attention.train.supervised import evaluate_run
 
+    if _is_ram_run(args.run):
+        from flax_attention.train.reinforce import evaluate_ram_run
+
+        m = evaluate_ram_run(args.run, data_dir=args.data_dir)
+        print(f"{args.run}: step {m['step']}: test accuracy {m['test_accuracy']:.2%} "
+              f"(mean over {m['mc_samples']} glimpse paths), test error {m['test_error']:.2f}%")
+        return 0
     m = evaluate_run(args.run, data_dir=args.data_dir)
     print(f"{args.run}: step {m['step']} (epoch {m['epoch']:.2f}): test accuracy "
           f"{100 * m['test_accuracy']:.2f}%, test loss {m['test_loss']:.4f}")
@@ -204,7 +272,8 @@ positive_int, natural, positive_float = (_number(int, 1, False), _number(int, 0,
 def _add_train(sub) -> None:
     from flax_attention.data import list_datasets
 
-    p = sub.add_parser("train", help="train a classifier (default: the STN-CNN main job)",
+    p = sub.add_parser("train", help="train a classifier (default: the STN-CNN main job) "
+                       "or RAM (--model ram)",
                        argument_default=argparse.SUPPRESS)
     p.add_argument("--model", help="a name of `flax-attention list` (default stn-cnn)")
     p.add_argument("--dataset", choices=list_datasets(), help="default distorted-digits")
@@ -221,6 +290,10 @@ def _add_train(sub) -> None:
                    help="steps between checkpoints")
     p.add_argument("--data-dir", dest="data_dir", help="where MNIST lies (*mnist data sets)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--steps", type=positive_int, help="optimiser steps (--model ram)")
+    p.add_argument("--glimpses", type=positive_int, help="glimpses per image (--model ram)")
+    p.add_argument("--random-glimpses", dest="random_glimpses", action="store_true",
+                   help="glimpse at random places instead of the learned policy (--model ram)")
     p.add_argument("--limit", type=positive_int, help=argparse.SUPPRESS)
     p.add_argument("--log-every", dest="log_every", type=positive_int, help=argparse.SUPPRESS)
     p.add_argument("--step-delay", dest="step_delay", type=_number(float, 0.0, False),

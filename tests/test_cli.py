@@ -111,3 +111,31 @@ def test_eval_of_a_checkpoint_that_does_not_fit_is_one_line(capsys, tmp_path):
         checkpoints.save(1, {"params": {"w": np.zeros(3)}}, config.to_dict())
     assert cli.main(["eval", "--run", str(tmp_path)]) == cli.EXIT_ERROR
     assert "is corrupt or does not fit this model" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--model", "ram", "--epochs", "2"], "use --steps, not --epochs"),
+    (["train", "--model", "cnn", "--glimpses", "4"], "are options of --model ram"),
+    (["train", "--model", "ram", "--steps", "5", "--batch-size", "100000"],
+     "batch_size (100000) exceeds the training set"),
+])
+def test_bad_ram_options_are_one_line(capsys, tmp_path, argv, message):
+    assert cli.main([*argv, "--out", str(tmp_path / "run"), "--no-progress"]) == cli.EXIT_ERROR
+    assert message in _error_line(capsys)
+
+
+def test_train_eval_and_resume_ram(capsys, tmp_path):
+    out = str(tmp_path / "ram")
+    common = ["--out", out, "--no-progress", "--log-every", "2"]
+    argv = ["train", "--model", "ram", "--steps", "4", "--glimpses", "2", "--limit", "32",
+            "--batch-size", "16", *common]
+    assert cli.main(argv) == 0
+    assert "training RAM (2 learned glimpses) on cluttered-digits for 4 steps" in \
+        capsys.readouterr().out
+    assert cli.main(["eval", "--run", out]) == 0
+    assert f"{out}: step 4: test accuracy" in capsys.readouterr().out
+    # A resume finds the RAM run by its directory and keeps its saved options.
+    assert cli.main(["train", "--resume", "--steps", "6", *common]) == 0
+    assert "RAM (2 learned glimpses)" in capsys.readouterr().out
+    saved = cli._ram_config(_namespace(out=out, resume=True))
+    assert (saved.num_glimpses, saved.steps, saved.train_examples) == (2, 6, 32)

@@ -9,6 +9,10 @@ from flax_attention.models.detr import (
     detr_resnet50,
     downsample_mask,
 )
+from flax_attention.models.ram import (
+    RamOutput,
+    RecurrentAttentionModel,
+)
 from flax_attention.models.registry import (
     create,
     list_models,
@@ -75,6 +79,8 @@ __all__ = [
     "MLP",
     "detr_resnet50",
     "downsample_mask",
+    "RamOutput",
+    "RecurrentAttentionModel",
     "create",
     "list_models",
 ]

@@ -1,4 +1,5 @@
-"""Trainers: the supervised trainer, and what every trainer shares (checkpoints, the metrics log,
+"""Trainers: the supervised trainer (here), the REINFORCE trainer of RAM
+(`flax_attention.train.reinforce`), and what every trainer shares (checkpoints, the metrics log,
 interruption, progress, data parallelism)."""
 
 from flax_attention.train.checkpoint import (

@@ -1,0 +1,340 @@
+"""The Recurrent Attention Model (RAM): hard visual attention trained with REINFORCE.
+
+Mnih, Heess, Graves, Kavukcuoglu: "Recurrent Models of Visual Attention", NeurIPS 2014; the
+reference is kevinzakka/recurrent-visual-attention (`modules.py`, `model.py`). At each of T
+steps the agent looks at the image through the retina (`flax_attention.glimpse`) at a location
+drawn from a Gaussian policy, updates its recurrent state, and after the last glimpse
+classifies. Trained by `flax_attention.train.reinforce`.
+
+Sub-networks, as the reference (names of their Dense layers follow its torch modules):
+- glimpse network: `g = relu(fc3(relu(fc1(retina))) + fc4(relu(fc2(l))))` (what and where);
+- core network: an RNN `h' = relu(i2h(g) + h2h(h))` or an LSTM (`core="lstm"`);
+- location network: mean `tanh(fc(stop_gradient(h)))`, a sample `l ~ N(mean, std^2)` from the
+  "sample" PRNG stream, detached, its log-probability (at the unclipped sample, as the
+  reference), then clipped to [-1, 1];
+- baseline network: `fc(stop_gradient(h))`, one value per step;
+- action network: `fc(h_T)`, the class logits.
+
+Differences from the reference: the first location is chosen by the policy from h_0 = 0 (a
+learned starting point plus noise) instead of uniformly at random, so every one of the T glimpses
+has a log-probability and a baseline (b_t estimates the reward before l_t is drawn); the retina
+samples bilinearly instead of rounding locations to pixels; the location network is one Dense
+layer (the paper's), not two.
+
+Axis legend: B batch, H height, W width, C channels, L the number of glimpses T.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from flax_attention._checks import check_choice, check_rank
+from flax_attention.glimpse import IMPLEMENTATIONS, GlimpseSensor, check_retina_args
+
+__all__ = [
+    "CORES", "ActionNetwork", "BaselineNetwork", "CoreNetwork", "GlimpseNetwork",
+    "LocationNetwork", "RamOutput", "RecurrentAttentionModel", "gaussian_log_prob",
+    "hybrid_loss", "reinforce_surrogate",
+]
+
+CORES = ("rnn", "lstm")
+
+
+class RamOutput(NamedTuple):
+    """What `RecurrentAttentionModel` returns (a pytree).
+
+    Attributes:
+      logits: `[B, num_classes]` float32, from the final hidden state.
+      log_probs: `[B, L]` float32 log-probability of each location under the policy (zeros
+        with random locations).
+      baselines: `[B, L]` float32 baseline of each step (the reward expected before l_t).
+      locations: `[B, L, 2]` the glimpse centres (x, y) in [-1, 1], in order.
+    """
+
+    logits: jax.Array
+    log_probs: jax.Array
+    baselines: jax.Array
+    locations: jax.Array
+
+
+def gaussian_log_prob(x: jax.Array, mean: jax.Array, std: float | jax.Array) -> jax.Array:
+    """Log-density of an isotropic Gaussian, summed over the last axis: `[..., D]` -> `[...]`.
+
+    `sum_d -(x_d - mean_d)^2 / (2 std^2) - log(std) - log(2 pi) / 2`, in at least float32.
+    """
+    dtype = jnp.promote_types(jnp.result_type(x, mean), jnp.float32)
+    z = (x.astype(dtype) - mean.astype(dtype)) / std
+    per_dim = -0.5 * z**2 - jnp.log(jnp.asarray(std, dtype)) - 0.5 * math.log(2 * math.pi)
+    return per_dim.sum(-1)
+
+
+class _Dense(nn.Module):
+    """Makes Dense layers with the model's dtype, param_dtype and precision (construct the
+    subclasses with keywords: these fields come first)."""
+
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: lax.PrecisionLike = None
+
+    def dense(self, features: int, name: str) -> nn.Dense:
+        return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
+                        precision=self.precision, name=name)
+
+
+class GlimpseNetwork(_Dense):
+    """What and where: `[B, H, W, C]`, `[B, 2]` -> `[B, features]`, features = the width of
+    the combined representation (the reference's h_g + h_l).
+
+    Attributes:
+      features: the output width (256 in the paper).
+      what_features: width of fc1 on the retina (h_g, 128).
+      where_features: width of fc2 on the location (h_l, 128).
+      patch_size, num_scales, scale, implementation: the retina's (see `GlimpseSensor`).
+    """
+
+    features: int = 256
+    what_features: int = 128
+    where_features: int = 128
+    patch_size: int = 12
+    num_scales: int = 3
+    scale: int = 2
+    implementation: str | None = None
+
+    @nn.compact
+    def __call__(self, images: jax.Array, locations: jax.Array) -> jax.Array:
+        sensor = GlimpseSensor(self.patch_size, self.num_scales, self.scale, self.implementation,
+                               self.dtype)
+        phi = sensor(images, locations)
+        what = nn.relu(self.dense(self.what_features, "fc1")(phi.reshape(phi.shape[0], -1)))
+        where = nn.relu(self.dense(self.where_features, "fc2")(locations))
+        return nn.relu(self.dense(self.features, "fc3")(what)
+                       + self.dense(self.features, "fc4")(where))
+
+
+class CoreNetwork(_Dense):
+    """The recurrent core: `(carry, [B, F])` -> `(carry', [B, features])`.
+
+    The carry is h `[B, features]` for the RNN, (c, h) for the LSTM (flax's `LSTMCell`, named
+    "lstm"); `initial_carry` gives zeros.
+
+    Attributes:
+      features: the hidden width (256 in the paper).
+      core: "rnn" (`h' = relu(i2h(g) + h2h(h))`) or "lstm".
+    """
+
+    features: int = 256
+    core: str = "rnn"
+
+    def initial_carry(self, batch: int):
+        h = jnp.zeros((batch, self.features), self.dtype or jnp.float32)
+        return h if self.core == "rnn" else (h, h)
+
+    @staticmethod
+    def hidden(carry) -> jax.Array:
+        """The hidden state h of a carry."""
+        return carry[1] if isinstance(carry, tuple) else carry
+
+    @nn.compact
+    def __call__(self, carry, g: jax.Array):
+        if self.core == "lstm":
+            return nn.LSTMCell(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
+                               name="lstm")(carry, g)
+        h = nn.relu(self.dense(self.features, "i2h")(g) + self.dense(self.features, "h2h")(carry))
+        return h, h
+
+
+class LocationNetwork(_Dense):
+    """The Gaussian location policy: h `[B, F]` -> (l `[B, 2]` in [-1, 1], log pi(l) `[B]`).
+
+    Draws from the "sample" PRNG stream; no gradient reaches h or l, the log-probability is
+    differentiable w.r.t. this network's parameters (through the mean).
+
+    Attributes:
+      std: the fixed standard deviation of the policy (0.05..0.2 in the reference).
+      features: 2, the location's (x, y).
+    """
+
+    std: float = 0.1
+    features: int = 2
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        mean = jnp.tanh(self.dense(self.features, "fc")(lax.stop_gradient(h)))
+        mean = mean.astype(jnp.float32)
+        noise = jax.random.normal(self.make_rng("sample"), mean.shape, mean.dtype)
+        sample = lax.stop_gradient(mean + self.std * noise)
+        return jnp.clip(sample, -1.0, 1.0), gaussian_log_prob(sample, mean, self.std)
+
+
+class BaselineNetwork(_Dense):
+    """The reward baseline: h `[B, F]` -> `[B]` float32 (no gradient reaches h)."""
+
+    features: int = 1
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return self.dense(self.features, "fc")(lax.stop_gradient(h))[:, 0].astype(jnp.float32)
+
+
+class ActionNetwork(_Dense):
+    """The classifier on the final hidden state: `[B, F]` -> `[B, features]` float32 logits."""
+
+    features: int = 10
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return self.dense(self.features, "fc")(h).astype(jnp.float32)
+
+
+class _GlimpseStep(nn.Module):
+    """One step of the glimpse loop (scanned): choose l_t from h_t, glimpse, update the core.
+
+    `location` None draws l_t uniformly from [-1, 1]^2 (random glimpses)."""
+
+    glimpse: GlimpseNetwork
+    core: CoreNetwork
+    baseline: BaselineNetwork
+    location: LocationNetwork | None
+
+    def __call__(self, carry, images: jax.Array):
+        h = CoreNetwork.hidden(carry)
+        if self.location is None:
+            key = self.make_rng("sample")
+            location = jax.random.uniform(key, (h.shape[0], 2), jnp.float32, -1.0, 1.0)
+            log_prob = jnp.zeros((h.shape[0],), jnp.float32)
+        else:
+            location, log_prob = self.location(h)
+        carry, _ = self.core(carry, self.glimpse(images, location))
+        return carry, (location, log_prob, self.baseline(h))
+
+
+class RecurrentAttentionModel(nn.Module):
+    """RAM (Mnih et al. 2014): `[B, H, W, C]` -> `RamOutput` (see the module docstring).
+
+    Needs a "sample" PRNG stream at init and apply (`rngs={"sample": key}`): the same key gives
+    the same locations. The loop over glimpses is an `nn.scan`, so compile time does not grow
+    with `num_glimpses`; the locations are also sown as ("intermediates", "attention").
+
+    Attributes:
+      num_glimpses: T, the number of glimpses (4, 6 or 8 in the paper's 60x60 results).
+      glimpse_size: g, the retina's patch side; num_scales: k; scale: the ratio of patch sides;
+      implementation: the retina's, "gather", "separable" or None (see `glimpse.retina`).
+      std: the policy's fixed standard deviation, in units of the half image side.
+      hidden: the width of the glimpse representation and of the core state (256).
+      what_features, where_features: the glimpse network's inner widths (128, 128).
+      core: "rnn" or "lstm".
+      num_classes: the classifier's outputs.
+      random_locations: draw every location uniformly from [-1, 1]^2 instead of from the
+        policy (the baseline of the paper's comparison; log-probabilities are then zero).
+    """
+
+    num_glimpses: int = 6
+    glimpse_size: int = 12
+    num_scales: int = 3
+    scale: int = 2
+    implementation: str | None = None
+    std: float = 0.1
+    hidden: int = 256
+    what_features: int = 128
+    where_features: int = 128
+    core: str = "rnn"
+    num_classes: int = 10
+    random_locations: bool = False
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: lax.PrecisionLike = None
+
+    def _check(self, images: jax.Array) -> None:
+        check_rank("images", images, 4, "[B, H, W, C]")
+        check_choice("core", self.core, CORES)
+        check_retina_args(images.shape, (images.shape[0], 2), self.glimpse_size,
+                          self.num_scales, self.scale)
+        check_choice("implementation", self.implementation or "separable", IMPLEMENTATIONS)
+        if self.num_glimpses < 1 or not self.std > 0:
+            raise ValueError(f"need num_glimpses >= 1 and std > 0, got num_glimpses "
+                             f"{self.num_glimpses} and std {self.std}")
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> RamOutput:
+        self._check(images)
+        layer = {"dtype": self.dtype, "param_dtype": self.param_dtype, "precision": self.precision}
+        core = CoreNetwork(features=self.hidden, core=self.core, **layer, name="core")
+        location = LocationNetwork(std=self.std, **layer, name="location")
+        scan = nn.scan(_GlimpseStep, variable_broadcast="params", in_axes=nn.broadcast,
+                       split_rngs={"params": False, "sample": True}, length=self.num_glimpses)
+        step = scan(
+            GlimpseNetwork(features=self.hidden, what_features=self.what_features,
+                           where_features=self.where_features, patch_size=self.glimpse_size,
+                           num_scales=self.num_scales, scale=self.scale,
+                           implementation=self.implementation, **layer,
+                           name="glimpse"),
+            core,
+            BaselineNetwork(**layer, name="baseline"),
+            None if self.random_locations else location,
+            name="step",
+        )
+        carry, (locations, log_probs, baselines) = step(core.initial_carry(images.shape[0]),
+                                                        images)
+        logits = ActionNetwork(features=self.num_classes, **layer, name="action")(
+            CoreNetwork.hidden(carry))
+        locations = jnp.swapaxes(locations, 0, 1)
+        self.sow("intermediates", "attention", locations)
+        return RamOutput(logits, log_probs.T, baselines.T, locations)
+
+
+# --- the objective (trained by `flax_attention.train.reinforce`) ---------------------------
+
+
+def reinforce_surrogate(log_probs: jax.Array, rewards: jax.Array,
+                        baselines: jax.Array | None = None) -> jax.Array:
+    """The REINFORCE surrogate loss, whose gradient estimates -grad E[R].
+
+    `-mean_B sum_L log pi(l_t) * stop_grad(R - b_t)`; the advantage carries no gradient, so the
+    baselines are trained only by their own loss.
+
+    Args:
+      log_probs: `[B, L]` log pi(l_t), differentiable w.r.t. the policy.
+      rewards: `[B]` or `[B, L]` R.
+      baselines: `[B, L]` b_t, or None for none.
+
+    Returns:
+      A scalar.
+    """
+    rewards = jnp.broadcast_to(rewards[:, None] if rewards.ndim == 1 else rewards,
+                               log_probs.shape)
+    advantage = rewards if baselines is None else rewards - baselines
+    return -jnp.mean(jnp.sum(log_probs * lax.stop_gradient(advantage), axis=1))
+
+
+def hybrid_loss(output: RamOutput, labels: jax.Array,
+                reinforce_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The hybrid loss of RAM and its parts, averaged over the batch:
+
+        CE(logits, label) + mean_t (b_t - R)^2 - w sum_t log pi(l_t) stop_grad(R - b_t)
+
+    with the reward R = 1 for a correct classification, 0 otherwise, given at every step.
+
+    Args:
+      output: the model's output for a batch.
+      labels: `[B]` int.
+      reinforce_weight: w.
+
+    Returns:
+      The scalar loss and the metrics "loss", "ce", "baseline_mse", "reinforce", "accuracy"
+      (the fraction rewarded).
+    """
+    ce = optax.softmax_cross_entropy_with_integer_labels(output.logits, labels).mean()
+    reward = (jnp.argmax(output.logits, -1) == labels).astype(jnp.float32)
+    baseline_mse = jnp.mean((output.baselines - reward[:, None]) ** 2)
+    reinforce = reinforce_surrogate(output.log_probs, reward, output.baselines)
+    loss = ce + baseline_mse + reinforce_weight * reinforce
+    metrics = {"loss": loss, "ce": ce, "baseline_mse": baseline_mse, "reinforce": reinforce,
+               "accuracy": reward.mean()}
+    return loss, metrics
