@@ -52,7 +52,7 @@ def _peak_mib(thunk: Thunk) -> float:
         return float("nan")
 
 
-def _median_ms(thunk: Thunk, min_reps: int = 5, max_reps: int = 50, budget_s: float = 2.0):
+def median_ms(thunk: Thunk, min_reps: int = 5, max_reps: int = 50, budget_s: float = 2.0):
     times = []
     start = time.perf_counter()
     def more() -> bool:
@@ -72,7 +72,7 @@ def run_worker(case: Case, side: str) -> dict:
     for mode, thunk in thunks.items():
         thunk()  # warm-up and compilation
         thunk()
-        result[mode] = {"ms": _median_ms(thunk), "peak_mib": _peak_mib(thunk)}
+        result[mode] = {"ms": median_ms(thunk), "peak_mib": _peak_mib(thunk)}
     return result
 
 

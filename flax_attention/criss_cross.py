@@ -46,12 +46,14 @@ class CrissCrossAttention(nn.Module):
 
     Attributes:
       reduction: channel reduction of the query and key projections.
-      attention_fn: `(q, k, v, precision) -> out`; `functional.criss_cross_attention` by
-        default, the slot for another kernel.
+      attention_fn: `(q, k, v, precision, implementation) -> out`;
+        `functional.criss_cross_attention` by default, the slot for another kernel.
+      implementation: passed to `attention_fn`: "xla", "pallas" or None (Pallas on a GPU).
     """
 
     reduction: int = 8
     attention_fn: Callable[..., jax.Array] = criss_cross_attention
+    implementation: str | None = None
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: jax.lax.PrecisionLike = None
@@ -64,7 +66,8 @@ class CrissCrossAttention(nn.Module):
         q, k, v = query_key_value(self, x, self.reduction)
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "attention", criss_cross_weights(q, k, self.precision))
-        return scaled_residual(self, self.attention_fn(q, k, v, self.precision), x)
+        out = self.attention_fn(q, k, v, self.precision, self.implementation)
+        return scaled_residual(self, out, x)
 
 
 class RCCAModule(nn.Module):
@@ -82,6 +85,7 @@ class RCCAModule(nn.Module):
       dropout: Dropout2d rate (whole channels) after the bottleneck.
       reduction: query/key channel reduction inside the criss-cross block.
       activation: applied after every BatchNorm (InPlaceABN's default: leaky ReLU, 0.01).
+      implementation: of the criss-cross attention: "xla", "pallas" or None (Pallas on a GPU).
     """
 
     out_channels: int = 512
@@ -90,6 +94,7 @@ class RCCAModule(nn.Module):
     dropout: float = 0.1
     reduction: int = 8
     activation: Activation = leaky_relu
+    implementation: str | None = None
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: jax.lax.PrecisionLike = None
@@ -103,7 +108,8 @@ class RCCAModule(nn.Module):
         conv_bn = functools.partial(ConvBN, activation=self.activation, dtype=self.dtype,
                                     param_dtype=self.param_dtype)
         out = conv_bn(inter, name="conva")(x, train)
-        cca = CrissCrossAttention(self.reduction, dtype=self.dtype, param_dtype=self.param_dtype,
+        cca = CrissCrossAttention(self.reduction, implementation=self.implementation,
+                                  dtype=self.dtype, param_dtype=self.param_dtype,
                                   precision=self.precision, name="cca")
         for _ in range(self.recurrence):
             out = cca(out)

@@ -17,6 +17,7 @@ from jax import lax
 
 from flax_attention._checks import check_choice, check_rank
 from flax_attention.functional import spatial as F
+from flax_attention.kernels._dispatch import IMPLEMENTATIONS
 
 __all__ = ["SpatialTransformer", "LocalizationNet"]
 
@@ -49,6 +50,8 @@ class SpatialTransformer(nn.Module):
       transform: a key of `functional.TRANSFORMS`.
       align_corners: as in `functional.affine_grid` / `bilinear_sample`.
       padding_mode: "zeros", "border" or "reflection", as in `functional.bilinear_sample`.
+      implementation: of the sampling, "xla", "pallas" or None, as in
+        `functional.bilinear_sample`.
     """
 
     localization: nn.Module
@@ -56,6 +59,7 @@ class SpatialTransformer(nn.Module):
     transform: str = "affine"
     align_corners: bool = False
     padding_mode: str = "zeros"
+    implementation: str | None = None
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
@@ -66,6 +70,7 @@ class SpatialTransformer(nn.Module):
         check_rank("x", x, 4, "[B, H, W, C]")
         check_choice("transform", self.transform, F.TRANSFORMS)
         check_choice("padding_mode", self.padding_mode, F.PADDING_MODES)
+        check_choice("implementation", self.implementation, IMPLEMENTATIONS)
         features = self.localization(x)
         params = nn.Dense(
             len(F.TRANSFORMS[self.transform]),
@@ -81,7 +86,8 @@ class SpatialTransformer(nn.Module):
         out_hw = x.shape[1:3] if self.out_hw is None else self.out_hw
         grid = F.affine_grid(theta, out_hw, self.align_corners, precision=self.precision)
         image = x if self.dtype is None else x.astype(self.dtype)
-        return F.bilinear_sample(image, grid, self.padding_mode, self.align_corners)
+        return F.bilinear_sample(image, grid, self.padding_mode, self.align_corners,
+                                 self.implementation)
 
 
 class LocalizationNet(nn.Module):

@@ -9,6 +9,12 @@ Internally the column weights are kept transposed, `[B, W, H, H]`, with a zero o
 itself, which needs no gather; CCNet's CUDA layout (`[B, H, W, H+W-1]`: the W row entries left
 to right, then the H - 1 column entries top to bottom without the position itself) is produced
 only by `criss_cross_weights` and read by `criss_cross_aggregate`.
+
+`criss_cross_attention(..., implementation=)` picks this XLA path ("xla", the reference) or
+the fused Pallas kernels of `flax_attention.kernels.criss_cross` ("pallas"; None: Pallas on a
+GPU, XLA elsewhere). `criss_cross_weights` and `criss_cross_aggregate` stay XLA only: their
+`[B, H, W, H+W-1]` weights are a full-size tensor in memory either way, and the kernels'
+point is never to write it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from flax_attention._checks import check_rank, check_same
+from flax_attention.kernels import criss_cross as kernel
+from flax_attention.kernels._dispatch import use_pallas
 
 __all__ = ["criss_cross_aggregate", "criss_cross_attention", "criss_cross_weights"]
 
@@ -140,24 +148,34 @@ def criss_cross_aggregate(weights: jax.Array, v: jax.Array, precision: Precision
     return _mix(weights[..., :width], a_col, v, precision)
 
 
-def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, precision: Precision = None):
+def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, precision: Precision = None,
+                          implementation: str | None = None) -> jax.Array:
     """Criss-cross attention: `criss_cross_aggregate(criss_cross_weights(q, k), v)`, fused.
 
-    A `jax.custom_vjp` whose backward pass is written as batched matmuls over rows and
-    columns, from the weights saved by the forward pass.
+    "xla": a `jax.custom_vjp` whose backward pass is written as batched matmuls over rows and
+    columns, from the weights saved by the forward pass. "pallas": the kernels of
+    `flax_attention.kernels.criss_cross`, which keep only a `[B, H, W]` log-sum-exp.
 
     Args:
       q: queries `[B, H, W, C]`.
       k: keys `[B, H, W, C]`.
       v: values `[B, H, W, C']`, any channel count.
-      precision: passed to the einsums.
+      precision: passed to the einsums (or the kernels' dots).
+      implementation: "xla", "pallas", or None (Pallas on a GPU when it supports the inputs,
+        XLA otherwise).
 
     Returns:
       `[B, H, W, C']` in v's dtype.
+
+    Raises:
+      ValueError: bad shapes, an unknown `implementation`, or "pallas" for inputs the kernels
+        do not support (e.g. float64, lines longer than `kernel.BlockSizes.max_line`).
     """
     _check_qk(q, k)
     check_rank("v", v, 4, _LAYOUT)
     _check_spatial(("q", "v"), q, v)
+    if use_pallas(implementation, kernel.unsupported(q, k, v)):
+        return kernel.criss_cross_attention(q, k, v, precision)
     return _attention(q, k, v, precision)
 
 

@@ -9,6 +9,10 @@ Gradient conventions, as torch's: a coordinate exactly on a pixel (integer) take
 the pixel to its right/below (`floor`), and a coordinate clipped by "border" or "reflection"
 padding has zero gradient when it lies on or beyond the clip limits (0 and size - 1).
 
+`bilinear_sample(implementation=...)` picks the XLA gathers and scatter-add below (the
+reference) or the Pallas kernels of `flax_attention.kernels.bilinear`; both share the
+coordinate math here, so every padding mode and `align_corners` value runs on either.
+
 Axis legend: B batch, H height, W width, C channels; h, w the size of the sampling grid.
 """
 
@@ -23,6 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention._checks import check_choice, check_rank, check_same
+from flax_attention.kernels import _dispatch
+from flax_attention.kernels import bilinear as kernel
 
 __all__ = ["PADDING_MODES", "TRANSFORMS", "affine_grid", "affine_matrix", "bilinear_sample"]
 
@@ -211,6 +217,11 @@ def _weights(dy: jax.Array, dx: jax.Array) -> list[jax.Array]:
     return [(1 - dy) * (1 - dx), (1 - dy) * dx, dy * (1 - dx), dy * dx]
 
 
+def _inside_weights(dy: jax.Array, dx: jax.Array, inside: jax.Array) -> jax.Array:
+    """`_weights` stacked `[4, B, h, w]`, 0 for the neighbours outside the image."""
+    return jnp.where(inside, jnp.stack(_weights(dy, dx)), 0)
+
+
 def _sample(image: jax.Array, grid: jax.Array, padding_mode: str,
             align_corners: bool) -> jax.Array:
     """The primal computation of `bilinear_sample` (plain autodiff also differentiates it)."""
@@ -239,23 +250,31 @@ def _dot_channels(values: list[jax.Array], g: jax.Array) -> tuple[jax.Array, ...
                       lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)), (3,))
 
 
+def _grid_gradient(dots: tuple[jax.Array, ...], dy: jax.Array, dx: jax.Array,
+                   slope_y: jax.Array, slope_x: jax.Array) -> jax.Array:
+    """The grid gradient `[B, h, w, 2]` from each neighbour's `sum_C(value * g)` `[B, h, w]`
+    (0 outside the image): differences of the neighbours along x and y, times the slopes."""
+    nw, ne, sw, se = dots
+    d_x = ((1 - dy) * (ne - nw) + dy * (se - sw)) * slope_x
+    d_y = ((1 - dx) * (sw - nw) + dx * (se - ne)) * slope_y
+    return jnp.stack([d_x, d_y], axis=-1)
+
+
 def _backward(padding_mode: str, align_corners: bool, image: jax.Array, grid: jax.Array,
               g: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Image gradient: one scatter-add of the four weighted copies of the output gradient;
-    grid gradient: differences of the neighbours' values along x and y."""
+    grid gradient: `_grid_gradient` of the neighbours' values."""
     b, height, width, c = image.shape
     y0, x0, dy, dx, slope_y, slope_x = _locate(grid, (height, width), padding_mode,
                                                align_corners)
     rows, inside = _corners(y0, x0, (height, width))
     g = g.astype(dy.dtype)
-    nw, ne, sw, se = _dot_channels(_gather(image.astype(dy.dtype), rows, inside), g)
-    d_x = ((1 - dy) * (ne - nw) + dy * (se - sw)) * slope_x
-    d_y = ((1 - dx) * (sw - nw) + dx * (se - ne)) * slope_y
-    updates = jnp.where(inside, jnp.stack(_weights(dy, dx)), 0)[..., None] * g
+    dots = _dot_channels(_gather(image.astype(dy.dtype), rows, inside), g)
+    updates = _inside_weights(dy, dx, inside)[..., None] * g
     d_image = jnp.zeros((b * height * width, c), g.dtype).at[rows.reshape(-1)].add(
         updates.reshape(-1, c), mode="promise_in_bounds")
     return (d_image.reshape(image.shape).astype(image.dtype),
-            jnp.stack([d_x, d_y], axis=-1).astype(grid.dtype))
+            _grid_gradient(dots, dy, dx, slope_y, slope_x).astype(grid.dtype))
 
 
 # Images per step of the backward loop: the largest divisor of the batch whose output gradient
@@ -281,18 +300,72 @@ def _sample_bwd(padding_mode, align_corners, residuals, g):
 
 
 _bilinear_sample.defvjp(_sample_fwd, _sample_bwd)
+_bilinear_sample_xla = jax.jit(_bilinear_sample, static_argnums=(2, 3))
 
 
-@functools.partial(jax.jit, static_argnames=("padding_mode", "align_corners"))
+# --- The Pallas implementation: the XLA code above locates the corners, kernels do the rest. ----
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _flat_corners(grid: jax.Array, hw: tuple[int, int], padding_mode: str, align_corners: bool):
+    """The kernels' inputs: rows `[4, L]` of the four neighbours in the flattened image and
+    their weights `[4, L]` (0 outside the image), L = B * h * w; and, for the grid gradient,
+    `inside` `[4, B, h, w]` and the distances and slopes of `_locate`."""
+    y0, x0, dy, dx, slope_y, slope_x = _locate(grid, hw, padding_mode, align_corners)
+    rows, inside = _corners(y0, x0, hw)
+    weights = _inside_weights(dy, dx, inside).astype(jnp.float32)
+    return rows.reshape(4, -1), weights.reshape(4, -1), inside, (dy, dx, slope_y, slope_x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _bilinear_sample_pallas(image: jax.Array, grid: jax.Array, padding_mode: str,
+                            align_corners: bool) -> jax.Array:
+    rows, weights, _, _ = _flat_corners(grid, image.shape[1:3], padding_mode, align_corners)
+    out = kernel.gather(image.reshape(-1, image.shape[-1]), rows, weights)
+    return out.reshape(*grid.shape[:3], image.shape[-1])
+
+
+def _pallas_fwd(image, grid, padding_mode, align_corners):
+    return _bilinear_sample_pallas(image, grid, padding_mode, align_corners), (image, grid)
+
+
+def _pallas_bwd(padding_mode, align_corners, residuals, g):
+    """Grid gradient from the `corner_dots` kernel; image gradient from the `scatter` kernel
+    (race-free, see `flax_attention.kernels.bilinear`)."""
+    image, grid = residuals
+    hw, channels = image.shape[1:3], image.shape[-1]
+    rows, weights, inside, locations = _flat_corners(grid, hw, padding_mode, align_corners)
+    g = g.reshape(-1, channels)
+    flat = image.reshape(-1, channels)
+    dots = jnp.where(inside, kernel.corner_dots(flat, rows, g).reshape(inside.shape), 0)
+    d_image = kernel.scatter(rows, weights, g, num_rows=flat.shape[0], span=hw[1] + 1,
+                             dtype=image.dtype)
+    return (d_image.reshape(image.shape),
+            _grid_gradient(tuple(dots), *locations).astype(grid.dtype))
+
+
+_bilinear_sample_pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def _pallas_unsupported(image: jax.Array, grid: jax.Array) -> str | None:
+    """Why the Pallas kernels cannot take these inputs, or None."""
+    for name, x in (("image", image), ("grid", grid)):
+        if x.dtype not in kernel.SUPPORTED_DTYPES:
+            return f"{name} has dtype {x.dtype}; the kernels take float32, bfloat16, float16"
+    if image.size == 0 or grid.size == 0:
+        return f"empty image {tuple(image.shape)} or grid {tuple(grid.shape)}"
+    return None
+
+
 def bilinear_sample(image: jax.Array, grid: jax.Array, padding_mode: str = "zeros",
-                    align_corners: bool = False) -> jax.Array:
+                    align_corners: bool = False, implementation: str | None = None) -> jax.Array:
     """Samples `image` bilinearly at the normalised coordinates of `grid` (torch's
     `grid_sample(mode="bilinear")`).
 
     Differentiable w.r.t. both arguments in reverse mode, through a custom VJP (`jax.jvp` is not
     supported). Coordinates, weights and sums are computed in at least float32; pixels are
-    indexed with int32 (B * H * W below 2**31). Jitted, with `padding_mode` and `align_corners`
-    static.
+    indexed with int32 (B * H * W below 2**31). Each implementation is jitted, with
+    `padding_mode` and `align_corners` static.
 
     Args:
       image: `[B, H, W, C]`.
@@ -301,6 +374,9 @@ def bilinear_sample(image: jax.Array, grid: jax.Array, padding_mode: str = "zero
         counts as 0, with its weight unchanged), "border" (coordinates are clipped to the
         image), "reflection" (coordinates are reflected about the borders, then clipped).
       align_corners: as in `affine_grid`.
+      implementation: "xla" (gathers and a scatter-add), "pallas" (the kernels of
+        `flax_attention.kernels.bilinear`: float32, bfloat16 or float16 inputs; interpreted
+        off the GPU) or None (Pallas on a GPU when supported, XLA otherwise).
 
     Returns:
       `[B, h, w, C]` in image's dtype.
@@ -312,4 +388,7 @@ def bilinear_sample(image: jax.Array, grid: jax.Array, padding_mode: str = "zero
     check_same(("image", "grid"), (image.shape[0], grid.shape[0]), "batch size",
                (image.shape, grid.shape))
     check_choice("padding_mode", padding_mode, PADDING_MODES)
-    return _bilinear_sample(image, grid, padding_mode, align_corners)
+    image, grid = jnp.asarray(image), jnp.asarray(grid)
+    if _dispatch.use_pallas(implementation, _pallas_unsupported(image, grid)):
+        return _bilinear_sample_pallas(image, grid, padding_mode, align_corners)
+    return _bilinear_sample_xla(image, grid, padding_mode, align_corners)

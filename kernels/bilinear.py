@@ -1,0 +1,251 @@
+"""Pallas kernels of bilinear sampling (torch's `grid_sample(mode="bilinear")`): the forward
+gather, the corner dot products of the grid gradient, and the race-free scatter-add of the
+image gradient, behind `flax_attention.functional.spatial.bilinear_sample(implementation=...)`.
+
+The coordinate math (padding modes, `align_corners`, torch's gradient conventions) stays in
+`functional.spatial`, which hands these kernels, for L sample points, the rows `rows [4, L]`
+(int32) of their four neighbours in the flattened image `[R, C]` (R = B * H * W; every row
+valid, an outside neighbour pointing at a clipped one) and their bilinear weights
+`weights [4, L]` (float32, zero for an outside neighbour). The kernels are therefore the same
+for every padding mode:
+
+    gather   out[l, c]     = sum_k weights[k, l] * image[rows[k, l], c]           [L, C]
+    dots     dots[k, l]    = sum_c g[l, c] * image[rows[k, l], c]                  [4, L]
+    scatter  d_image[r, c] = sum_{k, l: rows[k, l] = r} weights[k, l] * g[l, c]    [R, C]
+
+Why the scatter needs no atomics: a float atomic add makes the GPU result depend on the order
+the adds land in, and Pallas's interpreter discharges `atomic_add` with array indices as a
+gather-add-set, which keeps one of two colliding adds of the same call (inexact on CPU). Here
+each program owns a block of P image rows and reads the sample points that touch them: the
+points are sorted by their first row `rows[0]`; every non-zero corner of a point lies in
+`[rows[0], rows[0] + span]` (span = W + 1 for an image of width W), so the points touching rows
+`[r0, r0 + P)` are one run of the sorted order, located by a binary search beforehand. The
+program walks that run in chunks of S points, builds the weight matrix `M[P, S]`
+(`M[p, s] = sum_k weights[k, s] [rows[k, s] = r0 + p]`) and accumulates `M @ g[chunk]` (an fp32
+"ieee" dot). Every output row is written once, by one program: deterministic, exact in
+interpret mode. Work per point is about (P + span) / P chunks instead of four atomic adds.
+
+Layout: the kernels take whole arrays (no `BlockSpec`) and index them from `program_id`, since
+the gathers are data dependent; ragged edges are masked loads and stores; tile sizes are powers
+of two, at least 16 (Triton's `dot`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ._dispatch import interpret
+
+__all__ = ["SUPPORTED_DTYPES", "BlockSizes", "corner_dots", "gather", "scatter"]
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_CORNERS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the kernels, powers of two of at least 16.
+
+    Attributes:
+      samples: S, sample points per program of `gather` and `corner_dots`, and per step of the
+        loop of `scatter`.
+      pixels: P, image rows per program of `scatter`.
+      channels: the largest channel block; fewer channels C take the next power of two >= C.
+    """
+
+    samples: int = 64
+    pixels: int = 64
+    channels: int = 64
+
+    def __post_init__(self):
+        for name, size in dataclasses.asdict(self).items():
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"BlockSizes.{name} must be a power of two >= 16, got {size}")
+
+    def channel_block(self, channels: int) -> int:
+        return min(self.channels, max(16, pl.next_power_of_2(channels)))
+
+
+# --- in-kernel helpers ---------------------------------------------------------------------------
+
+
+def _block(program: int, size: int, limit: int) -> tuple[jax.Array, jax.Array]:
+    """Indices `[size]` of the `program`-th block of `size`, and which are below `limit`."""
+    index = program * size + jnp.arange(size, dtype=jnp.int32)
+    return index, index < limit
+
+
+def _load_tile(ref, rows: jax.Array, cols: jax.Array, mask: jax.Array) -> jax.Array:
+    """`ref[rows, cols]` `[len(rows), len(cols)]` in float32, 0 where `mask` is False."""
+    shape = (rows.shape[0], cols.shape[0])
+    index = (jnp.broadcast_to(rows[:, None], shape), jnp.broadcast_to(cols[None, :], shape))
+    return plgpu.load(ref.at[index], mask=mask, other=0).astype(jnp.float32)
+
+
+def _store_tile(ref, rows: jax.Array, cols: jax.Array, value: jax.Array,
+                mask: jax.Array) -> None:
+    shape = value.shape
+    index = (jnp.broadcast_to(rows[:, None], shape), jnp.broadcast_to(cols[None, :], shape))
+    plgpu.store(ref.at[index], value.astype(ref.dtype), mask=mask)
+
+
+def _load_corners(ref, index: jax.Array, valid: jax.Array, other) -> list[jax.Array]:
+    """The four rows `ref[k, index]` of a `[4, L]` input, `other` where not `valid`."""
+    return [plgpu.load(ref.at[k, index], mask=valid, other=other) for k in range(_CORNERS)]
+
+
+# --- kernels -------------------------------------------------------------------------------------
+
+
+def _gather_kernel(rows_ref, weights_ref, image_ref, out_ref, *, samples: int, channels: int):
+    points, valid = _block(pl.program_id(0), samples, rows_ref.shape[1])
+    cols, col_ok = _block(pl.program_id(1), channels, image_ref.shape[1])
+    rows = _load_corners(rows_ref, points, valid, 0)
+    weights = _load_corners(weights_ref, points, valid, 0.0)
+    mask = valid[:, None] & col_ok[None, :]
+    out = sum(w[:, None] * _load_tile(image_ref, r, cols, mask)
+              for r, w in zip(rows, weights, strict=True))
+    _store_tile(out_ref, points, cols, out, mask)
+
+
+def _dots_kernel(rows_ref, image_ref, g_ref, dots_ref, *, samples: int, channels: int):
+    points, valid = _block(pl.program_id(0), samples, rows_ref.shape[1])
+    rows = _load_corners(rows_ref, points, valid, 0)
+
+    def channel_block(j, dots):
+        cols, col_ok = _block(j, channels, image_ref.shape[1])
+        mask = valid[:, None] & col_ok[None, :]
+        g = _load_tile(g_ref, points, cols, mask)
+        return tuple(d + jnp.sum(g * _load_tile(image_ref, r, cols, mask), axis=1)
+                     for d, r in zip(dots, rows, strict=True))
+
+    zeros = (jnp.zeros((samples,), jnp.float32),) * _CORNERS
+    dots = lax.fori_loop(0, pl.cdiv(image_ref.shape[1], channels), channel_block, zeros)
+    for k, d in enumerate(dots):
+        plgpu.store(dots_ref.at[k, points], d, mask=valid)
+
+
+def _scatter_kernel(runs_ref, order_ref, rows_ref, weights_ref, g_ref, out_ref, *,
+                    pixels: int, samples: int, channels: int):
+    block = pl.program_id(0)
+    first, stop = runs_ref[0, block], runs_ref[1, block]
+    cols, col_ok = _block(pl.program_id(1), channels, g_ref.shape[1])
+    pixel = jnp.arange(pixels, dtype=jnp.int32)[:, None] + block * pixels
+
+    def chunk(step, acc):
+        points, valid = _block(step, samples, stop - first)
+        points = points + first
+        rows = _load_corners(rows_ref, points, valid, -1)
+        weights = _load_corners(weights_ref, points, valid, 0.0)
+        m = sum(jnp.where(r[None, :] == pixel, w[None, :], 0.0)
+                for r, w in zip(rows, weights, strict=True))
+        order = plgpu.load(order_ref.at[points], mask=valid, other=0)
+        g = _load_tile(g_ref, order, cols, valid[:, None] & col_ok[None, :])
+        return acc + plgpu.dot(m, g, precision=lax.Precision.HIGHEST)
+
+    steps = (stop - first + samples - 1) // samples
+    acc = lax.fori_loop(0, steps, chunk, jnp.zeros((pixels, channels), jnp.float32))
+    rows, row_ok = _block(block, pixels, out_ref.shape[0])
+    _store_tile(out_ref, rows, cols, acc, row_ok[:, None] & col_ok[None, :])
+
+
+# --- wrappers ------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes",))
+def gather(image: jax.Array, rows: jax.Array, weights: jax.Array,
+           block_sizes: BlockSizes = BlockSizes()) -> jax.Array:
+    """Weighted sums of four rows of `image` per sample point.
+
+    Args:
+      image: `[R, C]`, R = B * H * W.
+      rows: `[4, L]` int32 rows of `image` (all valid).
+      weights: `[4, L]` float32.
+      block_sizes: tile sizes.
+
+    Returns:
+      `[L, C]` in image's dtype, summed in float32.
+    """
+    (length, channels), cb = (rows.shape[1], image.shape[1]), block_sizes.channel_block(
+        image.shape[1])
+    kernel = functools.partial(_gather_kernel, samples=block_sizes.samples, channels=cb)
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(length, block_sizes.samples), pl.cdiv(channels, cb)),
+        out_shape=jax.ShapeDtypeStruct((length, channels), image.dtype),
+        interpret=interpret(),
+    )(rows, weights, image)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes",))
+def corner_dots(image: jax.Array, rows: jax.Array, g: jax.Array,
+                block_sizes: BlockSizes = BlockSizes()) -> jax.Array:
+    """Dot products over channels of each sample's output gradient with its four neighbours.
+
+    Args:
+      image: `[R, C]`.
+      rows: `[4, L]` int32 rows of `image` (all valid).
+      g: `[L, C]` the output gradient.
+      block_sizes: tile sizes.
+
+    Returns:
+      `[4, L]` float32.
+    """
+    cb = block_sizes.channel_block(image.shape[1])
+    kernel = functools.partial(_dots_kernel, samples=block_sizes.samples, channels=cb)
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(rows.shape[1], block_sizes.samples),),
+        out_shape=jax.ShapeDtypeStruct(rows.shape, jnp.float32),
+        interpret=interpret(),
+    )(rows, image, g)
+
+
+def _runs(rows: jax.Array, weights: jax.Array, num_rows: int, span: int, pixels: int):
+    """Sample points sorted by their first row: the permutation `[L]`, the sorted rows and
+    weights `[4, L]`, and each block of `pixels` image rows' run `[2, R / pixels]` (start,
+    stop) of the points that can touch it."""
+    key, order = lax.sort((rows[0], jnp.arange(rows.shape[1], dtype=jnp.int32)), num_keys=1)
+    firsts = jnp.arange(pl.cdiv(num_rows, pixels), dtype=jnp.int32) * pixels
+    runs = jnp.stack([jnp.searchsorted(key, firsts - span, side="left"),
+                      jnp.searchsorted(key, firsts + pixels, side="left")])
+    return order, rows[:, order], weights[:, order], runs.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("num_rows", "span", "dtype", "block_sizes"))
+def scatter(rows: jax.Array, weights: jax.Array, g: jax.Array, num_rows: int, span: int,
+            dtype: jnp.dtype | None = None, block_sizes: BlockSizes = BlockSizes()) -> jax.Array:
+    """The adjoint of `gather` in the image: each sample's output gradient, weighted, added to
+    its four rows (see the module docstring for the race-free formulation).
+
+    Args:
+      rows: `[4, L]` int32 rows, every one with a non-zero weight in
+        `[rows[0, l], rows[0, l] + span]`.
+      weights: `[4, L]` float32.
+      g: `[L, C]` the output gradient.
+      num_rows: R, the rows of the image.
+      span: as above; W + 1 for the corners of an image of width W.
+      dtype: of the result; g's by default.
+      block_sizes: tile sizes.
+
+    Returns:
+      `[R, C]`, summed in float32.
+    """
+    channels = g.shape[1]
+    cb, pixels = block_sizes.channel_block(channels), block_sizes.pixels
+    order, rows, weights, runs = _runs(rows, weights, num_rows, span, pixels)
+    kernel = functools.partial(_scatter_kernel, pixels=pixels, samples=block_sizes.samples,
+                               channels=cb)
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(num_rows, pixels), pl.cdiv(channels, cb)),
+        out_shape=jax.ShapeDtypeStruct((num_rows, channels), dtype or g.dtype),
+        interpret=interpret(),
+    )(runs, order, rows, weights, g)
