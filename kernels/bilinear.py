@@ -58,16 +58,23 @@ class BlockSizes:
         loop of `scatter`.
       pixels: P, image rows per program of `scatter`.
       channels: the largest channel block; fewer channels C take the next power of two >= C.
+      num_warps: Triton warps per program (on a GPU).
     """
 
     samples: int = 64
     pixels: int = 64
     channels: int = 64
+    num_warps: int = 4
 
     def __post_init__(self):
-        for name, size in dataclasses.asdict(self).items():
+        for name in ("samples", "pixels", "channels"):
+            size = getattr(self, name)
             if size < 16 or size & (size - 1):
                 raise ValueError(f"BlockSizes.{name} must be a power of two >= 16, got {size}")
+
+    def triton(self) -> plgpu.CompilerParams:
+        """The kernels' compiler parameters: Triton (not Mosaic GPU) on a GPU."""
+        return plgpu.CompilerParams(num_warps=self.num_warps)
 
     def channel_block(self, channels: int) -> int:
         return min(self.channels, max(16, pl.next_power_of_2(channels)))
@@ -181,6 +188,7 @@ def gather(image: jax.Array, rows: jax.Array, weights: jax.Array,
         grid=(pl.cdiv(length, block_sizes.samples), pl.cdiv(channels, cb)),
         out_shape=jax.ShapeDtypeStruct((length, channels), image.dtype),
         interpret=interpret(),
+        compiler_params=block_sizes.triton(),
     )(rows, weights, image)
 
 
@@ -205,6 +213,7 @@ def corner_dots(image: jax.Array, rows: jax.Array, g: jax.Array,
         grid=(pl.cdiv(rows.shape[1], block_sizes.samples),),
         out_shape=jax.ShapeDtypeStruct(rows.shape, jnp.float32),
         interpret=interpret(),
+        compiler_params=block_sizes.triton(),
     )(rows, image, g)
 
 
@@ -248,4 +257,5 @@ def scatter(rows: jax.Array, weights: jax.Array, g: jax.Array, num_rows: int, sp
         grid=(pl.cdiv(num_rows, pixels), pl.cdiv(channels, cb)),
         out_shape=jax.ShapeDtypeStruct((num_rows, channels), dtype or g.dtype),
         interpret=interpret(),
+        compiler_params=block_sizes.triton(),
     )(runs, order, rows, weights, g)
