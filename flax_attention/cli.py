@@ -5,6 +5,7 @@
     flax-attention train --model ram [--dataset cluttered-digits] [--steps N] [--glimpses G]
                          [--random-glimpses] ...
     flax-attention eval --run DIR
+    flax-attention visualize --run DIR [--out DIR] [--num-images N] [--seed S]
     flax-attention list
     flax-attention bench [--only NAME]
     flax-attention demo
@@ -179,7 +180,9 @@ def _finish(status: str, out: str) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    resuming_ram = args.resume and _is_ram_run(getattr(args, "out", ""))
+    from flax_attention.train.reinforce import is_ram_run
+
+    resuming_ram = args.resume and is_ram_run(getattr(args, "out", ""))
     if getattr(args, "model", None) == RAM or resuming_ram:
         return train_ram(args)
     if "steps" in vars(args) or "glimpses" in vars(args) or "random_glimpses" in vars(args):
@@ -202,19 +205,11 @@ def train(args: argparse.Namespace) -> int:
     return _finish(result.status, config.out)
 
 
-def _is_ram_run(run_dir: str) -> bool:
-    """Whether `run_dir` holds a RAM run (its config.json has `num_glimpses`)."""
-    path = Path(run_dir) / "config.json"
-    try:
-        return "num_glimpses" in json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def evaluate(args: argparse.Namespace) -> int:
+    from flax_attention.train.reinforce import is_ram_run
     from flax_attention.train.supervised import evaluate_run
 
-    if _is_ram_run(args.run):
+    if is_ram_run(args.run):
         from flax_attention.train.reinforce import evaluate_ram_run
 
         m = evaluate_ram_run(args.run, data_dir=args.data_dir)
@@ -224,6 +219,15 @@ def evaluate(args: argparse.Namespace) -> int:
     m = evaluate_run(args.run, data_dir=args.data_dir)
     print(f"{args.run}: step {m['step']} (epoch {m['epoch']:.2f}): test accuracy "
           f"{100 * m['test_accuracy']:.2f}%, test loss {m['test_loss']:.4f}")
+    return 0
+
+
+def visualize(args: argparse.Namespace) -> int:
+    from flax_attention.visualize import visualize_run
+
+    paths = visualize_run(args.run, args.out, args.num_images, args.seed, args.data_dir)
+    for path in paths:
+        print(path)
     return 0
 
 
@@ -314,6 +318,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="the run directory (train --out)")
     p.add_argument("--data-dir", dest="data_dir", default=None)
     p.set_defaults(func=evaluate)
+    p = sub.add_parser("visualize", help="PNGs of what a run's last checkpoint attends to")
+    p.add_argument("--run", required=True, help="the run directory (train --out)")
+    p.add_argument("--out", default=None, help="where the PNGs go (default <run>/pictures)")
+    p.add_argument("--num-images", dest="num_images", type=positive_int, default=6)
+    p.add_argument("--seed", type=natural, default=0, help="which test images")
+    p.add_argument("--data-dir", dest="data_dir", default=None)
+    p.set_defaults(func=visualize)
     p = sub.add_parser("bench", help="python -m benchmarks.run (in a source checkout)")
     p.set_defaults(func=bench, args=[])  # the unknown options, e.g. --only SELayer
     return parser

@@ -9,9 +9,9 @@ The models the trainer's main job compares (`flax-attention train`): sized so an
 - `stn-cnn`: a spatial transformer in front (Jaderberg et al. 2015): the tutorial's
   `LocalizationNet` on the input pooled to about 21 px, affine transform, output the input's
   size.
-- `se-cnn`, `cca-cnn`, `nl-cnn`: an SE layer (Hu et al. 2018), a criss-cross attention block
-  (Huang et al. 2019) or an embedded-Gaussian non-local block (Wang et al. 2018) after the
-  second conv block.
+- `se-cnn`, `cca-cnn`, `nl-cnn`, `pam-cnn`: an SE layer (Hu et al. 2018), a criss-cross
+  attention block (Huang et al. 2019), an embedded-Gaussian non-local block (Wang et al. 2018)
+  or DANet's position attention module (Fu et al. 2019) after the second conv block.
 
 `create_classifier(name, num_classes, input_shape)` builds these by name and falls back to
 `flax_attention.models.registry` for every other name (the ResNets, Attention-56, ...).
@@ -31,13 +31,14 @@ from jax import lax
 from flax_attention import layers
 from flax_attention._checks import check_choice, check_rank
 from flax_attention.criss_cross import CrissCrossAttention
+from flax_attention.danet import PositionAttention
 from flax_attention.non_local import NonLocal2D
 from flax_attention.spatial_transformer import LocalizationNet, SpatialTransformer
 from flax_attention.squeeze_excitation import SELayer
 
 __all__ = ["AttentionCNN", "create_classifier", "list_classifiers"]
 
-ATTENTIONS = ("se", "cca", "nl")
+ATTENTIONS = ("se", "cca", "nl", "pam")
 
 
 def _max_pool2(x: jax.Array) -> jax.Array:
@@ -89,8 +90,9 @@ class AttentionCNN(nn.Module):
       features: channels of the conv blocks.
       hidden: width of the hidden dense layer.
       dropout: rate before the last layer (`deterministic=False` needs a "dropout" rng).
-      attention: None, "se" (SE layer, reduction 8), "cca" (criss-cross block, reduction 8) or
-        "nl" (embedded-Gaussian non-local block, sub-sampled).
+      attention: None, "se" (SE layer, reduction 8), "cca" (criss-cross block, reduction 8),
+        "nl" (embedded-Gaussian non-local block, sub-sampled) or "pam" (DANet's position
+        attention, reduction 8).
       attention_after: index of the conv block the attention follows.
       stn: put a spatial transformer (affine) in front.
     """
@@ -127,6 +129,8 @@ class AttentionCNN(nn.Module):
             return SELayer(reduction=8, **self._common("se"))(x)
         if self.attention == "cca":
             return CrissCrossAttention(reduction=8, **self._common("cca"))(x)
+        if self.attention == "pam":
+            return PositionAttention(reduction=8, **self._common("pam"))(x)
         return NonLocal2D(mode="embedded", **self._common("nl"))(x, train)
 
     def _spatial_transformer(self, x: jax.Array) -> jax.Array:
@@ -159,6 +163,7 @@ _CLASSIFIERS: MappingProxyType[str, Callable[..., nn.Module]] = MappingProxyType
     "se-cnn": functools.partial(AttentionCNN, attention="se"),
     "cca-cnn": functools.partial(AttentionCNN, attention="cca"),
     "nl-cnn": functools.partial(AttentionCNN, attention="nl"),
+    "pam-cnn": functools.partial(AttentionCNN, attention="pam"),
 })
 
 

@@ -62,7 +62,7 @@ from flax_attention.train.checkpoint import (
 
 __all__ = [
     "RamConfig", "create_model", "evaluate", "evaluate_ram_run", "hybrid_loss", "init_state",
-    "load_run", "plot_glimpse_path", "predict", "reinforce_surrogate", "train_ram", "train_step",
+    "is_ram_run", "load_run", "plot_glimpse_path", "predict", "reinforce_surrogate", "train_ram", "train_step",
     "visualize_run",
 ]
 
@@ -372,6 +372,14 @@ def train_ram(config: RamConfig) -> dict[str, Any]:
 
 
 # --- a finished run ---------------------------------------------------------------------------
+
+
+def is_ram_run(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds a RAM run (a config.json with `num_glimpses`)."""
+    try:
+        return "num_glimpses" in json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def load_run(run_dir: str | Path, step: int | None = None

@@ -24,7 +24,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -143,7 +143,7 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def _call_kwargs(model: nn.Module, train: bool) -> dict[str, bool]:
+def call_kwargs(model: nn.Module, train: bool) -> dict[str, bool]:
     """The `train` / `deterministic` flags the model's `__call__` takes."""
     params = inspect.signature(type(model).__call__).parameters
     flags = {"train": train, "deterministic": not train}
@@ -165,7 +165,7 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation,
     """
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
-    variables = model.init(init_key, dummy, **_call_kwargs(model, False))
+    variables = model.init(init_key, dummy, **call_kwargs(model, False))
     params = variables["params"]
 
     def zero(dtype=jnp.int32):  # distinct buffers, so the state can be donated
@@ -190,7 +190,7 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, steps_per_epo
     def loss_fn(params):
         logits, updates = model.apply(
             {"params": params, "batch_stats": state["batch_stats"]}, images,
-            rngs={"dropout": key}, mutable=["batch_stats"], **_call_kwargs(model, True))
+            rngs={"dropout": key}, mutable=["batch_stats"], **call_kwargs(model, True))
         return _cross_entropy(logits, labels).mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -208,7 +208,7 @@ def eval_step(model: nn.Module, variables: dict, images: jax.Array, labels: jax.
               mask: jax.Array) -> dict[str, jax.Array]:
     """Sums of the loss, the correct predictions and the count over the examples of `[B]`
     `mask` (images `[B, H, W, C]`, labels `[B]`)."""
-    logits = model.apply(variables, images, **_call_kwargs(model, False))
+    logits = model.apply(variables, images, **call_kwargs(model, False))
     correct = (jnp.argmax(logits, -1) == labels) & mask
     return {"loss": jnp.where(mask, _cross_entropy(logits, labels), 0.0).sum(),
             "correct": correct.sum(), "count": mask.sum()}
@@ -280,7 +280,7 @@ class _Session:
     def _check_logits(self, state: State) -> None:
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         dummy = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
-        logits = jax.eval_shape(functools.partial(self.model.apply, **_call_kwargs(
+        logits = jax.eval_shape(functools.partial(self.model.apply, **call_kwargs(
             self.model, False)), variables, dummy)
         classes = self.train_set.num_classes
         if logits.shape != (1, classes):
@@ -424,13 +424,36 @@ def load_config(run_dir: str | Path) -> TrainConfig:
         raise ValueError(f"{path} is not a valid TrainConfig: {error}") from None
 
 
-def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, Any]:
-    """Test loss and accuracy of the latest checkpoint of a run, with its step and epoch."""
+def _restore(run_dir: str | Path, data_dir: str | None) -> tuple[_Session, State, dict]:
     config = load_config(run_dir)
     if data_dir is not None:
         config = dataclasses.replace(config, data_dir=data_dir)
     session = _Session(config, parallel.data_mesh())
     with Checkpoints(Path(run_dir) / "checkpoints", read_only=True) as checkpoints:
         state, meta = checkpoints.restore(session.abstract_state)
+    return session, state, meta
+
+
+class RestoredRun(NamedTuple):
+    """A run's latest checkpoint: the model, its `{"params", "batch_stats"}` variables, the
+    run's test set and the checkpoint's step."""
+
+    model: nn.Module
+    variables: dict
+    test_set: data.Dataset
+    step: int
+
+
+def restore_run(run_dir: str | Path, data_dir: str | None = None) -> RestoredRun:
+    """The model and variables of a run's latest checkpoint, with its test set (from `data_dir`
+    when given, else the run's)."""
+    session, state, meta = _restore(run_dir, data_dir)
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    return RestoredRun(session.model, variables, session.test_set, meta["step"])
+
+
+def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, Any]:
+    """Test loss and accuracy of the latest checkpoint of a run, with its step and epoch."""
+    session, state, meta = _restore(run_dir, data_dir)
     return {"step": meta["step"], "epoch": meta["step"] / session.steps_per_epoch,
             **session.evaluate(state)}
