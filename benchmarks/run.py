@@ -23,6 +23,9 @@ FAMILIES = (
     "transformer",
     "resnet",
     "residual_attention",
+    "kernels_criss_cross",
+    "kernels_bilinear",
+    "blockwise",
 )
 
 

@@ -32,18 +32,24 @@ class PositionAttention(nn.Module):
     with bias; `out = gamma * position_attention(q, k, v) + x`, `gamma` starting at zero.
 
     Differences from the reference: channels must be divisible by `reduction` (the reference
-    floors C / 8); `attention_fn` can swap in another kernel, e.g.
-    `functools.partial(position_attention, chunk_size=256)` for smaller query blocks. The
-    `[B, L, L]` map is sown as ("intermediates", "attention") only when that collection is
-    mutable, since it is not otherwise built at large sizes.
+    floors C / 8); above `chunk_size` positions the attention runs block by block in O(H * W)
+    memory (the reference builds the `[B, L, L]` map), on a GPU by cuDNN or a Pallas flash
+    kernel (`implementation`); `attention_fn` can swap in another kernel. The `[B, L, L]` map
+    is sown as ("intermediates", "attention") only when that collection is mutable, since it is
+    not otherwise built at large sizes.
 
     Attributes:
       reduction: query/key channels are C / reduction.
-      attention_fn: `(q, k, v, precision=...) -> out`, `functional.position_attention` by default.
+      chunk_size: queries per block of `functional.position_attention`; None for its default.
+      implementation: None, "xla" or "pallas", as in `functional.position_attention`.
+      attention_fn: `(q, k, v, precision=...) -> out` replacing `functional.position_attention`
+        (then `chunk_size` and `implementation` must stay None); None for that function.
     """
 
     reduction: int = 8
-    attention_fn: Callable[..., jax.Array] = F.position_attention
+    chunk_size: int | None = None
+    implementation: str | None = None
+    attention_fn: Callable[..., jax.Array] | None = None
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
@@ -53,11 +59,14 @@ class PositionAttention(nn.Module):
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
         check_rank("x", x, 4, "[B, H, W, C]")
         check_divisible("x channels", x.shape[-1], self.reduction, "reduction")
+        attention_fn = layers.select_attention_fn(self.attention_fn, F.position_attention,
+                                           chunk_size=self.chunk_size,
+                                           implementation=self.implementation)
         q, k, v = layers.query_key_value(self, x, self.reduction)
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "attention",
                      F.position_attention_weights(q, k, precision=self.precision))
-        attended = self.attention_fn(q, k, v, precision=self.precision)
+        attended = attention_fn(q, k, v, precision=self.precision)
         return layers.scaled_residual(self, attended, x)
 
 
@@ -101,10 +110,13 @@ class DANetHead(nn.Module):
     Attributes:
       out_channels: output channels (classes) of each of the three outputs.
       dropout: channel dropout rate before `conv6`, `conv7`, `conv8`.
+      chunk_size, implementation: of the position attention `sa` (see `PositionAttention`).
     """
 
     out_channels: int
     dropout: float = 0.1
+    chunk_size: int | None = None
+    implementation: str | None = None
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
@@ -114,7 +126,8 @@ class DANetHead(nn.Module):
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`[B, H, W, C]` -> three `[B, H, W, out_channels]`: (fused, pam_out, cam_out)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-        pam = PositionAttention(name="sa", **kw)
+        pam = PositionAttention(chunk_size=self.chunk_size, implementation=self.implementation,
+                                name="sa", **kw)
         check_rank("x", x, 4, "[B, H, W, C]")
         check_divisible("x channels", x.shape[-1], _HEAD_REDUCTION * pam.reduction,
                         "4 * PositionAttention reduction")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
+
+from flax_attention._checks import check_choice
+from flax_attention.kernels._dispatch import IMPLEMENTATIONS
 
 Activation = Callable[[jax.Array], jax.Array] | None
 
@@ -127,3 +131,23 @@ def scaled_residual(module: nn.Module, attended: jax.Array, x: jax.Array) -> jax
     gamma = module.param("gamma", nn.initializers.zeros, (1,), module.param_dtype)
     attended, gamma, x = promote_dtype(attended, gamma, x, dtype=module.dtype)
     return gamma * attended + x
+
+
+def select_attention_fn(attention_fn: Callable[..., jax.Array] | None,
+                        default: Callable[..., jax.Array], *, chunk_size: int | None,
+                        implementation: str | None) -> Callable[..., jax.Array]:
+    """The attention function of a module: its own `attention_fn`, else `default` (an op that
+    takes `chunk_size` and `implementation` keywords) with the module's options bound.
+
+    Raises:
+      ValueError: an unknown `implementation`, or `chunk_size` or `implementation` given
+        together with an `attention_fn`.
+    """
+    check_choice("implementation", implementation, IMPLEMENTATIONS)
+    if attention_fn is None:
+        return functools.partial(default, chunk_size=chunk_size, implementation=implementation)
+    if chunk_size is not None or implementation is not None:
+        raise ValueError("chunk_size and implementation apply to the default attention_fn; got "
+                         f"chunk_size={chunk_size}, implementation={implementation!r} with "
+                         f"attention_fn={attention_fn!r}")
+    return attention_fn

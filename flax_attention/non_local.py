@@ -76,8 +76,14 @@ class _NonLocalND(nn.Module):
       sub_sample: max-pool g and phi (4x fewer keys in 2-D and 3-D, 2x in 1-D).
       bn_layer: end W with a zero-initialised BatchNorm (else W's conv starts at zero).
       use_scale: divide embedded-gaussian logits by sqrt(inter).
+      chunk_size: modes "gaussian" and "embedded": above this many query positions the
+        attention runs in blocks of `chunk_size` queries, in O(positions) memory (the reference
+        builds the whole map); None for `functional.non_local`'s default.
+      implementation: None, "xla" or "pallas", as in `functional.non_local` (a GPU runs the
+        softmax modes by cuDNN or a Pallas flash kernel by default).
       attention_fn: `(theta, phi, g, mode, concat_weights, use_scale, precision) -> y` on the
-        flattened positions, `functional.non_local` by default (a kernel can be swapped in).
+        flattened positions replacing `functional.non_local` (then `chunk_size` and
+        `implementation` must stay None); None for that function.
     """
 
     inter_channels: int | None = None
@@ -85,7 +91,9 @@ class _NonLocalND(nn.Module):
     sub_sample: bool = True
     bn_layer: bool = True
     use_scale: bool = False
-    attention_fn: Callable[..., jax.Array] = F.non_local
+    chunk_size: int | None = None
+    implementation: str | None = None
+    attention_fn: Callable[..., jax.Array] | None = None
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
@@ -131,6 +139,9 @@ class _NonLocalND(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, *S, C]` -> `[B, *S, C]` (S: L in 1-D, H, W in 2-D, T, H, W in 3-D)."""
         inter = self._check(x)
+        attention_fn = layers.select_attention_fn(self.attention_fn, F.non_local,
+                                           chunk_size=self.chunk_size,
+                                           implementation=self.implementation)
         (x,) = promote_dtype(x, dtype=self.dtype)
         if self.mode == "gaussian":
             theta, phi = x, x
@@ -145,7 +156,7 @@ class _NonLocalND(nn.Module):
         args = (self.mode, concat_weights, self.use_scale, self.precision)
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "attention", F.non_local_weights(theta, phi, *args))
-        y = self.attention_fn(theta, phi, g, *args).reshape(*x.shape[:-1], inter)
+        y = attention_fn(theta, phi, g, *args).reshape(*x.shape[:-1], inter)
         return x + self._project(y, x.shape[-1], train)
 
 

@@ -37,9 +37,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax_attention.kernels._dispatch import interpret
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from flax_attention.kernels._dispatch import interpret
 
 __all__ = ["SUPPORTED_DTYPES", "BlockSizes", "criss_cross_attention", "unsupported"]
 

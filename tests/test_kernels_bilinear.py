@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax_attention.kernels import _dispatch
-from flax_attention.kernels import bilinear as K
 from jax.test_util import check_grads
 
 from flax_attention.functional import spatial as F
+from flax_attention.kernels import _dispatch
+from flax_attention.kernels import bilinear as K
 from flax_attention.spatial_transformer import SpatialTransformer
 from tests.helpers import assert_close, random_nhwc
 

@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax_attention.kernels import criss_cross as kernel
-from flax_attention.kernels._dispatch import on_gpu
 from jax.test_util import check_grads
 
 from flax_attention.criss_cross import CrissCrossAttention, RCCAModule
 from flax_attention.functional.criss_cross import criss_cross_attention
+from flax_attention.kernels import criss_cross as kernel
+from flax_attention.kernels._dispatch import on_gpu
 from tests.helpers import assert_close, random_nhwc
 
 MODES = ["interpret", "compiled"] if on_gpu() else ["interpret"]

@@ -6,17 +6,23 @@ tests check their values."""
 
 from __future__ import annotations
 
-import flax_attention.kernels.bilinear
-import flax_attention.kernels.criss_cross
 import jax
 import jax.numpy as jnp
 import pytest
 from jax import export
 
-from flax_attention.functional import bilinear_sample, criss_cross_attention
+from flax_attention.functional import (
+    bilinear_sample,
+    criss_cross_attention,
+    non_local,
+    position_attention,
+)
+from flax_attention.kernels import _dispatch
+from flax_attention.kernels import bilinear as bilinear_kernels
+from flax_attention.kernels import criss_cross as criss_cross_kernels
 
 _TRITON = "__gpu$xla.gpu.triton"
-KERNEL_MODULES = (flax_attention.kernels.bilinear, flax_attention.kernels.criss_cross)
+KERNEL_MODULES = (bilinear_kernels, criss_cross_kernels, _dispatch)
 
 
 @pytest.fixture(autouse=True)
@@ -62,3 +68,27 @@ def test_bilinear_sample_lowers_to_triton(padding_mode):
     forward = _triton_calls(sample, image, grid)
     assert forward >= 1
     assert _triton_calls(_grad(sample, (0, 1)), image, grid) > forward
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_position_attention_lowers_to_triton(dtype):
+    qk = jax.ShapeDtypeStruct((1, 9, 11, 8), dtype)
+    v = jax.ShapeDtypeStruct((1, 9, 11, 24), dtype)
+
+    def attend(q, k, v):
+        return position_attention(q, k, v, implementation="pallas")
+
+    assert _triton_calls(attend, qk, qk, v) == 1
+    # The backward recomputes the blocks in XLA from the saved log-sum-exp.
+    assert _triton_calls(_grad(attend, (0, 1, 2)), qk, qk, v) == 1
+
+
+def test_non_local_lowers_to_triton():
+    theta = jax.ShapeDtypeStruct((2, 50, 8), jnp.float32)
+    phi = jax.ShapeDtypeStruct((2, 13, 8), jnp.float32)
+    g = jax.ShapeDtypeStruct((2, 13, 16), jnp.float32)
+
+    def attend(theta, phi, g):
+        return non_local(theta, phi, g, mode="embedded", implementation="pallas")
+
+    assert _triton_calls(attend, theta, phi, g) == 1

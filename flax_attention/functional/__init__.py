@@ -11,6 +11,7 @@ from flax_attention.functional.attention import (
     learned_position_embedding,
     sine_position_embedding,
 )
+from flax_attention.functional.blockwise import blockwise_attention
 from flax_attention.functional.boxes import (
     box_area,
     box_cxcywh_to_xyxy,
@@ -42,6 +43,7 @@ __all__ = [
     "affine_grid",
     "affine_matrix",
     "bilinear_sample",
+    "blockwise_attention",
     "box_area",
     "box_cxcywh_to_xyxy",
     "box_iou",

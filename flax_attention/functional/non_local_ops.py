@@ -7,17 +7,27 @@ pairwise functions. Axis legend: B batch, C channels, Lq query positions, Lk key
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from flax_attention._checks import check_choice, check_rank, check_same
+from flax_attention.functional.blockwise import (
+    attention_logits,
+    attention_weights,
+    blockwise_attention,
+)
+from flax_attention.kernels._dispatch import use_pallas
 
-__all__ = ["MODES", "non_local", "non_local_weights"]
+__all__ = ["MODES", "SOFTMAX_MODES", "non_local", "non_local_weights"]
 
 # The pairwise functions: softmax(x_i . x_j) on the input itself, softmax(theta_i . phi_j),
 # theta_i . phi_j / Lk, and relu(w . [theta_i, phi_j]) / Lk.
 MODES = ("gaussian", "embedded", "dot", "concatenate")
+# The modes whose weights are a softmax: these go through `blockwise_attention`.
+SOFTMAX_MODES = ("gaussian", "embedded")
 
 
 def _check_weights_inputs(theta: jax.Array, phi: jax.Array, mode: str,
@@ -44,10 +54,9 @@ def _float32_or_wider(x: jax.Array) -> jnp.dtype:
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _logits(theta: jax.Array, phi: jax.Array, precision: lax.PrecisionLike) -> jax.Array:
-    """`theta_i . phi_j`: `[B, Lq, Ck]`, `[B, Lk, Ck]` -> `[B, Lq, Lk]`, float32 (or wider)."""
-    return jnp.einsum("bqc,bkc->bqk", theta, phi, precision=precision,
-                      preferred_element_type=_float32_or_wider(theta))
+def _scale(theta: jax.Array, use_scale: bool) -> float | None:
+    """The logits' factor: 1 / sqrt(Ck) with `use_scale`, else None (no scaling)."""
+    return 1 / math.sqrt(theta.shape[-1]) if use_scale else None
 
 
 def _concatenation(theta: jax.Array, phi: jax.Array, concat_weights: jax.Array,
@@ -66,12 +75,9 @@ def _weights(theta: jax.Array, phi: jax.Array, mode: str, concat_weights: jax.Ar
     num_keys = phi.shape[1]
     if mode == "concatenate":
         return _concatenation(theta, phi, concat_weights, precision) / num_keys
-    logits = _logits(theta, phi, precision)
     if mode == "dot":
-        return logits / num_keys
-    if use_scale:
-        logits = logits / jnp.sqrt(jnp.float32(theta.shape[-1]))
-    return jax.nn.softmax(logits, axis=-1)
+        return attention_logits(theta, phi, precision=precision) / num_keys
+    return attention_weights(theta, phi, scale=_scale(theta, use_scale), precision=precision)
 
 
 def non_local_weights(
@@ -111,8 +117,16 @@ def non_local(
     concat_weights: jax.Array | None = None,
     use_scale: bool = False,
     precision: lax.PrecisionLike = None,
+    *,
+    chunk_size: int | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     """The non-local operation `y_i = sum_j w(theta_i, phi_j) g_j`.
+
+    The softmax modes ("gaussian", "embedded") go through `blockwise.blockwise_attention`: the
+    whole `[B, Lq, Lk]` map up to `chunk_size` queries, blocks of `chunk_size` queries above
+    (memory O(Lq); reverse-mode differentiation only), cuDNN or the Pallas flash kernel on a GPU
+    by default. The modes "dot" and "concatenate" build the whole map in XLA.
 
     Args:
       theta: `[B, Lq, Ck]`.
@@ -120,13 +134,26 @@ def non_local(
       g: `[B, Lk, Cg]`.
       mode, concat_weights, use_scale: as in `non_local_weights`.
       precision: of the matrix products.
+      chunk_size: softmax modes: queries per block; None for `blockwise.DEFAULT_CHUNK_SIZE`.
+      implementation: None, "xla" or "pallas" as in `blockwise_attention`; "pallas" is for the
+        softmax modes only.
 
     Returns:
       `[B, Lq, Cg]` in g's dtype (the weights are computed in float32).
+
+    Raises:
+      ValueError: bad shapes, mode or arguments (see `non_local_weights`), or "pallas" for a
+        mode without a kernel.
     """
     _check_weights_inputs(theta, phi, mode, concat_weights, use_scale)
     check_rank("g", g, 3, "[B, Lk, Cg]")
     check_same(("phi", "g"), (phi.shape[:2], g.shape[:2]), "batch and key positions",
                (phi.shape, g.shape))
+    if mode in SOFTMAX_MODES:
+        out = blockwise_attention(theta, phi, g, scale=_scale(theta, use_scale),
+                                  chunk_size=chunk_size, implementation=implementation,
+                                  precision=precision)
+        return out.astype(g.dtype)
+    use_pallas(implementation, f"mode {mode!r} has no Pallas kernel")
     weights = _weights(theta, phi, mode, concat_weights, use_scale, precision)
     return jnp.einsum("bqk,bkc->bqc", weights.astype(g.dtype), g, precision=precision)
