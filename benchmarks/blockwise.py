@@ -13,30 +13,23 @@ compiled temporary memory, achieved TFLOP/s and HBM bandwidth as % of the device
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-import statistics
-import time
 
 import numpy as np
 
+from benchmarks import harness
 from benchmarks.harness import (
-    HEADER,
-    MODES,
     Case,
-    format_row,
     jax_steps,
-    measure,
-    run_worker,
+    peak_bandwidth,
     torch_steps,
+    warm_median_ms,
 )
 
 QK, VALUE = 64, 512
 CPU_SIZES = (64, 128)
 GPU_SIZE = 128
 # HBM bandwidth in bytes/s by device kind (SXM parts; the first substring that matches).
-PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 
 
 def _arrays(side: int, batch: int = 1) -> list[np.ndarray]:
@@ -71,16 +64,6 @@ CASES = [
 # --- GPU -----------------------------------------------------------------------------------------
 
 
-def _median_ms(thunk, reps: int = 20) -> float:
-    thunk()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        thunk()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def _gpu_variants() -> dict[str, dict]:
     length = GPU_SIZE * GPU_SIZE
     return {
@@ -108,20 +91,18 @@ def _gpu_row(name: str, kwargs: dict, dtype, peak_bw: float) -> str:
                                    ("fwd+bwd", loss, 3.5 * flops, 3 * io_bytes)):
         compiled = jax.jit(f).lower(*args).compile()
         temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
-        ms = _median_ms(lambda c=compiled: jax.block_until_ready(c(*args)))
+        ms = warm_median_ms(lambda c=compiled: jax.block_until_ready(c(*args)))
         cells.append(f"{mode} {ms:8.2f} ms {temp_mib:8.1f} MiB {work / ms / 1e9:6.1f} TFLOP/s "
                      f"{100 * traffic / (ms / 1e3) / peak_bw:5.1f}% HBM")
     return f"{name:<16} {jnp.dtype(dtype).name:<9} " + " | ".join(cells)
 
 
-def gpu_main() -> None:
+def gpu_main(peak_gbs: float | None = None) -> None:
     """Prints memory-efficient vs dense attention on the GPU at 128x128, C = 512 (qk 64)."""
-    import jax
     import jax.numpy as jnp
 
-    device = jax.devices()[0]
-    peak = next((bw for kind, bw in PEAK_BANDWIDTH.items() if kind in device.device_kind), 3e12)
-    print(f"# {device.device_kind}, peak HBM {peak / 1e12:.2f} TB/s; B=1, {GPU_SIZE}x{GPU_SIZE} "
+    kind, peak = peak_bandwidth(peak_gbs)
+    print(f"# {kind}, peak HBM {peak / 1e12:.2f} TB/s; B=1, {GPU_SIZE}x{GPU_SIZE} "
           f"positions, qk {QK}, value {VALUE}; temp = compiled temporaries")
     for dtype in (jnp.float32, jnp.bfloat16):
         for name, kwargs in _gpu_variants().items():
@@ -132,23 +113,7 @@ def gpu_main() -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--gpu", action="store_true", help="the GPU comparison instead")
-    parser.add_argument("--only", default="", help="run the CPU cases whose name contains this")
-    parser.add_argument("--worker", nargs=2, metavar=("INDEX", "SIDE"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.gpu:
-        gpu_main()
-        return
-    if args.worker:
-        print(json.dumps(run_worker(CASES[int(args.worker[0])], args.worker[1])))
-        return
-    print(HEADER)
-    for i, case in enumerate(CASES):
-        if args.only in case.name:
-            results = [measure(i, side, "benchmarks.blockwise") for side in ("jax", "torch")]
-            for mode in MODES:
-                print(format_row(case, mode, *results), flush=True)
+    harness.main(CASES, "benchmarks.blockwise", __doc__, gpu_main, argv)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ growth of the process's resident set (VmHWM after a reset, minus VmRSS before) o
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -142,3 +144,55 @@ HEADER = (
     f"{'case':<34} {'mode':<8} {'jax ms':>10} {'torch ms':>10} {'speedup':>8} {'goal':>6} "
     f"{'jax MiB':>9} {'torch MiB':>9}"
 )
+
+
+# Peak HBM bandwidth in bytes/s by device kind (the first name contained in the kind wins).
+PEAK_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12))
+
+
+def peak_bandwidth(override_gbs: float | None = None) -> tuple[str, float]:
+    """The default device's kind and peak HBM bandwidth in bytes/s (`override_gbs` GB/s when
+    given); exits with a message for an unknown device."""
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    if override_gbs:
+        return kind, override_gbs * 1e9
+    peak = next((bw for name, bw in PEAK_BANDWIDTH if name in kind), None)
+    if peak is None:
+        raise SystemExit(f"unknown peak bandwidth of {kind!r}: pass --peak-gbs")
+    return kind, peak
+
+
+def warm_median_ms(thunk: Thunk) -> float:
+    """`median_ms` after two untimed calls (compilation and warm-up)."""
+    thunk()
+    thunk()
+    return median_ms(thunk)
+
+
+def main(cases: list[Case], module: str, description: str | None,
+         gpu_main: Callable[[float | None], None] | None = None, argv=None) -> None:
+    """The command line of a benchmark module: each case's JAX and torch sides timed in their
+    own processes (`--only` filters by name); `--gpu` runs `gpu_main(peak_gbs)` instead."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="run the cases whose name contains this")
+    parser.add_argument("--worker", nargs=2, metavar=("INDEX", "SIDE"), help=argparse.SUPPRESS)
+    if gpu_main is not None:
+        parser.add_argument("--gpu", action="store_true", help="the GPU comparison instead")
+        parser.add_argument("--peak-gbs", type=float, help="the device's peak HBM GB/s")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(cases[int(args.worker[0])], args.worker[1])))
+        return
+    if getattr(args, "gpu", False):
+        gpu_main(args.peak_gbs)
+        return
+    print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print(HEADER)
+    for i, case in enumerate(cases):
+        if args.only in case.name:
+            jax_r, torch_r = measure(i, "jax", module), measure(i, "torch", module)
+            for mode in MODES:
+                print(format_row(case, mode, jax_r, torch_r), flush=True)

@@ -13,21 +13,18 @@ goal, Pallas >= 1.5x XLA, is for the GPU run.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import os
 from collections.abc import Callable
 
 import numpy as np
 
+from benchmarks import harness
 from benchmarks.harness import (
-    HEADER,
     MODES,
     Case,
-    format_row,
     jax_steps,
-    measure,
+    peak_bandwidth,
     run_worker,
     torch_steps,
 )
@@ -35,8 +32,6 @@ from benchmarks.harness import (
 CHANNELS, SIZE, CPU_BATCH, GPU_BATCH = 64, 128, 8, 64
 
 # HBM bandwidth in bytes/s by `device_kind` substring, most specific first.
-PEAK_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
-                  ("A100", 2.0e12))
 
 
 def _inputs(batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,19 +96,12 @@ def _traffic_bytes(batch: int) -> dict[str, int]:
     return {"fwd": fwd, "fwd+bwd": fwd + out + image + grid + image + grid}
 
 
-def _peak_bandwidth() -> tuple[str, float | None]:
-    import jax
-
-    kind = jax.devices()[0].device_kind
-    return kind, next((bw for name, bw in PEAK_BANDWIDTH if name in kind), None)
-
-
-def gpu_main() -> None:
+def gpu_main(peak_gbs: float | None = None) -> None:
     """Prints Pallas vs XLA (and torch when it has CUDA): ms, speed-up, bandwidth % of peak.
     Each side is timed in this process by the harness (median after a warm-up); JAX allocates
     on demand, so torch's CUDA side has room."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    kind, peak = _peak_bandwidth()
+    kind, peak = peak_bandwidth(peak_gbs)
     traffic = _traffic_bytes(GPU_BATCH)
     sides = {impl: functools.partial(_jax_thunks, GPU_BATCH, impl) for impl in ("pallas", "xla")}
     try:
@@ -138,22 +126,7 @@ def gpu_main() -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu", action="store_true", help="Pallas vs XLA on the GPU")
-    parser.add_argument("--worker", nargs=2, metavar=("INDEX", "SIDE"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.gpu:
-        gpu_main()
-    elif args.worker:
-        print(json.dumps(run_worker(CASES[int(args.worker[0])], args.worker[1])))
-    else:
-        print(HEADER)
-        for i, case in enumerate(CASES):
-            jax_r = measure(i, "jax", "benchmarks.kernels_bilinear")
-            torch_r = measure(i, "torch", "benchmarks.kernels_bilinear")
-            for mode in MODES:
-                print(format_row(case, mode, jax_r, torch_r), flush=True)
+    harness.main(CASES, "benchmarks.kernels_bilinear", __doc__, gpu_main, argv)
 
 
 if __name__ == "__main__":

@@ -11,26 +11,21 @@ output written once, over the time.
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import numpy as np
 
+from benchmarks import harness
 from benchmarks.harness import (
-    HEADER,
     MODES,
     Case,
-    format_row,
     jax_steps,
-    measure,
-    median_ms,
+    peak_bandwidth,
     torch_steps,
+    warm_median_ms,
 )
 
 _B, _C, _CQK = 2, 512, 64
 SIZES = (97, 128)
 # HBM peak bytes/s by `device_kind` substring (first match wins); --peak-gbs overrides.
-PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}
 
 
 def _qkv(size: int) -> list[np.ndarray]:
@@ -98,25 +93,13 @@ def _ideal_bytes(size: int, mode: str) -> int:
     return forward + (2 * qk + 3 * v) + (2 * qk + v)  # q, k, v, out, d_out in; d_q, d_k, d_v
 
 
-def _peak_bandwidth(override_gbs: float | None) -> tuple[str, float]:
-    import jax
-
-    kind = jax.devices()[0].device_kind
-    if override_gbs:
-        return kind, override_gbs * 1e9
-    peak = next((bw for name, bw in PEAK_BANDWIDTH.items() if name in kind), None)
-    if peak is None:
-        raise SystemExit(f"unknown peak bandwidth of {kind!r}: pass --peak-gbs")
-    return kind, peak
-
-
-def gpu_main(peak_gbs: float | None) -> None:
+def gpu_main(peak_gbs: float | None = None) -> None:
     """Prints ms and % of peak bandwidth per size and mode: Pallas, XLA, (torch)."""
     import jax
 
     if jax.default_backend() != "gpu":
         raise SystemExit("--gpu needs JAX with a GPU (JAX_PLATFORMS=cuda)")
-    kind, peak = _peak_bandwidth(peak_gbs)
+    kind, peak = peak_bandwidth(peak_gbs)
     print(f"# {kind}, peak {peak / 1e9:.0f} GB/s; B={_B} C={_C} C_qk={_CQK} float32")
     print(f"{'size':>7} {'mode':<8} {'side':<7} {'ms':>9} {'% peak':>7} {'vs xla':>7}")
     for size in SIZES:
@@ -126,9 +109,7 @@ def gpu_main(peak_gbs: float | None) -> None:
         except (ImportError, RuntimeError, AssertionError) as err:  # no torch, or no CUDA
             print(f"# torch skipped: {err}")
         for mode in MODES:
-            for steps in sides.values():  # compile and warm up
-                steps[mode]()
-            times = {side: median_ms(steps[mode]) for side, steps in sides.items()}
+            times = {side: warm_median_ms(steps[mode]) for side, steps in sides.items()}
             for side, ms in times.items():
                 pct = 100 * _ideal_bytes(size, mode) / (ms * 1e-3) / peak
                 print(f"{size:>4}^2 {mode:<8} {side:<7} {ms:>9.3f} {pct:>6.1f}% "
@@ -136,25 +117,7 @@ def gpu_main(peak_gbs: float | None) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--gpu", action="store_true", help="Pallas vs XLA on the GPU")
-    parser.add_argument("--peak-gbs", type=float, help="the device's peak HBM GB/s")
-    parser.add_argument("--worker", nargs=2, metavar=("INDEX", "SIDE"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.gpu:
-        gpu_main(args.peak_gbs)
-        return
-    if args.worker:
-        from benchmarks.harness import run_worker
-
-        print(json.dumps(run_worker(CASES[int(args.worker[0])], args.worker[1])))
-        return
-    print(HEADER)
-    for i, case in enumerate(CASES):
-        module = "benchmarks.kernels_criss_cross"
-        jax_r, torch_r = measure(i, "jax", module), measure(i, "torch", module)
-        for mode in MODES:
-            print(format_row(case, mode, jax_r, torch_r), flush=True)
+    harness.main(CASES, "benchmarks.kernels_criss_cross", __doc__, gpu_main, argv)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,10 @@ peak memory growth over one call. Each side of each case runs in its own process
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
-import platform
 
-from benchmarks.harness import HEADER, MODES, Case, format_row, measure, run_worker
+from benchmarks import harness
+from benchmarks.harness import Case
 
 FAMILIES = (
     "squeeze_excitation",
@@ -37,22 +35,7 @@ def all_cases() -> list[Case]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", default="", help="run the cases whose name contains this")
-    parser.add_argument("--worker", nargs=2, metavar=("INDEX", "SIDE"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    cases = all_cases()
-    if args.worker:
-        print(json.dumps(run_worker(cases[int(args.worker[0])], args.worker[1])))
-        return
-    print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}")
-    print(HEADER)
-    for i, case in enumerate(cases):
-        if args.only not in case.name:
-            continue
-        jax_r, torch_r = measure(i, "jax", "benchmarks.run"), measure(i, "torch", "benchmarks.run")
-        for mode in MODES:
-            print(format_row(case, mode, jax_r, torch_r), flush=True)
+    harness.main(all_cases(), "benchmarks.run", __doc__, argv=argv)
 
 
 if __name__ == "__main__":
