@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -200,3 +203,15 @@ def test_from_torch_rejects_bad_state_dicts():
         from_torch(SEBasicBlock(8, reduction=4), block_sd)
     with pytest.raises(ValueError, match=r"missing keys \['downsample.0.weight'"):
         from_torch(SEBasicBlock(8, reduction=4, use_downsample=True), block_sd)
+
+
+def test_from_torch_finds_every_converter_whichever_family_was_imported_first():
+    """A fresh process that imported only the ResNet converters still converts an SELayer."""
+    code = ("import flax_attention.interop._resnet\n"
+            "from flax_attention import SELayer\n"
+            "from flax_attention.interop.torch import rules_for\n"
+            "print(sorted(rules_for(SELayer())))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr
+    assert "fc_0" in out.stdout

@@ -169,9 +169,8 @@ def rules_for(module: nn.Module) -> Rules:
 
 
 def _converter_for(module: nn.Module) -> Converter:
-    if not _CONVERTERS:
-        for family in _FAMILIES:
-            importlib.import_module(f"{__package__}.{family}")
+    for family in _FAMILIES:  # each registers its converters when first imported
+        importlib.import_module(f"{__package__}.{family}")
     for t in type(module).__mro__:
         if t in _CONVERTERS:
             return _CONVERTERS[t]
