@@ -219,8 +219,10 @@ def test_output_shapes_and_ranges(core):
     model, variables = _small(core=core)
     out = _apply(model, variables, random_nhwc((2, 16, 16, 1)))
     assert isinstance(out, RamOutput)
-    chex.assert_shape([out.logits, out.log_probs, out.baselines, out.locations],
-                      [(2, 5), (2, 3), (2, 3), (2, 3, 2)])
+    chex.assert_shape([out.logits, out.log_probs, out.baselines, out.locations, out.step_logits],
+                      [(2, 5), (2, 3), (2, 3), (2, 3, 2), (2, 3, 5)])
+    np.testing.assert_array_equal(out.step_logits[:, -1], out.logits)
+    assert not np.allclose(out.step_logits[:, 0], out.logits)  # each step classifies anew
     assert float(jnp.abs(out.locations).max()) <= 1.0
     chex.assert_tree_all_finite(out)
 
@@ -240,10 +242,11 @@ def test_policy_is_the_hand_set_gaussian():
     assert 0.2 < float(np.abs(z).mean()) < 3.0  # noise of the right size, not zero
 
 
-def test_gradients_reach_the_right_networks():
-    """log pi trains only the location net, the baselines only the baseline net (both read a
-    detached h), the logits everything else."""
-    model, variables = _small()
+@pytest.mark.parametrize("reinforce_core", [False, True])
+def test_gradients_reach_the_right_networks(reinforce_core):
+    """log pi trains only the location net (with `reinforce_core` also the core and glimpse
+    nets), the baselines only the baseline net (a detached h), the logits everything else."""
+    model, variables = _small(reinforce_core=reinforce_core)
     images = jnp.asarray(random_nhwc((2, 16, 16, 1)))
 
     @jax.jit
@@ -261,7 +264,7 @@ def test_gradients_reach_the_right_networks():
                       if sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(sub)) > 0)
 
     log_probs, baselines, logits = touched([1, 0, 0]), touched([0, 1, 0]), touched([0, 0, 1])
-    assert log_probs == ["location"]
+    assert log_probs == (["core", "glimpse", "location"] if reinforce_core else ["location"])
     assert baselines == ["baseline"]
     assert logits == ["action", "core", "glimpse"]
 

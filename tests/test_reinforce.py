@@ -94,6 +94,25 @@ def test_hybrid_loss_by_hand():
     np.testing.assert_allclose(d_baselines, [[0.25, 0.25], [-0.25, -0.375]], rtol=1e-6)
 
 
+def test_hybrid_loss_with_step_rewards_by_hand():
+    """Both examples predict (1, 0) after glimpses (1, 2); labels (1, 0) give the rewards
+    r = (1, 0) and (0, 1), so the returns R_t = sum_{s >= t} r_s are (1, 0) and (1, 1)."""
+    step = jnp.asarray([[0.0, 1.0], [math.log(3.0), 0.0]])
+    output = RamOutput(logits=step[1][None].repeat(2, 0), log_probs=jnp.asarray([[1.0, 2.0],
+                       [3.0, 5.0]]), baselines=jnp.asarray([[0.5, 0.5], [0.5, 0.25]]),
+                       locations=jnp.zeros((2, 2, 2)), step_logits=step[None].repeat(2, 0))
+    labels = jnp.asarray([1, 0])
+    e = math.e
+    ce = (math.log(1 + 1 / e) + math.log(4.0) + math.log(1 + e) + math.log(4.0 / 3.0)) / 4
+    mse = (0.25 + 0.25 + 0.25 + 0.5625) / 4
+    reinforce_term = -((1.0 * 0.5 + 2.0 * -0.5) + (3.0 * 0.5 + 5.0 * 0.75)) / 2  # -2.375
+    _, metrics = hybrid_loss(output, labels, step_rewards=True)
+    np.testing.assert_allclose([metrics["ce"], metrics["baseline_mse"], metrics["reinforce"],
+                                metrics["accuracy"]], [ce, mse, reinforce_term, 0.5], rtol=1e-6)
+    with pytest.raises(ValueError, match="step_rewards needs output.step_logits"):
+        hybrid_loss(output._replace(step_logits=None), labels, step_rewards=True)
+
+
 def test_predict_averages_probabilities_over_samples():
     model = RecurrentAttentionModel(num_glimpses=2, glimpse_size=4, num_scales=2, hidden=8,
                                     what_features=8, where_features=8, num_classes=3, std=0.5)
@@ -117,8 +136,9 @@ TINY = {"num_glimpses": 2, "glimpse_size": 6, "num_scales": 2, "hidden": 8, "ste
 
 
 def test_training_lowers_the_loss_and_beats_chance(tmp_path):
-    """400 steps (about 25 s on 2 cores) take the test accuracy on 500 cluttered digits from
-    chance (10 %, standard error 1.3 %) to about 26 %."""
+    """400 steps (about 20 s on 2 cores) take the test accuracy on 500 cluttered digits from
+    chance (10 %, standard error 1.3 %) to 24..29 % (seeds 0 and 1, lr 1e-3 and 3e-3): the
+    learned policy pays off only later (benchmarks/ram_results.py), hence the margin."""
     config = RamConfig(num_glimpses=4, hidden=128, lr=3e-3, steps=400, log_every=100,
                        test_examples=500, mc_samples=4, out=str(tmp_path), progress=False)
     metrics = train_ram(config)

@@ -9,17 +9,21 @@ classifies. Trained by `flax_attention.train.reinforce`.
 Sub-networks, as the reference (names of their Dense layers follow its torch modules):
 - glimpse network: `g = relu(fc3(relu(fc1(retina))) + fc4(relu(fc2(l))))` (what and where);
 - core network: an RNN `h' = relu(i2h(g) + h2h(h))` or an LSTM (`core="lstm"`);
-- location network: mean `tanh(fc(stop_gradient(h)))`, a sample `l ~ N(mean, std^2)` from the
-  "sample" PRNG stream, detached, its log-probability (at the unclipped sample, as the
-  reference), then clipped to [-1, 1];
+- location network: mean `tanh(fc(h))`, a sample `l ~ N(mean, std^2)` from the "sample" PRNG
+  stream, detached, its log-probability (at the unclipped sample, as the reference), then
+  clipped to [-1, 1]; h is detached as in the reference unless `reinforce_core`;
 - baseline network: `fc(stop_gradient(h))`, one value per step;
-- action network: `fc(h_T)`, the class logits.
+- action network: `fc(h_t)`, the class logits; those of h_T are the prediction, those of every
+  step (`RamOutput.step_logits`) serve the per-step rewards of `hybrid_loss`.
 
 Differences from the reference: the first location is chosen by the policy from h_0 = 0 (a
 learned starting point plus noise) instead of uniformly at random, so every one of the T glimpses
-has a log-probability and a baseline (b_t estimates the reward before l_t is drawn); the retina
+has a log-probability and a baseline (b_t estimates the return before l_t is drawn); the retina
 samples bilinearly instead of rounding locations to pixels; the location network is one Dense
-layer (the paper's), not two.
+layer (the paper's), not two; `reinforce_core=True` lets the REINFORCE gradient train the core
+and glimpse networks too (the paper's gradient w.r.t. all of theta; the reference detaches h);
+`hybrid_loss(step_rewards=True)` rewards the classification after every glimpse (an option; the
+paper rewards only the last).
 
 Axis legend: B batch, H height, W width, C channels, L the number of glimpses T.
 """
@@ -56,12 +60,15 @@ class RamOutput(NamedTuple):
         with random locations).
       baselines: `[B, L]` float32 baseline of each step (the reward expected before l_t).
       locations: `[B, L, 2]` the glimpse centres (x, y) in [-1, 1], in order.
+      step_logits: `[B, L, num_classes]` float32, the logits after each glimpse (the last
+        equals `logits`); None in outputs built without them.
     """
 
     logits: jax.Array
     log_probs: jax.Array
     baselines: jax.Array
     locations: jax.Array
+    step_logits: jax.Array | None = None
 
 
 def gaussian_log_prob(x: jax.Array, mean: jax.Array, std: float | jax.Array) -> jax.Array:
@@ -153,20 +160,24 @@ class CoreNetwork(_Dense):
 class LocationNetwork(_Dense):
     """The Gaussian location policy: h `[B, F]` -> (l `[B, 2]` in [-1, 1], log pi(l) `[B]`).
 
-    Draws from the "sample" PRNG stream; no gradient reaches h or l, the log-probability is
-    differentiable w.r.t. this network's parameters (through the mean).
+    Draws from the "sample" PRNG stream; no gradient reaches l, the log-probability is
+    differentiable w.r.t. this network's parameters (through the mean) and, unless `detach`,
+    w.r.t. h.
 
     Attributes:
       std: the fixed standard deviation of the policy (0.05..0.2 in the reference).
       features: 2, the location's (x, y).
+      detach: stop the gradient at h (the reference's choice).
     """
 
     std: float = 0.1
     features: int = 2
+    detach: bool = True
 
     @nn.compact
     def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
-        mean = jnp.tanh(self.dense(self.features, "fc")(lax.stop_gradient(h)))
+        h = lax.stop_gradient(h) if self.detach else h
+        mean = jnp.tanh(self.dense(self.features, "fc")(h))
         mean = mean.astype(jnp.float32)
         noise = jax.random.normal(self.make_rng("sample"), mean.shape, mean.dtype)
         sample = lax.stop_gradient(mean + self.std * noise)
@@ -184,7 +195,7 @@ class BaselineNetwork(_Dense):
 
 
 class ActionNetwork(_Dense):
-    """The classifier on the final hidden state: `[B, F]` -> `[B, features]` float32 logits."""
+    """The classifier on hidden states: `[..., F]` -> `[..., features]` float32 logits."""
 
     features: int = 10
 
@@ -211,8 +222,8 @@ class _GlimpseStep(nn.Module):
             log_prob = jnp.zeros((h.shape[0],), jnp.float32)
         else:
             location, log_prob = self.location(h)
-        carry, _ = self.core(carry, self.glimpse(images, location))
-        return carry, (location, log_prob, self.baseline(h))
+        carry, h_next = self.core(carry, self.glimpse(images, location))
+        return carry, (location, log_prob, self.baseline(h), h_next)
 
 
 class RecurrentAttentionModel(nn.Module):
@@ -233,6 +244,8 @@ class RecurrentAttentionModel(nn.Module):
       num_classes: the classifier's outputs.
       random_locations: draw every location uniformly from [-1, 1]^2 instead of from the
         policy (the baseline of the paper's comparison; log-probabilities are then zero).
+      reinforce_core: the log-probabilities are differentiable w.r.t. the core and glimpse
+        networks too (h not detached in the location network).
     """
 
     num_glimpses: int = 6
@@ -247,6 +260,7 @@ class RecurrentAttentionModel(nn.Module):
     core: str = "rnn"
     num_classes: int = 10
     random_locations: bool = False
+    reinforce_core: bool = False
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
@@ -266,7 +280,8 @@ class RecurrentAttentionModel(nn.Module):
         self._check(images)
         layer = {"dtype": self.dtype, "param_dtype": self.param_dtype, "precision": self.precision}
         core = CoreNetwork(features=self.hidden, core=self.core, **layer, name="core")
-        location = LocationNetwork(std=self.std, **layer, name="location")
+        location = LocationNetwork(std=self.std, detach=not self.reinforce_core, **layer,
+                                   name="location")
         scan = nn.scan(_GlimpseStep, variable_broadcast="params", in_axes=nn.broadcast,
                        split_rngs={"params": False, "sample": True}, length=self.num_glimpses)
         step = scan(
@@ -280,13 +295,13 @@ class RecurrentAttentionModel(nn.Module):
             None if self.random_locations else location,
             name="step",
         )
-        carry, (locations, log_probs, baselines) = step(core.initial_carry(images.shape[0]),
+        _, (locations, log_probs, baselines, hs) = step(core.initial_carry(images.shape[0]),
                                                         images)
-        logits = ActionNetwork(features=self.num_classes, **layer, name="action")(
-            CoreNetwork.hidden(carry))
+        step_logits = jnp.swapaxes(
+            ActionNetwork(features=self.num_classes, **layer, name="action")(hs), 0, 1)
         locations = jnp.swapaxes(locations, 0, 1)
         self.sow("intermediates", "attention", locations)
-        return RamOutput(logits, log_probs.T, baselines.T, locations)
+        return RamOutput(step_logits[:, -1], log_probs.T, baselines.T, locations, step_logits)
 
 
 # --- the objective (trained by `flax_attention.train.reinforce`) ---------------------------
@@ -313,28 +328,40 @@ def reinforce_surrogate(log_probs: jax.Array, rewards: jax.Array,
     return -jnp.mean(jnp.sum(log_probs * lax.stop_gradient(advantage), axis=1))
 
 
-def hybrid_loss(output: RamOutput, labels: jax.Array,
-                reinforce_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def hybrid_loss(output: RamOutput, labels: jax.Array, reinforce_weight: float = 1.0,
+                step_rewards: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The hybrid loss of RAM and its parts, averaged over the batch:
 
-        CE(logits, label) + mean_t (b_t - R)^2 - w sum_t log pi(l_t) stop_grad(R - b_t)
+        CE + mean_t (b_t - R_t)^2 - w sum_t log pi(l_t) stop_grad(R_t - b_t)
 
-    with the reward R = 1 for a correct classification, 0 otherwise, given at every step.
+    By default (the paper's) CE is that of the final logits and the return R_t = r, the reward
+    r = 1 for a correct final classification, 0 otherwise, for every t. With `step_rewards`,
+    the classification after every glimpse is rewarded, r_t = 1 when `step_logits[:, t]` is
+    right, l_t earns the return R_t = sum_{s >= t} r_s (so a location is credited as soon as it
+    helps), and CE is the mean over the steps.
 
     Args:
       output: the model's output for a batch.
       labels: `[B]` int.
       reinforce_weight: w.
+      step_rewards: reward every step (needs `output.step_logits`).
 
     Returns:
       The scalar loss and the metrics "loss", "ce", "baseline_mse", "reinforce", "accuracy"
-      (the fraction rewarded).
+      (the fraction of final classifications that are right).
+
+    Raises:
+      ValueError: `step_rewards` without `output.step_logits`.
     """
-    ce = optax.softmax_cross_entropy_with_integer_labels(output.logits, labels).mean()
-    reward = (jnp.argmax(output.logits, -1) == labels).astype(jnp.float32)
-    baseline_mse = jnp.mean((output.baselines - reward[:, None]) ** 2)
+    if step_rewards and output.step_logits is None:
+        raise ValueError("step_rewards needs output.step_logits [B, L, K], got None")
+    logits = output.step_logits if step_rewards else output.logits[:, None]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[:, None]).mean()
+    correct = (jnp.argmax(logits, -1) == labels[:, None]).astype(jnp.float32)
+    reward = jnp.cumsum(correct[:, ::-1], axis=1)[:, ::-1] if step_rewards else correct
+    baseline_mse = jnp.mean((output.baselines - reward) ** 2)
     reinforce = reinforce_surrogate(output.log_probs, reward, output.baselines)
     loss = ce + baseline_mse + reinforce_weight * reinforce
     metrics = {"loss": loss, "ce": ce, "baseline_mse": baseline_mse, "reinforce": reinforce,
-               "accuracy": reward.mean()}
+               "accuracy": correct[:, -1].mean()}
     return loss, metrics
