@@ -60,8 +60,8 @@ class PositionAttention(nn.Module):
         check_rank("x", x, 4, "[B, H, W, C]")
         check_divisible("x channels", x.shape[-1], self.reduction, "reduction")
         attention_fn = layers.select_attention_fn(self.attention_fn, F.position_attention,
-                                           chunk_size=self.chunk_size,
-                                           implementation=self.implementation)
+                                                  chunk_size=self.chunk_size,
+                                                  implementation=self.implementation)
         q, k, v = layers.query_key_value(self, x, self.reduction)
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "attention",

@@ -140,8 +140,8 @@ class _NonLocalND(nn.Module):
         """`[B, *S, C]` -> `[B, *S, C]` (S: L in 1-D, H, W in 2-D, T, H, W in 3-D)."""
         inter = self._check(x)
         attention_fn = layers.select_attention_fn(self.attention_fn, F.non_local,
-                                           chunk_size=self.chunk_size,
-                                           implementation=self.implementation)
+                                                  chunk_size=self.chunk_size,
+                                                  implementation=self.implementation)
         (x,) = promote_dtype(x, dtype=self.dtype)
         if self.mode == "gaussian":
             theta, phi = x, x

@@ -145,8 +145,7 @@ class _ConstantLocalization(nn.Module):
 
 
 def test_default_is_xla_off_the_gpu(monkeypatch):
-    if _dispatch.on_gpu():
-        pytest.skip("on a GPU the default is the Pallas kernel")
+    monkeypatch.setattr(_dispatch, "on_gpu", lambda: False)
 
     def fail(*args, **kwargs):
         raise AssertionError("the Pallas kernel ran")
@@ -155,6 +154,20 @@ def test_default_is_xla_off_the_gpu(monkeypatch):
     image, grid = random_nhwc(IMAGE), _grid()
     chex.assert_trees_all_equal(F.bilinear_sample(image, grid),
                                 F.bilinear_sample(image, grid, implementation="xla"))
+
+
+def test_default_is_the_kernel_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(_dispatch, "on_gpu", lambda: True)
+
+    class KernelRan(Exception):
+        pass
+
+    def ran(*args, **kwargs):
+        raise KernelRan
+
+    monkeypatch.setattr(K, "gather", ran)
+    with pytest.raises(KernelRan):
+        F.bilinear_sample(random_nhwc(IMAGE), _grid())
 
 
 def test_unsupported_dtype_falls_back_or_raises():
