@@ -7,7 +7,8 @@ of `DEFAULT_CHUNK_SIZE` queries) against the dense PyTorch reference, which hold
 
 GPU (`python -m benchmarks.blockwise --gpu`): at 128x128, C = 512 (qk 64), B = 1, float32 and
 bfloat16: the dense XLA map, the blockwise XLA path, the Pallas flash kernel and the default
-(`implementation=None`: cuDNN when the widths are equal, else the Pallas kernel); median time,
+(`implementation=None`: XLA until a benchmark like this one proves a kernel faster on the GPU and
+`kernels._common.PROVEN_BEST` records it; cuDNN takes equal widths only); median time,
 compiled temporary memory, achieved TFLOP/s and HBM bandwidth as % of the device's peak.
 """
 

@@ -172,9 +172,11 @@ def warm_median_ms(thunk: Thunk) -> float:
 
 
 def main(cases: list[Case], module: str, description: str | None,
-         gpu_main: Callable[[float | None], None] | None = None, argv=None) -> None:
+         gpu_main: Callable[[float | None], None] | None = None, argv=None,
+         matches: Callable[[Case, str], bool] | None = None) -> None:
     """The command line of a benchmark module: each case's JAX and torch sides timed in their
-    own processes (`--only` filters by name); `--gpu` runs `gpu_main(peak_gbs)` instead."""
+    own processes; `--gpu` runs `gpu_main(peak_gbs)` instead. `--only X` runs the cases whose
+    name contains X, or for which `matches(case, X)` holds; none is a usage error."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="run the cases whose name contains this")
@@ -189,10 +191,13 @@ def main(cases: list[Case], module: str, description: str | None,
     if getattr(args, "gpu", False):
         gpu_main(args.peak_gbs)
         return
+    chosen = [i for i, case in enumerate(cases)
+              if args.only in case.name or (matches is not None and matches(case, args.only))]
+    if not chosen:
+        parser.error(f"--only {args.only!r} matches no benchmark case")
     print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}")
     print(HEADER)
-    for i, case in enumerate(cases):
-        if args.only in case.name:
-            jax_r, torch_r = measure(i, "jax", module), measure(i, "torch", module)
-            for mode in MODES:
-                print(format_row(case, mode, jax_r, torch_r), flush=True)
+    for i in chosen:
+        jax_r, torch_r = measure(i, "jax", module), measure(i, "torch", module)
+        for mode in MODES:
+            print(format_row(cases[i], mode, jax_r, torch_r), flush=True)

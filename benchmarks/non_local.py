@@ -51,7 +51,7 @@ def _qkv() -> list[np.ndarray]:
 def _jax_op():
     import jax.numpy as jnp
 
-    from flax_attention.functional.non_local_ops import non_local
+    from flax_attention.functional.non_local import non_local
 
     return jax_steps(non_local, *map(jnp.asarray, _qkv()))
 

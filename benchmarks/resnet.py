@@ -28,7 +28,7 @@ def _torch_net():
 
 
 def _jax_se_resnet50():
-    import flax_attention.interop._resnet  # noqa: F401  (registers the converter)
+    import flax_attention.models.resnet  # noqa: F401  (registers the converter)
     from flax_attention.interop.torch import from_torch
     from flax_attention.models import se_resnet50
     from tests.helpers import state_dict

@@ -2,7 +2,9 @@
 
 Prints, per case and mode, the median time of the jitted JAX step and of the PyTorch reference,
 their ratio (torch / jax: above 1 means JAX is faster), the goal from the issue, and each side's
-peak memory growth over one call. Each side of each case runs in its own process.
+peak memory growth over one call. Each side of each case runs in its own process. The cases are
+those of the benchmark modules that the mechanism table (`flax_attention.mechanisms`) names;
+`--only` takes a mechanism's name or short name (its modules' cases) or part of a case's name.
 """
 
 from __future__ import annotations
@@ -11,31 +13,28 @@ import importlib
 
 from benchmarks import harness
 from benchmarks.harness import Case
+from flax_attention import mechanisms
 
-FAMILIES = (
-    "squeeze_excitation",
-    "non_local",
-    "danet",
-    "criss_cross",
-    "spatial_transformer",
-    "transformer",
-    "resnet",
-    "residual_attention",
-    "kernels_criss_cross",
-    "kernels_bilinear",
-    "blockwise",
-)
+
+def benchmark_modules() -> list[str]:
+    """The benchmark modules of every mechanism, in table order, each once."""
+    return list(dict.fromkeys(name for m in mechanisms.MECHANISMS for name in m.benchmarks))
 
 
 def all_cases() -> list[Case]:
-    cases = []
-    for family in FAMILIES:
-        cases.extend(importlib.import_module(f"benchmarks.{family}").CASES)
-    return cases
+    return [case for name in benchmark_modules()
+            for case in importlib.import_module(name).CASES]
+
+
+def _of_mechanism(case: Case, name: str) -> bool:
+    """Whether `case` is one of the cases of the benchmark modules of mechanism `name`."""
+    row = next((m for m in mechanisms.MECHANISMS if name in (m.name, m.short)), None)
+    return row is not None and any(case in importlib.import_module(module).CASES
+                                   for module in row.benchmarks)
 
 
 def main(argv=None) -> None:
-    harness.main(all_cases(), "benchmarks.run", __doc__, argv=argv)
+    harness.main(all_cases(), "benchmarks.run", __doc__, argv=argv, matches=_of_mechanism)
 
 
 if __name__ == "__main__":

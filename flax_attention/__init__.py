@@ -7,11 +7,16 @@ reference PyTorch implementations' weights; whole networks are in `flax_attentio
 """
 
 from flax_attention import functional
+from flax_attention.cbam import CbamModule, LightCbamModule
+from flax_attention.coord_attention import CoordAttention
 from flax_attention.criss_cross import CrissCrossAttention, RCCAModule
 from flax_attention.danet import ChannelAttention, DANetHead, PositionAttention
+from flax_attention.eca import CecaModule, EcaModule
+from flax_attention.effective_se import EffectiveSEModule
 from flax_attention.functional import (
     affine_grid,
     affine_matrix,
+    attention_residual,
     bilinear_sample,
     blockwise_attention,
     box_area,
@@ -27,23 +32,31 @@ from flax_attention.functional import (
     dot_product_attention,
     dot_product_attention_weights,
     excite,
+    gaussian_log_prob,
     generalized_box_iou,
     generalized_box_iou_loss,
+    hybrid_loss,
+    interpolate_bilinear,
     learned_position_embedding,
     non_local_weights,
     position_attention,
     position_attention_weights,
+    reinforce_surrogate,
+    retina,
     sine_position_embedding,
     squeeze_excitation_gates,
 )
-from flax_attention.glimpse import GlimpseSensor, retina
+from flax_attention.gather_excite import GatherExcite
+from flax_attention.glimpse import GlimpseSensor
+from flax_attention.global_context import GlobalContext
+from flax_attention.multi_head_attention import MultiHeadAttention
 from flax_attention.non_local import NonLocal1D, NonLocal2D, NonLocal3D
 from flax_attention.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from flax_attention.residual_attention import PreActBottleneck, ResidualAttentionModule
+from flax_attention.selective_kernel import SelectiveKernel, SelectiveKernelAttn
 from flax_attention.spatial_transformer import LocalizationNet, SpatialTransformer
-from flax_attention.squeeze_excitation import SEBasicBlock, SEBottleneck, SELayer
+from flax_attention.squeeze_excitation import SEBasicBlock, SEBottleneck, SELayer, SEModule
 from flax_attention.transformer import (
-    MultiHeadAttention,
     Transformer,
     TransformerDecoder,
     TransformerDecoderLayer,
@@ -55,8 +68,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "functional",
+    # the timm family, under timm's class names
+    "CbamModule",
+    "CecaModule",
+    "CoordAttention",
+    "EcaModule",
+    "EffectiveSEModule",
+    "GatherExcite",
+    "GlobalContext",
+    "LightCbamModule",
+    "SEModule",
+    "SelectiveKernel",
+    "SelectiveKernelAttn",
     "affine_grid",
     "affine_matrix",
+    "attention_residual",
     "bilinear_sample",
     "blockwise_attention",
     "box_area",
@@ -72,9 +98,13 @@ __all__ = [
     "dot_product_attention",
     "dot_product_attention_weights",
     "excite",
+    "gaussian_log_prob",
+    "hybrid_loss",
+    "reinforce_surrogate",
     "retina",
     "generalized_box_iou",
     "generalized_box_iou_loss",
+    "interpolate_bilinear",
     "learned_position_embedding",
     "non_local_weights",
     "position_attention",

@@ -2,8 +2,8 @@
 
     flax-attention train [--model stn-cnn] [--dataset distorted-digits] [--epochs N]
                          [--out DIR] [--resume] [--batch-size B] [--lr LR] [--seed S] ...
-    flax-attention train --model ram [--dataset cluttered-digits] [--steps N] [--glimpses G]
-                         [--random-glimpses] ...
+    flax-attention train --model ram [--dataset cluttered-digits] [--steps N | --epochs N]
+                         [--glimpses G] [--random-glimpses] ...
     flax-attention eval --run DIR
     flax-attention visualize --run DIR [--out DIR] [--num-images N] [--seed S]
     flax-attention list
@@ -19,7 +19,7 @@ taken from the run's config. Bad arguments exit non-zero with a one-line message
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import subprocess
 import sys
@@ -28,70 +28,50 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_STOPPED = 1, 2, 75, 130
 RAM = "ram"  # the Recurrent Attention Model, trained by `train.reinforce`
-# The train options of the RAM trainer, by the name of its RamConfig field.
-_RAM_OPTIONS = {"dataset": "dataset", "out": "out", "batch_size": "batch_size", "lr": "lr",
-                "seed": "seed", "checkpoint_every": "checkpoint_every", "data_dir": "data_dir",
-                "progress": "progress", "log_every": "log_every", "steps": "steps",
-                "glimpses": "num_glimpses", "random_glimpses": "random_locations",
-                "limit": "train_examples"}
-
-
-def _mechanisms() -> dict[str, tuple[Callable[[], nn.Module], tuple[tuple[int, ...], ...]]]:
-    """name -> (module factory, input shapes)."""
-    import flax_attention as fa
-
-    feature_map = (2, 24, 32, 64)
-    return {
-        "SELayer": (lambda: fa.SELayer(reduction=16), (feature_map,)),
-        "SEBottleneck": (lambda: fa.SEBottleneck(planes=16), (feature_map,)),
-        "NonLocal2D (embedded)": (lambda: fa.NonLocal2D(mode="embedded"), (feature_map,)),
-        "NonLocal2D (concatenate)": (lambda: fa.NonLocal2D(mode="concatenate"), (feature_map,)),
-        "PositionAttention": (lambda: fa.PositionAttention(), (feature_map,)),
-        "ChannelAttention": (lambda: fa.ChannelAttention(), (feature_map,)),
-        "DANetHead": (lambda: fa.DANetHead(out_channels=19), (feature_map,)),
-        "CrissCrossAttention": (lambda: fa.CrissCrossAttention(), (feature_map,)),
-        "RCCAModule": (lambda: fa.RCCAModule(out_channels=64, num_classes=19), (feature_map,)),
-        "SpatialTransformer": (
-            lambda: fa.SpatialTransformer(fa.LocalizationNet(), out_hw=(28, 28)),
-            ((2, 28, 28, 1),),
-        ),
-        "MultiHeadAttention": (
-            lambda: fa.MultiHeadAttention(num_heads=8),
-            ((2, 100, 256), (2, 300, 256), (2, 300, 256)),
-        ),
-    }
+# The train options that name a RamConfig field differently (--limit also sets test_examples).
+_RAM_FIELDS = {"glimpses": "num_glimpses", "random_glimpses": "random_locations",
+               "limit": "train_examples"}
+_RAM_ONLY = ("glimpses", "random_glimpses")
+_SUPERVISED_ONLY = ("optimizer", "dtype")
 
 
 def _count(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 
 
+def demo_row(row, key: jax.Array) -> tuple[jax.Array, int, float]:
+    """Builds the mechanism table `row`'s module, applies it jitted to random inputs of its demo
+    shapes, and returns the first output, the parameter count and the milliseconds of a call."""
+    module = row.build()
+    inputs = [jax.random.normal(jax.random.fold_in(key, i), s) for i, s in
+              enumerate(row.demo_shapes)]
+    variables = module.init(key, *inputs, **row.call_kwargs)
+    apply = jax.jit(functools.partial(module.apply, **row.call_kwargs))
+    jax.block_until_ready(apply(variables, *inputs))  # compile
+    start = time.perf_counter()
+    out = jax.block_until_ready(apply(variables, *inputs))
+    ms = (time.perf_counter() - start) * 1e3
+    return jax.tree.leaves(out)[0], _count(variables.get("params", {})), ms
+
+
 def demo(args: argparse.Namespace) -> int:
+    from flax_attention import mechanisms
+
+    rows = ([mechanisms.get(name) for name in args.only] if args.only
+            else mechanisms.MECHANISMS)
     key = jax.random.key(args.seed)
     print(f"JAX {jax.__version__} on {jax.devices()[0].platform}")
     print(f"{'mechanism':<26} {'input':<22} {'output':<20} {'params':>9} {'ms/call':>9}")
-    for name, (make, shapes) in _mechanisms().items():
-        module = make()
-        inputs = [jax.random.normal(jax.random.fold_in(key, i), s) for i, s in enumerate(shapes)]
-        variables = module.init(key, *inputs)
-        apply = jax.jit(module.apply)
-        out = jax.block_until_ready(apply(variables, *inputs))  # compile
-        start = time.perf_counter()
-        out = jax.block_until_ready(apply(variables, *inputs))
-        ms = (time.perf_counter() - start) * 1e3
-        first = jax.tree.leaves(out)[0]
+    for row in rows:
+        first, count, ms = demo_row(row, key)
         finite = bool(jnp.all(jnp.isfinite(first)))
-        print(
-            f"{name:<26} {str(shapes[0]):<22} {str(tuple(first.shape)):<20} "
-            f"{_count(variables.get('params', {})):>9,} {ms:>9.2f}"
-            + ("" if finite else "  NOT FINITE")
-        )
+        print(f"{row.name:<26} {str(row.demo_shapes[0]):<22} {str(tuple(first.shape)):<20} "
+              f"{count:>9,} {ms:>9.2f}" + ("" if finite else "  NOT FINITE"))
     return 0
 
 
@@ -103,12 +83,14 @@ def _model_names() -> list[str]:
 
 
 def list_all(args: argparse.Namespace) -> int:
+    from flax_attention import mechanisms
     from flax_attention.data import list_datasets
     from flax_attention.models import registry
     from flax_attention.models.classifiers import list_classifiers
 
     sections = {
-        "mechanisms": list(_mechanisms()),
+        "mechanisms (name, short name: paper)": [
+            f"{m.name} ({m.short}): {m.paper}" for m in mechanisms.MECHANISMS],
         "models (train --model)": [*list_classifiers(), RAM],
         "registry models (train --model takes the classifiers)": registry.list_models(),
         "data sets (train --dataset; the *mnist ones need --data-dir)": list(list_datasets()),
@@ -124,18 +106,31 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+def _run_length(args: argparse.Namespace, given: dict) -> None:
+    """--steps or --epochs: the one given fixes the run length, the other field is dropped."""
+    if "steps" in vars(args) and "epochs" in vars(args):
+        raise ValueError("give --steps or --epochs, not both")
+    if "steps" in vars(args):
+        given["epochs"] = None
+    if "epochs" in vars(args):
+        given["steps"] = None
+
+
 def _train_config(args: argparse.Namespace):
     """The run's TrainConfig: the options given, then (with --resume) the run's saved config,
     then the defaults."""
-    from flax_attention.train.supervised import TrainConfig, load_config
+    from flax_attention.train.supervised import TrainConfig
 
+    if any(option in vars(args) for option in _RAM_ONLY):
+        raise ValueError("--glimpses and --random-glimpses are options of --model ram")
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    _run_length(args, given)
     if "out" not in given:
         model = given.get("model", TrainConfig.model)
         given["out"] = os.path.join("runs", f"{model}-{given.get('dataset', TrainConfig.dataset)}")
     base = TrainConfig()
     if args.resume and (Path(given["out"]) / "config.json").is_file():
-        base = load_config(given["out"])
+        base = TrainConfig.load(given["out"])
     return TrainConfig.from_dict({**base.to_dict(), **given})
 
 
@@ -144,81 +139,85 @@ def _ram_config(args: argparse.Namespace):
     saved config, then the defaults."""
     from flax_attention.train.reinforce import RamConfig
 
-    given = {field: getattr(args, option) for option, field in _RAM_OPTIONS.items()
-             if hasattr(args, option)}
-    if "epochs" in vars(args):
-        raise ValueError("the RAM trainer counts steps: use --steps, not --epochs")
+    for option in _SUPERVISED_ONLY:
+        if option in vars(args):
+            raise ValueError(f"--{option} is not an option of --model ram")
+    fields = RamConfig.__dataclass_fields__
+    given = {_RAM_FIELDS.get(k, k): v for k, v in vars(args).items()
+             if _RAM_FIELDS.get(k, k) in fields}
     if "limit" in vars(args):
         given["test_examples"] = args.limit
+    _run_length(args, given)
     base = RamConfig()
     out = Path(given.get("out", base.out))
     if args.resume and (out / "config.json").is_file():
-        base = RamConfig(**json.loads((out / "config.json").read_text()))
-    return RamConfig(**{**base.to_dict(), **given, "resume": args.resume})
+        base = RamConfig.load(out)
+    return RamConfig.from_dict({**base.to_dict(), **given})
 
 
-def train_ram(args: argparse.Namespace) -> int:
-    from flax_attention.train.reinforce import train_ram as run
+def _trainer_kind(args: argparse.Namespace) -> str:
+    """The trainer of `train`: by --model; without it, with --resume, the one named in the
+    run's config.json; else the supervised one."""
+    from flax_attention.train.run_dir import run_kind
 
-    config = _ram_config(args)
-    config.validate()
+    model = getattr(args, "model", None)
+    if model is not None:
+        return "reinforce" if model == RAM else "supervised"
+    out = getattr(args, "out", None)
+    if args.resume and out is not None and (Path(out) / "config.json").is_file():
+        return run_kind(out)
+    return "supervised"
+
+
+def _title(config) -> str:
+    if config.KIND == "supervised":
+        return config.model
     kind = "random glimpses" if config.random_locations else "learned glimpses"
-    print(f"training RAM ({config.num_glimpses} {kind}) on {config.dataset} for {config.steps} "
-          f"steps -> {config.out}", flush=True)
-    m = run(config)
-    scores = (f": test accuracy {m['test_accuracy']:.2%}, test error {m['test_error']:.2f}%"
-              if "test_error" in m else "")
-    print(f"{m['status']} at step {m['step']} ({m['wall_s']:.0f} s){scores}", flush=True)
-    return _finish(m["status"], config.out)
+    return f"RAM ({config.num_glimpses} {kind})"
 
 
-def _finish(status: str, out: str) -> int:
-    if status == "interrupted":
-        print(f"resume with: flax-attention train --out {out} --resume", file=sys.stderr)
+def _scores(m: dict) -> str:
+    if "test_accuracy" not in m:
+        return ""
+    parts = [f"test accuracy {m['test_accuracy']:.2%}"]
+    if "test_loss" in m:
+        parts.append(f"test loss {m['test_loss']:.4f}")
+    if "test_error" in m:
+        parts.append(f"test error {m['test_error']:.2f}%")
+    return ": " + ", ".join(parts)
+
+
+def train(args: argparse.Namespace) -> int:
+    from flax_attention.train.loop import trainer_class
+    from flax_attention.train.run_dir import prepare_run_dir
+
+    kind = _trainer_kind(args)
+    config = _ram_config(args) if kind == "reinforce" else _train_config(args)
+    if kind == "supervised" and config.model not in _model_names():
+        raise ValueError(f"unknown model {config.model!r}; known: {', '.join(_model_names())}")
+    trainer = trainer_class(kind)(config)  # refuses a bad config or model: nothing written
+    prepare_run_dir(config.out)
+    print(f"training {_title(config)} on {config.dataset} for {config.length()} -> "
+          f"{config.out}", flush=True)
+    result = trainer.fit(args.resume, step_delay=args.step_delay)
+    m = result.metrics
+    print(f"{result.status} at step {m['step']} ({m['wall_s']:.0f} s){_scores(m)}", flush=True)
+    if result.status == "interrupted":
+        print(f"resume with: flax-attention train --out {config.out} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 
 
-def train(args: argparse.Namespace) -> int:
-    from flax_attention.train.reinforce import is_ram_run
-
-    resuming_ram = args.resume and is_ram_run(getattr(args, "out", ""))
-    if getattr(args, "model", None) == RAM or resuming_ram:
-        return train_ram(args)
-    if "steps" in vars(args) or "glimpses" in vars(args) or "random_glimpses" in vars(args):
-        raise ValueError("--steps, --glimpses and --random-glimpses are options of --model ram")
-    from flax_attention.train.checkpoint import prepare_run_dir
-    from flax_attention.train.supervised import train as run
-
-    config = _train_config(args)
-    config.validate()
-    if config.model not in _model_names():
-        raise ValueError(f"unknown model {config.model!r}; known: {', '.join(_model_names())}")
-    prepare_run_dir(config.out)
-    print(f"training {config.model} on {config.dataset} for {config.epochs} epochs -> "
-          f"{config.out}", flush=True)
-    result = run(config, resume=args.resume, step_delay=args.step_delay)
-    m = result.metrics
-    scores = (f": test accuracy {100 * m['test_accuracy']:.2f}%, test loss {m['test_loss']:.4f}"
-              if "test_accuracy" in m else "")
-    print(f"{result.status} at step {m['step']} ({m['wall_s']:.0f} s){scores}", flush=True)
-    return _finish(result.status, config.out)
-
-
 def evaluate(args: argparse.Namespace) -> int:
-    from flax_attention.train.reinforce import is_ram_run
-    from flax_attention.train.supervised import evaluate_run
+    from flax_attention.train.loop import evaluate_run
 
-    if is_ram_run(args.run):
-        from flax_attention.train.reinforce import evaluate_ram_run
-
-        m = evaluate_ram_run(args.run, data_dir=args.data_dir)
+    m = evaluate_run(args.run, data_dir=args.data_dir)
+    if m["trainer"] == "reinforce":
         print(f"{args.run}: step {m['step']}: test accuracy {m['test_accuracy']:.2%} "
               f"(mean over {m['mc_samples']} glimpse paths), test error {m['test_error']:.2f}%")
-        return 0
-    m = evaluate_run(args.run, data_dir=args.data_dir)
-    print(f"{args.run}: step {m['step']} (epoch {m['epoch']:.2f}): test accuracy "
-          f"{100 * m['test_accuracy']:.2f}%, test loss {m['test_loss']:.4f}")
+    else:
+        print(f"{args.run}: step {m['step']} (epoch {m['epoch']:.2f}): test accuracy "
+              f"{100 * m['test_accuracy']:.2f}%, test loss {m['test_loss']:.4f}")
     return 0
 
 
@@ -294,7 +293,8 @@ def _add_train(sub) -> None:
                    help="steps between checkpoints")
     p.add_argument("--data-dir", dest="data_dir", help="where MNIST lies (*mnist data sets)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--steps", type=positive_int, help="optimiser steps (--model ram)")
+    p.add_argument("--steps", type=positive_int,
+                   help="optimiser steps, instead of --epochs (the default of --model ram)")
     p.add_argument("--glimpses", type=positive_int, help="glimpses per image (--model ram)")
     p.add_argument("--random-glimpses", dest="random_glimpses", action="store_true",
                    help="glimpse at random places instead of the learned policy (--model ram)")
@@ -310,6 +310,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="jit every mechanism on a small input")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", nargs="+", default=(), metavar="NAME",
+                   help="these mechanisms only (names or short names of `list`)")
     p.set_defaults(func=demo)
     sub.add_parser("list", help="list the mechanisms, models and data sets").set_defaults(
         func=list_all)

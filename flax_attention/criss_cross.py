@@ -15,7 +15,6 @@ Differences from the reference:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -23,10 +22,24 @@ import jax.numpy as jnp
 
 from flax_attention._checks import check_divisible, check_rank
 from flax_attention.functional.criss_cross import criss_cross_attention, criss_cross_weights
+from flax_attention.interop.torch import (
+    Converter,
+    Rules,
+    Shapes,
+    conv,
+    conv_bn,
+    nested,
+    param,
+    register,
+    rules_for,
+)
 from flax_attention.layers import (
     Activation,
+    AttentionFn,
     ConvBN,
-    conv1x1,
+    PointwiseConv,
+    bind_attention_fn,
+    numerics,
     query_key_value,
     scaled_residual,
 )
@@ -46,13 +59,15 @@ class CrissCrossAttention(nn.Module):
 
     Attributes:
       reduction: channel reduction of the query and key projections.
-      attention_fn: `(q, k, v, precision, implementation) -> out`;
-        `functional.criss_cross_attention` by default, the slot for another kernel.
-      implementation: passed to `attention_fn`: "xla", "pallas" or None (Pallas on a GPU).
+      attention_fn: `(q, k, v, *, precision, implementation) -> out` on q, k
+        `[B, H, W, C / reduction]` and v `[B, H, W, C]`, called with the module's `precision`
+        and `implementation`; `functional.criss_cross_attention` by default, the slot for
+        another kernel.
+      implementation: passed to `attention_fn`: "xla", "pallas" or None (XLA).
     """
 
     reduction: int = 8
-    attention_fn: Callable[..., jax.Array] = criss_cross_attention
+    attention_fn: AttentionFn = criss_cross_attention
     implementation: str | None = None
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
@@ -66,7 +81,8 @@ class CrissCrossAttention(nn.Module):
         q, k, v = query_key_value(self, x, self.reduction)
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "attention", criss_cross_weights(q, k, self.precision))
-        out = self.attention_fn(q, k, v, self.precision, self.implementation)
+        attention_fn = bind_attention_fn(self.attention_fn, criss_cross_attention)
+        out = attention_fn(q, k, v, precision=self.precision, implementation=self.implementation)
         return scaled_residual(self, out, x)
 
 
@@ -85,7 +101,7 @@ class RCCAModule(nn.Module):
       dropout: Dropout2d rate (whole channels) after the bottleneck.
       reduction: query/key channel reduction inside the criss-cross block.
       activation: applied after every BatchNorm (InPlaceABN's default: leaky ReLU, 0.01).
-      implementation: of the criss-cross attention: "xla", "pallas" or None (Pallas on a GPU).
+      implementation: of the criss-cross attention: "xla", "pallas" or None (XLA).
     """
 
     out_channels: int = 512
@@ -105,12 +121,10 @@ class RCCAModule(nn.Module):
         check_rank("x", x, 4, "[B, H, W, C]")
         check_divisible("channels of x", x.shape[-1], 4 * self.reduction, "4 * reduction")
         inter = x.shape[-1] // 4
-        conv_bn = functools.partial(ConvBN, activation=self.activation, dtype=self.dtype,
-                                    param_dtype=self.param_dtype)
+        conv_bn = functools.partial(ConvBN, activation=self.activation, **numerics(self))
         out = conv_bn(inter, name="conva")(x, train)
         cca = CrissCrossAttention(self.reduction, implementation=self.implementation,
-                                  dtype=self.dtype, param_dtype=self.param_dtype,
-                                  precision=self.precision, name="cca")
+                                  name="cca", **numerics(self))
         for _ in range(self.recurrence):
             out = cca(out)
         out = conv_bn(inter, name="convb")(out, train)
@@ -120,5 +134,43 @@ class RCCAModule(nn.Module):
         out = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(out, deterministic)
         if self.num_classes is None:
             return out
-        return conv1x1(self.num_classes, self.dtype, self.param_dtype, "classifier",
-                       precision=self.precision)(out)
+        return PointwiseConv(self.num_classes, name="classifier", **numerics(self))(out)
+
+
+# --- PyTorch weights (`interop.torch.from_torch`) ----------------------------------------
+# `CrissCrossAttention`: `query_conv`, `key_conv`, `value_conv` (1x1 convs with bias), `gamma`.
+# `RCCAModule`: `conva.0` (conv) / `conva.1` (InPlaceABN: BatchNorm keys), `cca.*`, `convb.0/1`,
+# `bottleneck.0` (conv), `bottleneck.1` (BatchNorm), `bottleneck.3` (classifier conv, with bias,
+# only when `num_classes` is set).
+
+def _nhwc(channels: int) -> tuple[jnp.ndarray]:
+    return (jnp.zeros((1, 1, 1, channels), jnp.float32),)
+
+
+def _cca_rules(module: CrissCrossAttention) -> Rules:
+    rules = param(("gamma",), "gamma")
+    for name in ("query_conv", "key_conv", "value_conv"):
+        rules |= conv((name,), name)
+    return rules
+
+
+def _rcca_rules(module: RCCAModule) -> Rules:
+    cca = CrissCrossAttention(module.reduction)
+    rules = nested(rules_for(cca), ("cca",), "cca")
+    for name in ("conva", "convb", "bottleneck"):
+        rules |= conv_bn((name,), name)
+    if module.num_classes is not None:
+        rules |= conv(("classifier",), "bottleneck.3")
+    return rules
+
+
+def _cca_inputs(module: CrissCrossAttention, shapes: Shapes) -> tuple[jnp.ndarray]:
+    return _nhwc(shapes["value_conv.weight"][1])
+
+
+def _rcca_inputs(module: RCCAModule, shapes: Shapes) -> tuple[jnp.ndarray]:
+    return _nhwc(shapes["conva.0.weight"][1])
+
+
+register(CrissCrossAttention)(Converter(_cca_rules, _cca_inputs))
+register(RCCAModule)(Converter(_rcca_rules, _rcca_inputs))

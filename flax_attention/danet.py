@@ -8,8 +8,6 @@ reference so `flax_attention.interop.torch.from_torch` imports its state dicts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,6 +16,18 @@ from jax import lax
 from flax_attention import layers
 from flax_attention._checks import check_divisible, check_rank
 from flax_attention.functional import danet as F
+from flax_attention.interop.torch import (
+    Converter,
+    Rules,
+    Shapes,
+    conv,
+    conv_bn,
+    image_input,
+    nested,
+    param,
+    register,
+    rules_for,
+)
 
 __all__ = ["PositionAttention", "ChannelAttention", "DANetHead"]
 
@@ -41,15 +51,18 @@ class PositionAttention(nn.Module):
     Attributes:
       reduction: query/key channels are C / reduction.
       chunk_size: queries per block of `functional.position_attention`; None for its default.
-      implementation: None, "xla" or "pallas", as in `functional.position_attention`.
-      attention_fn: `(q, k, v, precision=...) -> out` replacing `functional.position_attention`
-        (then `chunk_size` and `implementation` must stay None); None for that function.
+      implementation: None, "xla" or "pallas", as in `functional.position_attention`; passed
+        to `attention_fn`.
+      attention_fn: `(q, k, v, *, precision, implementation) -> out` on q, k
+        `[B, H, W, C / reduction]` and v `[B, H, W, C]`, called with the module's `precision`
+        and `implementation`; `functional.position_attention` by default (with `chunk_size`
+        bound; another `attention_fn` needs `chunk_size` None).
     """
 
     reduction: int = 8
     chunk_size: int | None = None
     implementation: str | None = None
-    attention_fn: Callable[..., jax.Array] | None = None
+    attention_fn: layers.AttentionFn = F.position_attention
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
@@ -59,14 +72,14 @@ class PositionAttention(nn.Module):
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
         check_rank("x", x, 4, "[B, H, W, C]")
         check_divisible("x channels", x.shape[-1], self.reduction, "reduction")
-        attention_fn = layers.select_attention_fn(self.attention_fn, F.position_attention,
-                                                  chunk_size=self.chunk_size,
-                                                  implementation=self.implementation)
+        attention_fn = layers.bind_attention_fn(self.attention_fn, F.position_attention,
+                                                chunk_size=self.chunk_size)
         q, k, v = layers.query_key_value(self, x, self.reduction)
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "attention",
                      F.position_attention_weights(q, k, precision=self.precision))
-        attended = attention_fn(q, k, v, precision=self.precision)
+        attended = attention_fn(q, k, v, precision=self.precision,
+                                implementation=self.implementation)
         return layers.scaled_residual(self, attended, x)
 
 
@@ -105,7 +118,8 @@ class DANetHead(nn.Module):
     Returns, like the reference, the tuple `(fused, pam_out, cam_out)`: `conv8` of the sum, then
     `conv6` and `conv7` of the branches (DANet trains on all three, infers with the first).
     Differences: C must be divisible by 32 (inter by PAM's reduction 8; the reference floors).
-    Dropout (rng stream "dropout") and batch statistics are active only when `train`.
+    Batch statistics are used when `train`, dropout (rng stream "dropout") when not
+    `deterministic`.
 
     Attributes:
       out_channels: output channels (classes) of each of the three outputs.
@@ -122,10 +136,10 @@ class DANetHead(nn.Module):
     precision: lax.PrecisionLike = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False
+    def __call__(self, x: jax.Array, train: bool = False, deterministic: bool = True
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`[B, H, W, C]` -> three `[B, H, W, out_channels]`: (fused, pam_out, cam_out)."""
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        kw = layers.numerics(self)
         pam = PositionAttention(chunk_size=self.chunk_size, implementation=self.implementation,
                                 name="sa", **kw)
         check_rank("x", x, 4, "[B, H, W, C]")
@@ -137,9 +151,42 @@ class DANetHead(nn.Module):
             return layers.ConvBN(inter, 3, name=name, **kw)(y, train)
 
         def classify(name: str, y: jax.Array) -> jax.Array:
-            y = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(y)
-            return layers.conv1x1(self.out_channels, name=name, **kw)(y)
+            y = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(y, deterministic)
+            return layers.PointwiseConv(self.out_channels, name=name, **kw)(y)
 
         sa = conv_bn("conv51", pam(conv_bn("conv5a", x)))
         sc = conv_bn("conv52", ChannelAttention(name="sc", **kw)(conv_bn("conv5c", x)))
         return classify("conv8", sa + sc), classify("conv6", sa), classify("conv7", sc)
+
+
+# --- PyTorch weights (`interop.torch.from_torch`) ----------------------------------------
+
+def _pam_rules(module: PositionAttention) -> Rules:
+    rules = param(("gamma",), "gamma")
+    for name in ("query_conv", "key_conv", "value_conv"):
+        rules |= conv((name,), name)
+    return rules
+
+
+def _head_rules(module: DANetHead) -> Rules:
+    rules = nested(rules_for(PositionAttention()), ("sa",), "sa")
+    rules |= nested(rules_for(ChannelAttention()), ("sc",), "sc")
+    for name in ("conv5a", "conv5c", "conv51", "conv52"):
+        rules |= conv_bn((name,), name)
+    for name in ("conv6", "conv7", "conv8"):
+        rules |= conv((name,), f"{name}.1")
+    return rules
+
+
+def _cam_inputs(module: ChannelAttention, shapes: Shapes) -> tuple[jax.ShapeDtypeStruct]:
+    # No weight tells CAM's width, and every width has the same (1,) gamma.
+    return (jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32),)
+
+
+register(PositionAttention)(
+    Converter(_pam_rules, lambda module, shapes: image_input(shapes, "value_conv.weight"))
+)
+register(ChannelAttention)(Converter(lambda module: param(("gamma",), "gamma"), _cam_inputs))
+register(DANetHead)(
+    Converter(_head_rules, lambda module, shapes: image_input(shapes, "conv5a.0.weight"))
+)

@@ -7,7 +7,9 @@ T), K object classes; logits have K + 1 entries, the last being "no object". Box
 
 Differences from facebookresearch/detr (models/matcher.py, models/detr.py `SetCriterion`):
 - The assignment is solved in JAX (shortest augmenting paths, Jonker-Volgenant style, O(T^2 Q)),
-  not by scipy on the host, so matching and losses run under `jit` and `vmap`.
+  not by scipy on the host, so matching and losses run under `jit` and `vmap`. It skips padded
+  targets; `optax.assignment.hungarian_algorithm` takes no mask, and with padded targets given
+  a high cost it ran up to 3x slower unpadded, 50x+ padded (`benchmarks/matcher.py`, CPU).
 - Targets come padded to a static `[B, T]` with a validity mask instead of a list of
   variable-length tensors: padded targets are never matched and never counted.
 - Only loss_ce, loss_bbox and loss_giou (and their auxiliary copies) are computed; DETR's
@@ -31,14 +33,8 @@ from flax_attention.functional.boxes import (
     generalized_box_iou_loss,
 )
 
-__all__ = [
-    "DEFAULT_LOSS_WEIGHTS",
-    "linear_assignment",
-    "hungarian_matching",
-    "match_cost",
-    "detr_matcher",
-    "set_criterion",
-]
+__all__ = ["DEFAULT_LOSS_WEIGHTS", "linear_assignment", "hungarian_matching", "match_cost",
+           "detr_matcher", "set_criterion"]
 
 DEFAULT_LOSS_WEIGHTS: Mapping[str, float] = MappingProxyType({"ce": 1.0, "bbox": 5.0, "giou": 2.0})
 
@@ -58,14 +54,10 @@ def _invert(assigned: jax.Array, size: int) -> jax.Array:
 def _shortest_path(a: jax.Array, col_ok: jax.Array, active: jax.Array, u: jax.Array,
                    v: jax.Array, p: jax.Array):
     """Dijkstra on the reduced costs `a[p[j], k] - u[j] - v[k]` from the new row `p[0]` to a free
-    usable column.
-
-    The row potentials are kept by column: `u[j]` belongs to the row `p[j]` matched to column j
-    (column 0: the new row; unmatched rows are never reached and keep 0), so every update is
-    dense. Returns the updated `(u, v)`, `way` (the predecessor of each column on the
-    shortest-path tree) and the free column reached, or 0 (nothing to augment) when `active` is
-    false or no free usable column is left (more usable rows than columns).
-    """
+    usable column. Row potentials are kept by column (`u[j]`: that of the row `p[j]`, column 0
+    the new row), so every update is dense. Returns the updated `(u, v)`, `way` (each column's
+    predecessor on the path tree) and the free column reached, or 0 (nothing to augment) when
+    `active` is false or no free usable column is left (more usable rows than columns)."""
     big = jnp.finfo(a.dtype).max
 
     def searching(s):
@@ -89,34 +81,18 @@ def _shortest_path(a: jax.Array, col_ok: jax.Array, active: jax.Array, u: jax.Ar
         minv = jnp.where(free, minv - delta, minv)
         return u, v, way, minv, used, jnp.where(stuck, 0, j1), stuck
 
-    m1 = v.shape[0]
-    init = (u, v, jnp.zeros(m1, jnp.int32), jnp.full(m1, big, a.dtype), jnp.zeros(m1, bool),
-            jnp.int32(0), jnp.bool_(False))
+    init = (u, v, jnp.zeros_like(p), jnp.full_like(v, big), jnp.zeros(v.shape, bool), jnp.int32(0),
+            jnp.bool_(False))
     u, v, way, *_, j, _ = lax.while_loop(searching, step, init)
     return u, v, way, j
 
 
-def _augment(p: jax.Array, u: jax.Array, way: jax.Array, j: jax.Array):
-    """Flips the alternating path ending at column j (back to column 0): each column on it takes
-    the row, and that row's potential, of its predecessor."""
-
-    def back(s):
-        p, u, j = s
-        prev = way[j]
-        return p.at[j].set(p[prev]), u.at[j].set(u[prev]), prev
-
-    p, u, _ = lax.while_loop(lambda s: s[2] != 0, back, (p, u, j))
-    return p, u
-
-
 def _solve(cost: jax.Array, row_ok: jax.Array, col_ok: jax.Array) -> jax.Array:
-    """Column per row `[N]` (-1: none) of a minimum-cost assignment of the usable rows.
-
-    Rows are added one at a time, each by a shortest augmenting path (Jonker-Volgenant; the
-    O(N^2 M) formulation with row and column potentials). Optimal when there are no more usable
-    rows than usable columns; otherwise some rows are left out, not necessarily the best ones.
-    Entries of unusable rows and columns are never used.
-    """
+    """Column per row `[N]` (-1: none) of a minimum-cost assignment of the usable rows, added one
+    at a time, each by a shortest augmenting path (Jonker-Volgenant, O(N^2 M), with row and
+    column potentials); unusable rows cost no step. Optimal when there are no more usable rows
+    than usable columns, else some rows are left out, not necessarily the best ones. Entries of
+    unusable rows and columns are never used."""
     n, m = cost.shape
     a = jnp.pad(cost, ((1, 0), (1, 0)))  # row 0 and column 0 are dummies
     col_ok = jnp.pad(col_ok, (1, 0))
@@ -126,7 +102,12 @@ def _solve(cost: jax.Array, row_ok: jax.Array, col_ok: jax.Array) -> jax.Array:
         u, v, p = state
         p, u = p.at[0].set(i), u.at[0].set(0)
         u, v, way, j = _shortest_path(a, col_ok, row_ok[i], u, v, p)
-        p, u = _augment(p, u, way, j)
+
+        def flip(s):  # back along the path to column 0: each column takes its predecessor's row
+            p, u, j = s
+            return p.at[j].set(p[way[j]]), u.at[j].set(u[way[j]]), way[j]
+
+        p, u, _ = lax.while_loop(lambda s: s[2] != 0, flip, (p, u, j))
         return u, v, p
 
     init = (jnp.zeros(m + 1, a.dtype), jnp.zeros(m + 1, a.dtype), jnp.zeros(m + 1, jnp.int32))
@@ -135,12 +116,10 @@ def _solve(cost: jax.Array, row_ok: jax.Array, col_ok: jax.Array) -> jax.Array:
 
 
 def _assign(cost: jax.Array, row_ok: jax.Array, col_ok: jax.Array, sizes_known: tuple[bool, bool]):
-    """Column per row `[N]` of a minimum-cost assignment between usable rows and columns.
-
-    The solver needs the side with fewer usable entries as its rows: decided at trace time when
-    the shapes settle it (`sizes_known`: whether each side's usable count is its full size),
-    else by a `lax.cond` on the counts (under `vmap` both branches run).
-    """
+    """Column per row `[N]` of a minimum-cost assignment between usable rows and columns. The
+    solver needs the side with fewer usable entries as its rows: decided at trace time when the
+    shapes settle it (`sizes_known`: whether each side's usable count is its full size), else by
+    a `lax.cond` on the counts (under `vmap` both branches run)."""
     n, m = cost.shape
 
     def by_cols(c, r, k):
@@ -167,9 +146,8 @@ def linear_assignment(cost: jax.Array, row_mask: jax.Array | None = None,
     """A minimum-cost assignment, as the column assigned to each row.
 
     Matches min(#usable rows, #usable columns) pairs, each row and column at most once, with the
-    smallest total cost (as scipy's `linear_sum_assignment`; ties may be broken differently).
-    Written with `lax` loops: it jits, and vmaps over a batch of equal-sized matrices. The cost is
-    not differentiated through (`stop_gradient`) and is solved in at least float32.
+    smallest total cost (as scipy's `linear_sum_assignment`; ties may be broken differently). It
+    jits and vmaps; the cost is not differentiated through and is solved in at least float32.
 
     Args:
       cost: `[N, M]`, finite where both row and column are usable (other entries are ignored).
@@ -202,7 +180,7 @@ def hungarian_matching(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
       `cost[row_indices, col_indices].sum()` is the minimum over all assignments.
 
     Raises:
-      ValueError: if `cost` is not of rank 2.
+      ValueError: `cost` not of rank 2.
     """
     col_of_row = linear_assignment(cost)
     rows = jnp.nonzero(col_of_row >= 0, size=min(cost.shape))[0].astype(jnp.int32)
@@ -416,8 +394,6 @@ def set_criterion(outputs: Mapping, targets: Mapping, num_classes: int, eos_coef
                                 jnp.stack([bx for _, bx in layers]), labels, boxes, mask,
                                 num_boxes, class_weight, matcher)
     total = sum(weight * per_layer[_LOSS_NAMES[key]].sum() for key, weight in weights.items())
-    losses = {}
-    for i in range(len(layers)):
-        suffix = "" if i == 0 else f"_{i - 1}"
-        losses.update({name + suffix: value[i] for name, value in per_layer.items()})
+    losses = {name + ("" if i == 0 else f"_{i - 1}"): value[i]
+              for i in range(len(layers)) for name, value in per_layer.items()}
     return jnp.asarray(total, jnp.float32), losses

@@ -1,19 +1,64 @@
-"""Small building blocks shared by several mechanism families."""
+"""Small building blocks shared by several mechanism families, and the conventions of every
+module.
+
+Conventions (the one module contract):
+
+- Numerics: every module has `dtype` (computation), `param_dtype` and `precision` fields and
+  passes all three on to each submodule it builds with `**layers.numerics(self)`, so that
+  `precision` reaches every convolution, dense layer and einsum.
+- Flags: a module with BatchNorm takes `train: bool = False` as a call argument (True: batch
+  statistics, and the "batch_stats" collection must be mutable); a module with dropout takes
+  `deterministic: bool = True` as a call argument (False: dropout on, needs a "dropout" rng); a
+  module with both takes both and passes each on unchanged. Neither is a module field.
+- Attention: the modules of a mechanism with a swappable kernel (criss-cross, PAM, non-local,
+  multi-head attention) have an `attention_fn` field, called as
+  `attention_fn(q, k, v, *, precision, implementation)` (the `AttentionFn` signature) with the
+  module's `precision` and `implementation` fields; its default is the family's functional op,
+  to which `bind_attention_fn` binds the module's other options (such as `chunk_size`).
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from flax_attention._checks import check_choice
-from flax_attention.kernels._dispatch import IMPLEMENTATIONS
-
 Activation = Callable[[jax.Array], jax.Array] | None
+# `attention_fn(q, k, v, *, precision, implementation) -> out`; see the module docstring.
+AttentionFn = Callable[..., jax.Array]
+
+
+def numerics(module: nn.Module) -> dict[str, Any]:
+    """The `dtype`, `param_dtype` and `precision` of `module`, to build a submodule with:
+    `nn.Dense(features, **layers.numerics(self))`."""
+    return {"dtype": module.dtype, "param_dtype": module.param_dtype,
+            "precision": module.precision}
+
+
+def max_pool(x: jax.Array, window: Sequence[int]) -> jax.Array:
+    """Max-pool with stride = window, flooring odd sizes (torch's MaxPool, "VALID").
+
+    By reshaping each pooled axis into (size / k, k) and reducing: on the CPU its gradient (a
+    mask) is several times faster than XLA's select-and-scatter for `nn.max_pool`. Ties share
+    the gradient equally, where torch gives all of it to the first maximum.
+
+    Args:
+      x: `[B, *S, C]`.
+      window: one size per spatial axis.
+
+    Returns:
+      `[B, *(S // window), C]`.
+    """
+    kept = [n // k * k for n, k in zip(x.shape[1:-1], window, strict=True)]
+    x = x[(slice(None), *(slice(0, n) for n in kept))]
+    split = [d for n, k in zip(kept, window, strict=True) for d in (n // k, k)]
+    x = x.reshape(x.shape[0], *split, x.shape[-1])
+    return x.max(axis=tuple(range(2, 2 + 2 * len(window), 2)))
 
 
 def batch_norm(train: bool, dtype, param_dtype, name: str | None = None, **kwargs) -> nn.BatchNorm:
@@ -71,20 +116,24 @@ class ConvBN(nn.Module):
 class PointwiseConv(nn.Module):
     """A 1x1 (1, 1x1x1) convolution with `nn.Conv`'s parameters (kernel `[1, ..., 1, C, O]`,
     bias `[O]`), computed as a matrix product over the channels: on the CPU, XLA's gradient of
-    a dot is two to four times as fast as that of a 1x1 convolution."""
+    a dot is two to four times as fast as that of a 1x1 convolution. The package's one 1x1
+    convolution; `strides` subsamples every spatial axis first (no padding)."""
 
     features: int
     spatial_dims: int = 2
     use_bias: bool = True
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     bias_init: nn.initializers.Initializer = nn.initializers.zeros
+    strides: int = 1
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: jax.lax.PrecisionLike = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """`[B, *S, C]` -> `[B, *S, features]`."""
+        """`[B, *S, C]` -> `[B, *ceil(S / strides), features]`."""
+        if self.strides != 1:
+            x = x[(slice(None), *(slice(None, None, self.strides),) * self.spatial_dims)]
         shape = (*(1,) * self.spatial_dims, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if (
@@ -92,13 +141,6 @@ class PointwiseConv(nn.Module):
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = jnp.dot(x, kernel.reshape(shape[-2:]), precision=self.precision)
         return y if bias is None else y + bias
-
-
-def conv1x1(features: int, dtype, param_dtype, name: str, use_bias: bool = True,
-            spatial_dims: int = 2, **kwargs) -> PointwiseConv:
-    """A 1x1 (or 1, 1x1x1) convolution, named like the torch module it mirrors."""
-    return PointwiseConv(features, spatial_dims, use_bias, dtype=dtype, param_dtype=param_dtype,
-                         name=name, **kwargs)
 
 
 def query_key_value(module: nn.Module, x: jax.Array, reduction: int
@@ -120,8 +162,7 @@ def query_key_value(module: nn.Module, x: jax.Array, reduction: int
     features = {"query_conv": channels // reduction, "key_conv": channels // reduction,
                 "value_conv": channels}
     return tuple(  # type: ignore[return-value]
-        conv1x1(n, module.dtype, module.param_dtype, name, precision=module.precision)(x)
-        for name, n in features.items()
+        PointwiseConv(n, name=name, **numerics(module))(x) for name, n in features.items()
     )
 
 
@@ -133,21 +174,23 @@ def scaled_residual(module: nn.Module, attended: jax.Array, x: jax.Array) -> jax
     return gamma * attended + x
 
 
-def select_attention_fn(attention_fn: Callable[..., jax.Array] | None,
-                        default: Callable[..., jax.Array], *, chunk_size: int | None,
-                        implementation: str | None) -> Callable[..., jax.Array]:
-    """The attention function of a module: its own `attention_fn`, else `default` (an op that
-    takes `chunk_size` and `implementation` keywords) with the module's options bound.
+def bind_attention_fn(attention_fn: AttentionFn, default: AttentionFn,
+                      **options: Any) -> AttentionFn:
+    """A module's `attention_fn`, ready to call as `fn(q, k, v, precision=, implementation=)`.
+
+    Args:
+      attention_fn: the module's field.
+      default: the family's functional op, the field's default.
+      **options: the module's other options for `default` (such as `chunk_size`); those not None
+        are bound to it.
 
     Raises:
-      ValueError: an unknown `implementation`, or `chunk_size` or `implementation` given
-        together with an `attention_fn`.
+      ValueError: an option that is not None given together with another `attention_fn`.
     """
-    check_choice("implementation", implementation, IMPLEMENTATIONS)
-    if attention_fn is None:
-        return functools.partial(default, chunk_size=chunk_size, implementation=implementation)
-    if chunk_size is not None or implementation is not None:
-        raise ValueError("chunk_size and implementation apply to the default attention_fn; got "
-                         f"chunk_size={chunk_size}, implementation={implementation!r} with "
-                         f"attention_fn={attention_fn!r}")
+    options = {name: value for name, value in options.items() if value is not None}
+    if attention_fn is default:
+        return functools.partial(default, **options)
+    if options:
+        raise ValueError(f"{', '.join(options)} apply to the default attention_fn; got "
+                         f"{options} with attention_fn={attention_fn!r}")
     return attention_fn

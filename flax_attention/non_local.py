@@ -9,46 +9,36 @@ here, channels first there; parameter names follow the reference so
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from flax_attention import layers
 from flax_attention._checks import check_choice, check_rank
-from flax_attention.functional import non_local_ops as F
+from flax_attention.functional.non_local import MODES, non_local, non_local_weights
+from flax_attention.interop.torch import (
+    Converter,
+    Rules,
+    Shapes,
+    batch_norm,
+    conv,
+    image_input,
+    param,
+    register,
+)
 
 __all__ = ["NonLocal1D", "NonLocal2D", "NonLocal3D"]
 
 _LAYOUTS = {1: "[B, L, C]", 2: "[B, H, W, C]", 3: "[B, T, H, W, C]"}
 # Sub-sampling max-pools every spatial axis by 2, except time in 3-D.
 _POOL_WINDOWS = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
-
-
-def _max_pool(x: jax.Array, window: Sequence[int]) -> jax.Array:
-    """Max-pool with stride = window, flooring odd sizes (torch's MaxPool, "VALID").
-
-    By reshaping each pooled axis into (size / k, k) and reducing: on the CPU its gradient (a
-    mask) is several times faster than XLA's select-and-scatter for `nn.max_pool`. Ties share
-    the gradient equally, where torch gives all of it to the first maximum.
-
-    Args:
-      x: `[B, *S, C]`.
-      window: one size per spatial axis.
-
-    Returns:
-      `[B, *(S // window), C]`.
-    """
-    kept = [n // k * k for n, k in zip(x.shape[1:-1], window, strict=True)]
-    x = x[(slice(None), *(slice(0, n) for n in kept))]
-    split = [d for n, k in zip(kept, window, strict=True) for d in (n // k, k)]
-    x = x.reshape(x.shape[0], *split, x.shape[-1])
-    return x.max(axis=tuple(range(2, 2 + 2 * len(window), 2)))
 
 
 class _NonLocalND(nn.Module):
@@ -81,9 +71,12 @@ class _NonLocalND(nn.Module):
         builds the whole map); None for `functional.non_local`'s default.
       implementation: None, "xla" or "pallas", as in `functional.non_local` (a GPU runs the
         softmax modes by cuDNN or a Pallas flash kernel by default).
-      attention_fn: `(theta, phi, g, mode, concat_weights, use_scale, precision) -> y` on the
-        flattened positions replacing `functional.non_local` (then `chunk_size` and
-        `implementation` must stay None); None for that function.
+      attention_fn: `(q, k, v, *, precision, implementation) -> y`, called on theta, phi and g
+        flattened to `[B, L, inter]` with the module's `precision` and `implementation`;
+        `functional.non_local` by default (with `mode`, `concat_project`, `use_scale` and
+        `chunk_size` bound). Another `attention_fn` computes the whole pairwise function
+        itself, so it needs `chunk_size` None, `use_scale` False and a mode other than
+        "concatenate" (whose `concat_project` weight it cannot see).
     """
 
     inter_channels: int | None = None
@@ -93,7 +86,7 @@ class _NonLocalND(nn.Module):
     use_scale: bool = False
     chunk_size: int | None = None
     implementation: str | None = None
-    attention_fn: Callable[..., jax.Array] | None = None
+    attention_fn: layers.AttentionFn = non_local
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
@@ -103,7 +96,7 @@ class _NonLocalND(nn.Module):
     def _check(self, x: jax.Array) -> int:
         """Checks `x` and the fields; returns the inter channels."""
         check_rank("x", x, self.spatial_dims + 2, _LAYOUTS[self.spatial_dims])
-        check_choice("mode", self.mode, F.MODES)
+        check_choice("mode", self.mode, MODES)
         if self.use_scale and self.mode != "embedded":
             raise ValueError(f"use_scale applies to mode 'embedded' only, got mode {self.mode!r}")
         if self.sub_sample:
@@ -119,12 +112,23 @@ class _NonLocalND(nn.Module):
         return inter
 
     def _conv(self, features: int, name: str, **kwargs) -> layers.PointwiseConv:
-        return layers.PointwiseConv(features, self.spatial_dims, dtype=self.dtype,
-                              param_dtype=self.param_dtype, precision=self.precision, name=name,
-                              **kwargs)
+        return layers.PointwiseConv(features, self.spatial_dims, name=name, **kwargs,
+                                    **layers.numerics(self))
 
     def _pool(self, x: jax.Array) -> jax.Array:
-        return _max_pool(x, _POOL_WINDOWS[self.spatial_dims]) if self.sub_sample else x
+        return layers.max_pool(x, _POOL_WINDOWS[self.spatial_dims]) if self.sub_sample else x
+
+    def _attention_fn(self, concat_weights: jax.Array | None) -> layers.AttentionFn:
+        """`attention_fn` with the mode's arguments bound to the default."""
+        fn = layers.bind_attention_fn(self.attention_fn, non_local, chunk_size=self.chunk_size)
+        if self.attention_fn is non_local:
+            return functools.partial(fn, mode=self.mode, concat_weights=concat_weights,
+                                     use_scale=self.use_scale)
+        if self.use_scale or self.mode == "concatenate":
+            raise ValueError("use_scale and mode 'concatenate' apply to the default "
+                             f"attention_fn; got use_scale={self.use_scale}, mode={self.mode!r} "
+                             f"with attention_fn={self.attention_fn!r}")
+        return fn
 
     def _project(self, y: jax.Array, channels: int, train: bool) -> jax.Array:
         """W: inter -> C, starting at zero."""
@@ -139,9 +143,6 @@ class _NonLocalND(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, *S, C]` -> `[B, *S, C]` (S: L in 1-D, H, W in 2-D, T, H, W in 3-D)."""
         inter = self._check(x)
-        attention_fn = layers.select_attention_fn(self.attention_fn, F.non_local,
-                                                  chunk_size=self.chunk_size,
-                                                  implementation=self.implementation)
         (x,) = promote_dtype(x, dtype=self.dtype)
         if self.mode == "gaussian":
             theta, phi = x, x
@@ -153,10 +154,12 @@ class _NonLocalND(nn.Module):
             init = nn.initializers.normal(1 / math.sqrt(2 * inter))
             concat_weights = self.param("concat_project", init, (2 * inter,), self.param_dtype)
         theta, phi, g = (a.reshape(a.shape[0], -1, a.shape[-1]) for a in (theta, phi, g))
-        args = (self.mode, concat_weights, self.use_scale, self.precision)
         if self.is_mutable_collection("intermediates"):
-            self.sow("intermediates", "attention", F.non_local_weights(theta, phi, *args))
-        y = attention_fn(theta, phi, g, *args).reshape(*x.shape[:-1], inter)
+            self.sow("intermediates", "attention", non_local_weights(
+                theta, phi, self.mode, concat_weights, self.use_scale, self.precision))
+        y = self._attention_fn(concat_weights)(theta, phi, g, precision=self.precision,
+                                               implementation=self.implementation)
+        y = y.reshape(*x.shape[:-1], inter)
         return x + self._project(y, x.shape[-1], train)
 
 
@@ -173,3 +176,41 @@ class NonLocal2D(_NonLocalND):
 class NonLocal3D(_NonLocalND):
     __doc__ = f"The 3-D non-local block, `[B, T, H, W, C]`.\n\n{_NonLocalND.__doc__}"
     spatial_dims: ClassVar[int] = 3
+
+
+# --- PyTorch weights (`interop.torch.from_torch`) ----------------------------------------
+# Keys are AlexHex7/Non-local_pytorch's: `g`, `theta`, `phi` (`g.0`, `phi.0` when sub-sampling
+# wraps them with the pool; mode "gaussian" has no `theta` and a parameter-free `phi`), `W.0`
+# (conv) and `W.1` (BatchNorm), or `W` (conv) without `bn_layer`, and `concat_project.0` (the
+# `Conv2d(2 inter, 1, 1, bias=False)` of mode "concatenate").
+
+NonLocal = NonLocal1D | NonLocal2D | NonLocal3D
+
+
+def _concat_vector(a: np.ndarray) -> np.ndarray:
+    """torch `[1, 2 inter, 1, 1]` -> `[2 inter]` (ValueError for any other layout)."""
+    return a.reshape(a.shape[1])
+
+
+def _g_key(module: NonLocal) -> str:
+    return "g.0" if module.sub_sample else "g"
+
+
+def _rules(module: NonLocal) -> Rules:
+    rules = conv(("g",), _g_key(module))
+    if module.mode != "gaussian":
+        rules |= conv(("theta",), "theta")
+        rules |= conv(("phi",), "phi.0" if module.sub_sample else "phi")
+    if module.mode == "concatenate":
+        rules |= param(("concat_project",), "concat_project.0.weight", _concat_vector)
+    if module.bn_layer:
+        return rules | conv(("W_0",), "W.0") | batch_norm(("W_1",), "W.1")
+    return rules | conv(("W",), "W")
+
+
+def _inputs(module: NonLocal, shapes: Shapes) -> tuple[jax.ShapeDtypeStruct]:
+    return image_input(shapes, f"{_g_key(module)}.weight", side=4,
+                       spatial_dims=module.spatial_dims)
+
+
+register(NonLocal1D, NonLocal2D, NonLocal3D)(Converter(_rules, _inputs))

@@ -17,6 +17,7 @@ from flax_attention.functional.attention import (
     learned_position_embedding,
     sine_position_embedding,
 )
+from flax_attention.interop.torch import Converter, param, register
 
 __all__ = ["PositionEmbeddingLearned", "PositionEmbeddingSine"]
 
@@ -83,3 +84,12 @@ class PositionEmbeddingLearned(nn.Module):
         ]
         pos = learned_position_embedding(*tables, *x.shape[:3])
         return pos.astype(self.dtype or self.param_dtype)
+
+
+# --- PyTorch weights (`interop.torch.from_torch`) ----------------------------------------
+# Keys `row_embed.weight`, `col_embed.weight` (detr `models/position_encoding.py`).
+
+register(PositionEmbeddingLearned)(Converter(
+    lambda m: param(("row_embed",), "row_embed.weight") | param(("col_embed",), "col_embed.weight"),
+    lambda m, s: (jnp.zeros((1, 1, 1, 1)),),
+))

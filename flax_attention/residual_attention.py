@@ -7,8 +7,8 @@ residual-unit skip connection at every level but the innermost, ending in
 BN-ReLU-1x1conv-BN-ReLU-1x1conv-sigmoid. The output is the attention residual (1 + M) * T,
 framed by p residual units before and after. Stages 1/2/3 have 3/2/1 down-up levels.
 
-Shapes use the legend B batch, H height, W width, C channels. The pure functions
-(`interpolate_bilinear`, `attention_residual`) are the math; the modules own the parameters.
+Shapes use the legend B batch, H height, W width, C channels. The math (`interpolate_bilinear`,
+`attention_residual`) is in `flax_attention.functional`; the modules own the parameters.
 
 Differences from the references:
 - The common PyTorch port (tengshaofeng/ResidualAttentionNetwork-pytorch) hard-codes the
@@ -28,97 +28,16 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_attention._checks import check_divisible, check_rank
-from flax_attention.layers import batch_norm
+from flax_attention.functional.residual_attention import attention_residual, interpolate_bilinear
+from flax_attention.interop.torch import Converter, mirror_rules, register
+from flax_attention.layers import PointwiseConv, batch_norm, numerics
 
-__all__ = [
-    "PreActBottleneck",
-    "ResidualAttentionModule",
-    "attention_residual",
-    "interpolate_bilinear",
-]
+__all__ = ["PreActBottleneck", "ResidualAttentionModule"]
 
 _LAYOUT = "[B, H, W, C]"
 Precision = jax.lax.PrecisionLike
-
-
-@functools.lru_cache(maxsize=64)
-def _interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """`[n_out, n_in]` weights of 1-D linear interpolation with aligned corners."""
-    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-    src = np.arange(n_out) * scale
-    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = src - lo
-    weights = np.zeros((n_out, n_in), np.float32)
-    np.add.at(weights, (np.arange(n_out), lo), 1.0 - frac)
-    np.add.at(weights, (np.arange(n_out), hi), frac)
-    weights.flags.writeable = False
-    return weights
-
-
-def interpolate_bilinear(x: jax.Array, size: tuple[int, int],
-                         precision: Precision = None) -> jax.Array:
-    """Bilinear resize with aligned corners, as torch's `UpsamplingBilinear2d`.
-
-    The corner pixel centres of input and output coincide (`align_corners=True`), so output
-    pixel i samples input position `i * (H - 1) / (H' - 1)`. Computed as two small
-    interpolation-matrix products (rows, then columns); gradients flow to `x`.
-
-    Args:
-      x: `[B, H, W, C]`.
-      size: `(H', W')`, the output's spatial size (positive).
-      precision: of the matrix products.
-
-    Returns:
-      `[B, H', W', C]` in the dtype of `x`.
-    """
-    check_rank("x", x, 4, _LAYOUT)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"size must be two positive ints (H', W'), got {tuple(size)}")
-    rows = jnp.asarray(_interpolation_matrix(size[0], x.shape[1]), x.dtype)
-    cols = jnp.asarray(_interpolation_matrix(size[1], x.shape[2]), x.dtype)
-    x = jnp.einsum("ph,bhwc->bpwc", rows, x, precision=precision)
-    return jnp.einsum("qw,bpwc->bpqc", cols, x, precision=precision)
-
-
-def _pointwise_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, *, precision=None,
-                    **unused) -> jax.Array:
-    """`lax.conv_general_dilated` for a 1x1 kernel without padding, dilation or groups (NHWC,
-    HWIO, as `_convolutions` calls it), as a matrix product: Attention-56 runs about 8% faster
-    on CPU than with XLA's convolution."""
-    del padding, unused
-    x = lhs[:, :: window_strides[0], :: window_strides[1], :]
-    return jnp.einsum("bhwc,cd->bhwd", x, rhs[0, 0], precision=precision)
-
-
-def _convolutions(module: nn.Module) -> tuple[functools.partial, functools.partial]:
-    """`nn.Conv` factories without bias in the module's dtypes: any kernel, and 1x1 (dot)."""
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=module.dtype,
-                             param_dtype=module.param_dtype, precision=module.precision)
-    pointwise = functools.partial(conv, kernel_size=(1, 1), padding=0,
-                                  conv_general_dilated=_pointwise_conv)
-    return conv, pointwise
-
-
-def attention_residual(trunk: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attention residual learning: `(1 + mask) * trunk`.
-
-    Args:
-      trunk: `[B, H, W, C]`, the trunk branch's features T.
-      mask: `[B, H, W, C]`, the soft mask M in [0, 1].
-
-    Returns:
-      `[B, H, W, C]`: T where the mask is 0, up to 2 T where it is 1.
-    """
-    check_rank("trunk", trunk, 4, _LAYOUT)
-    if mask.shape != trunk.shape:
-        raise ValueError(
-            f"mask must have the shape of trunk {tuple(trunk.shape)}, got {tuple(mask.shape)}"
-        )
-    return (1 + mask) * trunk
 
 
 class PreActBottleneck(nn.Module):
@@ -145,13 +64,14 @@ class PreActBottleneck(nn.Module):
         """`[B, H, W, C]` -> `[B, ceil(H / strides), ceil(W / strides), features]`."""
         check_rank("x", x, 4, _LAYOUT)
         check_divisible("features", self.features, 4, "the bottleneck factor")
-        conv, pointwise = _convolutions(self)
+        pointwise = functools.partial(PointwiseConv, use_bias=False, **numerics(self))
         bn = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
         width = self.features // 4
         pre = nn.relu(bn(name="bn1")(x))
         y = pointwise(width, name="conv1")(pre)
         y = nn.relu(bn(name="bn2")(y))
-        y = conv(width, (3, 3), strides=self.strides, padding=1, name="conv2")(y)
+        y = nn.Conv(width, (3, 3), strides=self.strides, padding=1, use_bias=False, name="conv2",
+                    **numerics(self))(y)
         y = pointwise(self.features, name="conv3")(nn.relu(bn(name="bn3")(y)))
         if x.shape[-1] != self.features or self.strides != 1:
             x = pointwise(self.features, strides=self.strides, name="conv4")(pre)
@@ -202,8 +122,7 @@ class ResidualAttentionModule(nn.Module):
             )
 
     def _unit(self, x: jax.Array, name: str, train: bool) -> jax.Array:
-        unit = PreActBottleneck(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
-                                precision=self.precision, name=name)
+        unit = PreActBottleneck(x.shape[-1], name=name, **numerics(self))
         return unit(x, train)
 
     def _units(self, x: jax.Array, count: int, prefix: str, train: bool) -> jax.Array:
@@ -226,7 +145,7 @@ class ResidualAttentionModule(nn.Module):
         if self.levels:
             m = interpolate_bilinear(m, x.shape[1:3], self.precision)
         bn = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
-        _, pointwise = _convolutions(self)
+        pointwise = functools.partial(PointwiseConv, use_bias=False, **numerics(self))
         m = pointwise(x.shape[-1], name="mask_conv1")(nn.relu(bn(name="mask_bn1")(m)))
         m = pointwise(x.shape[-1], name="mask_conv2")(nn.relu(bn(name="mask_bn2")(m)))
         return jax.nn.sigmoid(m.astype(jnp.float32)).astype(m.dtype)
@@ -240,3 +159,20 @@ class ResidualAttentionModule(nn.Module):
         mask = self._mask(x, train)
         self.sow("intermediates", "attention", mask)
         return self._units(attention_residual(trunk, mask), self.p, "last", train)
+
+
+# --- PyTorch weights (`interop.torch.from_torch`) ----------------------------------------
+# The PyTorch twin (tests/reference/residual_attention.py) names every submodule as the Flax
+# module does (`first_0`, `down_1_0`, `mask_conv2`, ...): the rules mirror the Flax variable tree.
+# No published checkpoint uses these names: the common port (tengshaofeng) names its submodules
+# per stage (`softmax1_blocks`, ...).
+
+
+def _module_example(channels: int) -> tuple[jax.Array]:
+    return (jnp.zeros((1, 8, 8, channels), jnp.float32),)
+
+
+register(ResidualAttentionModule)(Converter(
+    lambda module: mirror_rules(module, *_module_example(4)),
+    lambda module, shapes: _module_example(shapes["trunk_0.bn1.weight"][0]),
+))

@@ -8,6 +8,7 @@ Parameter names follow torchvision (`conv1`, `bn1`, ..., `downsample`) and senet
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -18,6 +19,18 @@ from jax import lax
 
 from flax_attention import layers
 from flax_attention._checks import check_rank
+from flax_attention.interop.torch import (
+    Converter,
+    Rules,
+    Shapes,
+    batch_norm,
+    conv,
+    conv_bn,
+    image_input,
+    nested,
+    register,
+    rules_for,
+)
 
 __all__ = ["AttentionFactory", "BasicBlock", "Bottleneck", "ResidualBlock"]
 
@@ -27,10 +40,39 @@ AttentionFactory = Callable[..., nn.Module]
 
 
 
+def call_attention(attention: nn.Module, x: jax.Array, train: bool) -> jax.Array:
+    """`attention(x, train)` if its `__call__` takes `train` (it has BatchNorm), else
+    `attention(x)`."""
+    if "train" in inspect.signature(type(attention).__call__).parameters:
+        return attention(x, train)
+    return attention(x)
+
+
+def avg_down_pool(x: jax.Array, stride: int) -> jax.Array:
+    """The pool of timm's avg-pool shortcut (`downsample_avg`, the "d" ResNets):
+    `AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)`, the identity at stride 1.
+
+    Args:
+      x: `[B, H, W, C]`.
+      stride: of the pool.
+
+    Returns:
+      `[B, H', W', C]`, H' = ceil((H - 2) / stride) + 1 (H' = 1 for H = 1), likewise W'; a
+      window cut by the border averages its pixels inside.
+    """
+    if stride == 1:
+        return x
+    pads = [(0, max(-(-(n - 2) // stride) * stride + 2 - n, 0)) for n in x.shape[1:3]]
+    return nn.avg_pool(x, (2, 2), (stride, stride), pads, count_include_pad=False)
+
+
 class ResidualBlock(nn.Module):
     """What the basic and bottleneck blocks share: torchvision's conv/BN names, the attention
     hook `se` after the last BN, and the shortcut (`downsample`: 1x1 conv with the block's
-    stride, then BN, when the stride is not 1 or the channels change)."""
+    stride, then BN, when the stride is not 1 or the channels change; with `avg_down`, timm's
+    "d" shortcut: `avg_down_pool` with the block's stride, then 1x1 conv and BN, keys
+    `downsample.1`, `downsample.2`). An attention whose `__call__` takes `train` (one with
+    BatchNorm, e.g. CBAM) is given the block's."""
 
     planes: int
     stride: int = 1
@@ -39,6 +81,7 @@ class ResidualBlock(nn.Module):
     base_width: int = 64
     attention: AttentionFactory | None = None
     use_downsample: bool | None = None
+    avg_down: bool = False
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
@@ -71,8 +114,7 @@ class ResidualBlock(nn.Module):
         pad = dilation * (kernel - 1) // 2
         return nn.Conv(features, (kernel, kernel), strides=stride, padding=[(pad, pad)] * 2,
                        kernel_dilation=dilation, feature_group_count=groups, use_bias=False,
-                       dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                       name=f"conv{index}")
+                       name=f"conv{index}", **layers.numerics(self))
 
     def _bn(self, index: int, train: bool) -> nn.BatchNorm:
         return layers.batch_norm(train, self.dtype, self.param_dtype, name=f"bn{index}")
@@ -87,19 +129,20 @@ class ResidualBlock(nn.Module):
         built outside `__call__` (the torch converter reads its type and fields)."""
         if self.attention is None:
             return None
-        return self.attention(dtype=self.dtype, param_dtype=self.param_dtype,
-                              precision=self.precision, name="se")
+        return self.attention(name="se", **layers.numerics(self))
 
     def _attend_and_add(self, x: jax.Array, out: jax.Array, downsample: bool,
                         train: bool) -> jax.Array:
         """`relu(attention(out) + shortcut(x))`."""
         attention = self.attention_module()
         if attention is not None:
-            out = attention(out)
+            out = call_attention(attention, out, train)
         if downsample:
-            x = layers.ConvBN(self.out_channels, kernel_size=1, strides=self.stride,
-                              activation=None, dtype=self.dtype, param_dtype=self.param_dtype,
-                              name="downsample")(x, train)
+            stride = self.stride
+            if self.avg_down:
+                x, stride = avg_down_pool(x, self.stride), 1
+            x = layers.ConvBN(self.out_channels, kernel_size=1, strides=stride,
+                              activation=None, name="downsample", **layers.numerics(self))(x, train)
         return nn.relu(out + x)
 
 
@@ -175,3 +218,51 @@ class Bottleneck(ResidualBlock):
                                     dilation=self.dilation, groups=self.groups))
         out = self._conv_bn(3, out, train, self.out_channels, 1)
         return self._attend_and_add(x, out, downsample, train)
+
+
+# --- PyTorch weights (`interop.torch.from_torch`) ----------------------------------------
+# Keys are torchvision's ResNet names (`conv1`, `bn1`, `layer<k>.<n>.{conv1,bn1,...}`,
+# `layer<k>.<n>.downsample.{0,1}`, `fc`), with moskomule/senet.pytorch's `se.fc.*` inside the blocks
+# of SE-ResNets.
+
+def _has_downsample(module: ResidualBlock) -> bool:
+    if module.use_downsample is not None:
+        return module.use_downsample
+    if module.stride != 1:
+        return True
+    raise ValueError(
+        f"from_torch cannot tell whether {type(module).__name__}(stride=1) has a `downsample` "
+        "projection before seeing the input channels: set use_downsample=True or False"
+    )
+
+
+def _block_rules(module: ResidualBlock) -> Rules:
+    rules: Rules = {}
+    for index in range(1, module.num_convs + 1):
+        rules |= conv((f"conv{index}",), f"conv{index}", bias=False)
+        rules |= batch_norm((f"bn{index}",), f"bn{index}")
+    return rules | hook_rules(module)
+
+
+def hook_rules(module: ResidualBlock) -> Rules:
+    """The rules of a block's attention (`se`) and shortcut (`downsample`), for the converters
+    of other `ResidualBlock`s."""
+    rules: Rules = {}
+    attention = module.attention_module()
+    if attention is not None:
+        rules |= nested(rules_for(attention), ("se",), "se")
+    if _has_downsample(module):
+        rules |= conv_bn(("downsample",), "downsample") if not module.avg_down else (
+            conv(("downsample", "conv"), "downsample.1", bias=False)
+            | batch_norm(("downsample", "bn"), "downsample.2"))
+    return rules
+
+
+def _block_inputs(module: ResidualBlock, shapes: Shapes) -> tuple[jax.ShapeDtypeStruct]:
+    del module
+    return image_input(shapes, "conv1.weight", side=8)
+
+
+register(ResidualBlock)(Converter(_block_rules, _block_inputs))
+
+

@@ -8,6 +8,7 @@ tutorial so `flax_attention.interop.torch.from_torch` imports its state dicts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -15,9 +16,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flax_attention import layers
 from flax_attention._checks import check_choice, check_rank
 from flax_attention.functional import spatial as F
-from flax_attention.kernels._dispatch import IMPLEMENTATIONS
+from flax_attention.interop.torch import Converter, Rules, Shapes, conv, dense, register
 
 __all__ = ["SpatialTransformer", "LocalizationNet"]
 
@@ -70,16 +72,14 @@ class SpatialTransformer(nn.Module):
         check_rank("x", x, 4, "[B, H, W, C]")
         check_choice("transform", self.transform, F.TRANSFORMS)
         check_choice("padding_mode", self.padding_mode, F.PADDING_MODES)
-        check_choice("implementation", self.implementation, IMPLEMENTATIONS)
+        check_choice("implementation", self.implementation, F.IMPLEMENTATIONS)
         features = self.localization(x)
         params = nn.Dense(
             len(F.TRANSFORMS[self.transform]),
             kernel_init=nn.initializers.zeros,
             bias_init=_identity_init(self.transform),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            precision=self.precision,
             name="fc_loc",
+            **layers.numerics(self),
         )(features.reshape(features.shape[0], -1))
         theta = F.affine_matrix(params.astype(jnp.float32), self.transform)
         self.sow("intermediates", "theta", theta)
@@ -118,11 +118,60 @@ class LocalizationNet(nn.Module):
         """`[B, H, W, C]` -> `[B, hidden]`."""
         check_rank("x", x, 4, "[B, H, W, C]")
         for i, (features, kernel) in enumerate(zip(self.features, self.kernel_sizes, strict=True)):
-            x = nn.Conv(features, (kernel, kernel), padding="VALID", dtype=self.dtype,
-                        param_dtype=self.param_dtype, precision=self.precision,
-                        name=f"conv_{3 * i}")(x)
+            x = nn.Conv(features, (kernel, kernel), padding="VALID", name=f"conv_{3 * i}",
+                        **layers.numerics(self))(x)
             x = nn.relu(nn.max_pool(x, (2, 2), strides=(2, 2)))
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # torch's flatten order
-        x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
-                     precision=self.precision, name="fc_loc_0")(x)
+        x = nn.Dense(self.hidden, name="fc_loc_0", **layers.numerics(self))(x)
         return nn.relu(x)
+
+
+# --- PyTorch weights (`interop.torch.from_torch`) ----------------------------------------
+# The PyTorch STN tutorial's keys: `localization.0`, `localization.3` (convolutions), `fc_loc.0`
+# (Linear(90, 32), part of `LocalizationNet` here) and `fc_loc.2` (Linear(32, 6), the
+# `SpatialTransformer`'s own `fc_loc`).
+
+def _localization(module: SpatialTransformer) -> LocalizationNet:
+    if not isinstance(module.localization, LocalizationNet):
+        raise TypeError(
+            "from_torch imports a SpatialTransformer only with a LocalizationNet (the STN "
+            f"tutorial's), got localization {type(module.localization).__name__}"
+        )
+    return module.localization
+
+
+def _conv_keys(net: LocalizationNet) -> list[str]:
+    """The tutorial's Sequential indices of the convolutions (each followed by pool and ReLU)."""
+    return [f"localization.{3 * i}" for i in range(len(net.features))]
+
+
+def _rules(module: SpatialTransformer) -> Rules:
+    net = _localization(module)
+    rules = dense(("fc_loc",), "fc_loc.2") | dense(("localization", "fc_loc_0"), "fc_loc.0")
+    for key in _conv_keys(net):
+        rules |= conv(("localization", f"conv_{key.split('.')[1]}"), key)
+    return rules
+
+
+def _dim(shapes: Shapes, key: str, axis: int, default: int) -> int:
+    """`shapes[key][axis]`, or `default` if that shape is too short (reported as misshaped)."""
+    shape = shapes[key]
+    return shape[axis] if len(shape) > axis else default
+
+
+def _example_inputs(module: SpatialTransformer, shapes: Shapes) -> tuple[jnp.ndarray]:
+    """An image with the state dict's input channels whose size gives `fc_loc.0`'s inputs.
+
+    The flattened features are (last conv's channels) x side x side; the input side is found by
+    undoing each pool (x 2) and valid convolution (+ kernel - 1)."""
+    net = _localization(module)
+    keys = _conv_keys(net)
+    channels = _dim(shapes, f"{keys[0]}.weight", 1, 1)
+    last = max(_dim(shapes, f"{keys[-1]}.weight", 0, 1), 1)
+    side = max(math.isqrt(_dim(shapes, "fc_loc.0.weight", 1, last) // last), 1)
+    for kernel in reversed(net.kernel_sizes):
+        side = 2 * side + kernel - 1
+    return (jnp.zeros((1, side, side, channels), jnp.float32),)
+
+
+register(SpatialTransformer)(Converter(_rules, _example_inputs))

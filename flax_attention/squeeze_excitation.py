@@ -14,11 +14,28 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-from flax_attention._checks import check_divisible
-from flax_attention.functional import squeeze_excitation_ops as F
+from flax_attention import layers
+from flax_attention._checks import check_divisible, check_rank
+from flax_attention.eca import ConvParams
+from flax_attention.functional.eca import make_divisible
+from flax_attention.functional.squeeze_excitation import (
+    check_spatial_input,
+    excite,
+    squeeze_excitation_gates,
+)
+from flax_attention.interop.torch import (
+    Converter,
+    Rules,
+    Shapes,
+    conv,
+    dense_kernel,
+    image_input,
+    param,
+    register,
+)
 from flax_attention.resnet_blocks import BasicBlock, Bottleneck
 
-__all__ = ["SELayer", "SEBasicBlock", "SEBottleneck"]
+__all__ = ["SELayer", "SEBasicBlock", "SEBottleneck", "SEModule"]
 
 
 class SELayer(nn.Module):
@@ -44,7 +61,7 @@ class SELayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, *S, C]` -> `[B, *S, C]`."""
-        F.check_spatial_input("x", x)
+        check_spatial_input("x", x)
         channels = x.shape[-1]
         check_divisible("x channels", channels, self.reduction, "reduction")
         init = nn.initializers.lecun_normal()
@@ -52,9 +69,57 @@ class SELayer(nn.Module):
         w1 = self.param("fc_0", init, (channels, hidden), self.param_dtype)
         w2 = self.param("fc_2", init, (hidden, channels), self.param_dtype)
         x, w1, w2 = promote_dtype(x, w1, w2, dtype=self.dtype)
-        gates = F.squeeze_excitation_gates(x, w1, w2, self.precision)
+        gates = squeeze_excitation_gates(x, w1, w2, self.precision)
         self.sow("intermediates", "attention", gates)
-        return F.excite(x, gates)
+        return excite(x, gates)
+
+
+class SEModule(nn.Module):
+    """The squeeze-and-excitation layer in timm's form (`timm/layers/squeeze_excite.py`,
+    `SEModule`, the `attn_layer='se'` of timm's SE-ResNets).
+
+    Global average pool, `fc1` (1x1 conv C -> R with bias), ReLU, `fc2` (1x1 conv R -> C with
+    bias), sigmoid, each channel scaled by its gate; R = `rd_channels` or
+    `make_divisible(C * rd_ratio, rd_divisor, round_limit=0)`. The `[B, C]` gates are sown as
+    ("intermediates", "attention").
+
+    Differences from timm: C is read from the input; timm's options `add_maxpool`, `act_layer`,
+    `norm_layer` and `gate_layer` are left out (its SE-ResNets use the defaults kept here); the
+    gates are computed in float32 under bfloat16.
+
+    Attributes:
+      rd_ratio, rd_channels, rd_divisor: the hidden width R.
+      bias: of both 1x1 convolutions.
+    """
+
+    rd_ratio: float = 1.0 / 16
+    rd_channels: int | None = None
+    rd_divisor: int = 8
+    bias: bool = True
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: lax.PrecisionLike = None
+
+    @nn.nowrap
+    def hidden_for(self, channels: int) -> int:
+        """R for C = `channels`."""
+        if self.rd_channels:
+            return self.rd_channels
+        return make_divisible(channels * self.rd_ratio, self.rd_divisor, round_limit=0.0)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, C]` -> `[B, H, W, C]`."""
+        check_rank("x", x, 4, "[B, H, W, C]")
+        channels = x.shape[-1]
+        hidden = self.hidden_for(channels)
+        w1, b1 = ConvParams((1, 1, channels, hidden), self.bias, self.param_dtype, name="fc1")()
+        w2, b2 = ConvParams((1, 1, hidden, channels), self.bias, self.param_dtype, name="fc2")()
+        x, w1, b1, w2, b2 = promote_dtype(x, w1, b1, w2, b2, dtype=self.dtype)
+        gates = squeeze_excitation_gates(x, w1.reshape(channels, hidden),
+                                         w2.reshape(hidden, channels), self.precision, b1, b2)
+        self.sow("intermediates", "attention", gates)
+        return excite(x, gates)
 
 
 class _SEHook:
@@ -62,7 +127,7 @@ class _SEHook:
 
     @nn.nowrap
     def attention_module(self) -> SELayer:
-        return SELayer(self.reduction, self.dtype, self.param_dtype, self.precision, name="se")
+        return SELayer(self.reduction, name="se", **layers.numerics(self))
 
 
 class SEBasicBlock(_SEHook, BasicBlock):
@@ -100,3 +165,37 @@ class SEBottleneck(_SEHook, Bottleneck):
     """
 
     reduction: int = 16
+
+
+# --- PyTorch weights (`interop.torch.from_torch`) ----------------------------------------
+# Keys are moskomule/senet.pytorch's: `fc.0.weight`, `fc.2.weight` for `SELayer` (`se.fc.*` in
+# the blocks, whose converter is the residual blocks' one in `_resnet.py`).
+
+def se_layer_rules(module: SELayer) -> Rules:
+    del module
+    return param(("fc_0",), "fc.0.weight", dense_kernel) | param(
+        ("fc_2",), "fc.2.weight", dense_kernel
+    )
+
+
+def _se_layer_inputs(module: SELayer, shapes: Shapes) -> tuple[jax.ShapeDtypeStruct]:
+    del module
+    return image_input(shapes, "fc.0.weight")
+
+
+register(SELayer)(Converter(se_layer_rules, _se_layer_inputs))
+
+
+# timm's keys for `SEModule`: `fc1.weight` `[R, C, 1, 1]`, `fc2.weight` `[C, R, 1, 1]` and their
+# biases (`se.fc1.*` in timm's ResNet blocks).
+
+def se_module_rules(module: SEModule) -> Rules:
+    return conv(("fc1",), "fc1", module.bias) | conv(("fc2",), "fc2", module.bias)
+
+
+def _se_module_inputs(module: SEModule, shapes: Shapes) -> tuple[jax.ShapeDtypeStruct]:
+    del module
+    return image_input(shapes, "fc1.weight")
+
+
+register(SEModule)(Converter(se_module_rules, _se_module_inputs))

@@ -1,4 +1,4 @@
-"""Multi-head attention and the DETR Transformer.
+"""The DETR Transformer: encoder and decoder layers and stacks around `MultiHeadAttention`.
 
 Carion et al., "End-to-End Object Detection with Transformers", ECCV 2020; the reference is
 facebookresearch/detr `models/transformer.py`, built on `torch.nn.MultiheadAttention`.
@@ -11,21 +11,31 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 from flax.typing import PrecisionLike
 
+from flax_attention import layers
 from flax_attention._checks import check_choice, check_divisible, check_rank, check_same
-from flax_attention.functional.attention import (
-    IMPLEMENTATIONS,
-    combine_masks,
-    dot_product_attention,
-    dot_product_attention_weights,
+from flax_attention.interop.torch import (
+    Converter,
+    Rules,
+    Shapes,
+    dense,
+    layer_norm,
+    nested,
+    register,
+)
+from flax_attention.multi_head_attention import (
+    XAVIER,
+    MultiHeadAttention,
+    attention_rules,
+    check_same_shape,
+    torch_linear_bias,
+    zero_sequence,
 )
 
 __all__ = [
@@ -37,144 +47,11 @@ __all__ = [
     "TransformerEncoderLayer",
 ]
 
-_XAVIER = nn.initializers.xavier_uniform()  # DETR: every parameter with dim > 1
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
     "gelu": functools.partial(nn.gelu, approximate=False),  # torch's F.gelu is the erf form
     "glu": nn.glu,
 }
-
-
-def _torch_linear_bias(fan_in: int) -> Callable:
-    """torch.nn.Linear's bias init: uniform in +-1/sqrt(fan_in)."""
-    bound = 1 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def _with_pos(x: jax.Array, pos: jax.Array | None) -> jax.Array:
-    return x if pos is None else x + pos
-
-
-def _check_same_shape(name: str, x: jax.Array | None, like_name: str, like: jax.Array) -> None:
-    if x is not None:
-        check_same((name, like_name), (x.shape, like.shape), "shape", (x.shape, like.shape))
-
-
-def _check_attention_inputs(num_heads, query, key, value, query_pos, key_pos,
-                            key_padding_mask, attn_mask) -> None:
-    check_rank("query", query, 3, "[B, T, C]")
-    check_rank("key", key, 3, "[B, S, C]")
-    _check_same_shape("value", value, "key", key)
-    check_same(("query", "key"), ((query.shape[0], query.shape[2]), (key.shape[0], key.shape[2])),
-               "batch and channels ([B, _, C])", (query.shape, key.shape))
-    check_divisible("channels", query.shape[-1], num_heads, "num_heads")
-    _check_same_shape("query_pos", query_pos, "query", query)
-    _check_same_shape("key_pos", key_pos, "key", key)
-    (b, t, _), s = query.shape, key.shape[1]
-    if key_padding_mask is not None and (
-        key_padding_mask.shape != (b, s) or key_padding_mask.dtype != jnp.bool_
-    ):
-        raise ValueError(f"key_padding_mask must be boolean [B, S] = {(b, s)}, got shape "
-                         f"{tuple(key_padding_mask.shape)} dtype {key_padding_mask.dtype}")
-    if attn_mask is not None:
-        target = (t, s) if attn_mask.ndim == 2 else (b, num_heads, t, s)
-        if attn_mask.ndim not in (2, 4) or any(
-            d not in (1, w) for d, w in zip(attn_mask.shape, target, strict=True)
-        ):
-            raise ValueError(f"attn_mask must be [T, S] = {(t, s)} or broadcast to [B, N, T, S] "
-                             f"= {(b, num_heads, t, s)}, got shape {tuple(attn_mask.shape)}")
-
-
-class MultiHeadAttention(nn.Module):
-    """Multi-head attention as DETR calls `torch.nn.MultiheadAttention` (Vaswani et al. 2017).
-
-    Position embeddings are added to the query and the key, never the value. The q/k/v input
-    projections are packed as in torch (`in_proj_kernel` `[C, 3C]` is torch's `in_proj_weight`
-    transposed), so torch weights import directly. Attention runs through
-    `jax.nn.dot_product_attention` (cuDNN fused attention with `implementation="cudnn"`), except
-    when attention dropout is active or the "intermediates" collection is mutable: then the
-    weights `[B, N, T, S]` are computed explicitly and sown as `intermediates/attention`.
-
-    Masks: `key_padding_mask` keeps torch's meaning (True = padded key, ignored), so DETR code
-    ports unchanged. A boolean `attn_mask` follows JAX/Flax instead (True = attend; torch's
-    boolean attn_mask is the opposite, pass `~mask`); a float `attn_mask` is added to the logits
-    (-inf allowed). Unlike torch, which returns NaN there, a query whose keys are all masked gets
-    uniform weights: its output is `out_proj` of the mean of the value projections of all keys.
-
-    Attributes:
-      num_heads: N; the channels C must be divisible by it.
-      dropout: dropout rate on the attention weights ("dropout" RNG stream).
-      implementation: None, "xla" or "cudnn", for `jax.nn.dot_product_attention`.
-    """
-
-    num_heads: int
-    dropout: float = 0.0
-    implementation: str | None = None
-    dtype: jnp.dtype | None = None
-    param_dtype: jnp.dtype = jnp.float32
-    precision: PrecisionLike = None
-
-    @nn.compact
-    def __call__(
-        self,
-        query: jax.Array,
-        key: jax.Array,
-        value: jax.Array,
-        query_pos: jax.Array | None = None,
-        key_pos: jax.Array | None = None,
-        key_padding_mask: jax.Array | None = None,
-        attn_mask: jax.Array | None = None,
-        deterministic: bool = True,
-    ) -> jax.Array:
-        """Attends from `query` `[B, T, C]` to `key`/`value` `[B, S, C]`.
-
-        Args:
-          query: `[B, T, C]`; `query_pos` (same shape) is added to it.
-          key: `[B, S, C]`; `key_pos` (same shape) is added to it.
-          value: `[B, S, C]`.
-          key_padding_mask: boolean `[B, S]`, True = padded (torch's convention).
-          attn_mask: `[T, S]` or broadcastable to `[B, N, T, S]`; boolean True = attend, or
-            float added to the logits.
-          deterministic: no attention dropout.
-
-        Returns:
-          `[B, T, C]`.
-        """
-        _check_attention_inputs(self.num_heads, query, key, value, query_pos, key_pos,
-                                key_padding_mask, attn_mask)
-        check_choice("implementation", self.implementation, IMPLEMENTATIONS)
-        channels = query.shape[-1]
-        kernel = self.param("in_proj_kernel", _XAVIER, (channels, 3 * channels), self.param_dtype)
-        bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * channels,), self.param_dtype)
-        inputs = promote_dtype(_with_pos(query, query_pos), _with_pos(key, key_pos), value,
-                               kernel, bias, dtype=self.dtype)
-        kernels, biases = jnp.split(inputs[3], 3, axis=1), jnp.split(inputs[4], 3)
-        q, k, v = map(self._heads, inputs[:3], kernels, biases)
-        out = self._attend(q, k, v, *combine_masks(key_padding_mask, attn_mask), deterministic)
-        out = out.reshape(*out.shape[:2], channels)
-        return nn.Dense(channels, kernel_init=_XAVIER, dtype=self.dtype,
-                        param_dtype=self.param_dtype, precision=self.precision,
-                        name="out_proj")(out)
-
-    def _heads(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-        """`[B, L, C]` -> projected `[B, L, N, D]`."""
-        y = jnp.einsum("blc,ce->ble", x, kernel, precision=self.precision) + bias
-        return y.reshape(*y.shape[:2], self.num_heads, -1)
-
-    def _attend(self, q, k, v, mask, bias, deterministic: bool) -> jax.Array:
-        """`[B, T, N, D]` queries, `[B, S, N, D]` keys and values -> `[B, T, N, D]`."""
-        dropping = not deterministic and self.dropout > 0
-        if not (dropping or self.is_mutable_collection("intermediates")):
-            return dot_product_attention(q, k, v, mask, bias, self.implementation)
-        weights = dot_product_attention_weights(q, k, mask, bias, self.precision)
-        self.sow("intermediates", "attention", weights)
-        weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
-        return jnp.einsum("bnts,bsnd->btnd", weights.astype(v.dtype), v,
-                          precision=self.precision)
 
 
 class _LayerBase(nn.Module):
@@ -195,17 +72,16 @@ class _LayerBase(nn.Module):
         return {name: getattr(self, name) for name in _LAYER_FIELDS}
 
     def _attention(self, name: str) -> MultiHeadAttention:
-        return MultiHeadAttention(self.nhead, self.dropout, self.implementation, self.dtype,
-                                  self.param_dtype, self.precision, name=name)
+        return MultiHeadAttention(self.nhead, self.dropout, self.implementation, name=name,
+                                  **layers.numerics(self))
 
     def _norm(self, name: str) -> nn.LayerNorm:
         return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
                             name=name)
 
     def _linear(self, features: int, fan_in: int, name: str) -> nn.Dense:
-        return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
-                        precision=self.precision, kernel_init=_XAVIER,
-                        bias_init=_torch_linear_bias(fan_in), name=name)
+        return nn.Dense(features, kernel_init=XAVIER, bias_init=torch_linear_bias(fan_in),
+                        name=name, **layers.numerics(self))
 
     def _sublayer(self, x: jax.Array, norm: str, fn: Callable, deterministic: bool) -> jax.Array:
         """A residual branch: `x + fn(norm(x))` (pre-norm) or `norm(x + fn(x))` (post-norm)."""
@@ -398,10 +274,82 @@ class Transformer(nn.Module):
                              f"got shape {tuple(src.shape)}")
         check_divisible("d_model", self.d_model, self.nhead, "nhead")
         check_choice("activation", self.activation, _ACTIVATIONS)
-        _check_same_shape("pos_embed", pos_embed, "src", src)
+        check_same_shape("pos_embed", pos_embed, "src", src)
         check_rank("query_embed", query_embed, 2, "[Q, C]")
         check_same(("query_embed", "src"), (query_embed.shape[-1], src.shape[-1]), "channels",
                    (query_embed.shape, src.shape))
         if mask is not None and (mask.shape != src.shape[:3] or mask.dtype != jnp.bool_):
             raise ValueError(f"mask must be boolean [B, H, W] = {tuple(src.shape[:3])}, got "
                              f"shape {tuple(mask.shape)} dtype {mask.dtype}")
+
+
+# --- PyTorch weights (`interop.torch.from_torch`) ----------------------------------------
+# Keys are those of `torch.nn.MultiheadAttention` and facebookresearch/detr `models/transformer.py`
+# and `models/position_encoding.py`; the Flax layer `layers_i` is torch's `layers.i`.
+
+
+
+# --- Layers -------------------------------------------------------------------------------------
+
+
+def _layer_rules(decoder: bool) -> Rules:
+    attentions = ("self_attn", "multihead_attn") if decoder else ("self_attn",)
+    norms = ("norm1", "norm2", "norm3") if decoder else ("norm1", "norm2")
+    rules = dense(("linear1",), "linear1") | dense(("linear2",), "linear2")
+    for name in attentions:
+        rules |= nested(attention_rules(), (name,), name)
+    for name in norms:
+        rules |= layer_norm((name,), name)
+    return rules
+
+
+def _layer_inputs(prefix: str, decoder: bool):
+    """Example inputs of an encoder (`(src,)`) or decoder (`(tgt, memory)`) layer or stack."""
+
+    def example_inputs(_, shapes: Shapes) -> tuple:
+        return (zero_sequence(shapes, f"{prefix}norm1.bias"),) * (2 if decoder else 1)
+
+    return example_inputs
+
+
+register(TransformerEncoderLayer)(
+    Converter(lambda m: _layer_rules(False), _layer_inputs("", False))
+)
+register(TransformerDecoderLayer)(
+    Converter(lambda m: _layer_rules(True), _layer_inputs("", True))
+)
+
+
+# --- Stacks and the whole Transformer ------------------------------------------------------------
+
+
+def _stack_rules(num_layers: int, decoder: bool, final_norm: bool) -> Rules:
+    rules = layer_norm(("norm",), "norm") if final_norm else {}
+    for i in range(num_layers):
+        rules |= nested(_layer_rules(decoder), (f"layers_{i}",), f"layers.{i}")
+    return rules
+
+
+register(TransformerEncoder)(Converter(
+    lambda m: _stack_rules(m.num_layers, False, m.final_norm), _layer_inputs("layers.0.", False)
+))
+register(TransformerDecoder)(Converter(
+    lambda m: _stack_rules(m.num_layers, True, True), _layer_inputs("layers.0.", True)
+))
+
+
+def _transformer_rules(m: Transformer) -> Rules:
+    encoder = _stack_rules(m.num_encoder_layers, False, m.normalize_before)
+    decoder = _stack_rules(m.num_decoder_layers, True, True)
+    return nested(encoder, ("encoder",), "encoder") | nested(decoder, ("decoder",), "decoder")
+
+
+def _transformer_inputs(m: Transformer, shapes: Shapes) -> tuple:
+    """`(src, mask, query_embed, pos_embed)` with one pixel and one query of d_model channels."""
+    src = jnp.zeros((1, 1, 1, m.d_model))
+    return src, None, jnp.zeros((1, m.d_model)), src
+
+
+register(Transformer)(Converter(_transformer_rules, _transformer_inputs))
+
+

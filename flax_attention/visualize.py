@@ -3,20 +3,23 @@
     paths = visualize_run("runs/stn", num_images=6)
 
 The maps are read, not recomputed: the model is applied once with the "intermediates"
-collection mutable, so every attention module sows its map (`SELayer` its gates `[B, C]`,
-`CrissCrossAttention` its weights `[B, H, W, H+W-1]`, `NonLocal2D` and `PositionAttention`
-their `[B, HW, L]` maps), and `flax.linen.intercept_methods` tells which module sowed what (its
-type, the size of its input) and sows the `SpatialTransformer`'s output as its "attention".
-Each kind has its picture, a pure function from arrays to a `matplotlib.figure.Figure`
+collection mutable, so every attention module sows its map as "attention" (`SELayer` its gates
+`[B, C]`, `CrissCrossAttention` its weights `[B, H, W, H+W-1]`, `NonLocal2D` and
+`PositionAttention` their `[B, HW, L]` maps, ...), and `flax.linen.intercept_methods` tells
+which module of the mechanism table (`flax_attention.mechanisms`) sowed what (its row, the size
+of its input) and sows the `SpatialTransformer`'s output as its "attention". The row's
+`picture` names the drawing, a pure function from arrays to a `matplotlib.figure.Figure`
 (`draw` picks it):
 
-- spatial transformer: `stn_figure`, the input images above their transformed outputs;
-- squeeze-and-excitation: `gates_figure`, the gates as a heat map (images, sorted by class, x
+- "stn": `stn_figure`, the input images above their transformed outputs;
+- "gates": `gates_figure`, the channel gates as a heat map (images, sorted by class, x
   channels) beside the deviation of each class's mean gate from the mean over all;
-- criss-cross, non-local, position attention: `attention_figure`, the map of chosen query
-  pixels (`choose_queries`: one on the digit, the centre, one on the background; marked) over
-  the input image, upsampled from the feature grid to the image size (the grid is taken to
-  cover the image; the pixels the convolutions' flooring drops are ignored).
+- "criss_cross", "dense": `attention_figure`, the map of chosen query pixels
+  (`choose_queries`: one on the digit, the centre, one on the background; marked) over the
+  input image, upsampled from the feature grid to the image size (the grid is taken to cover
+  the image; the pixels the convolutions' flooring drops are ignored);
+- "spatial": `spatial_figure`, one map per image over it; "matrix": `matrix_figure`, the
+  weight matrix of each example.
 
 RAM runs (their `config.json` has `num_glimpses`) are drawn by
 `flax_attention.train.reinforce.visualize_run` (the glimpse path of each step).
@@ -37,22 +40,20 @@ import numpy as np
 from flax import traverse_util
 from matplotlib.figure import Figure
 
-from flax_attention.criss_cross import CrissCrossAttention
-from flax_attention.danet import PositionAttention
 from flax_attention.functional.criss_cross import criss_cross_aggregate
+from flax_attention.mechanisms import MECHANISMS, Mechanism
 from flax_attention.non_local import NonLocal2D
-from flax_attention.spatial_transformer import SpatialTransformer
-from flax_attention.squeeze_excitation import SELayer
 
 __all__ = ["Record", "attention_figure", "choose_queries", "criss_cross_maps", "dense_maps",
-           "draw", "gates_figure", "read_attention", "stn_figure", "upsample", "visualize_run"]
+           "draw", "gates_figure", "matrix_figure", "read_attention", "spatial_figure",
+           "stn_figure", "upsample", "visualize_run"]
 
 DPI = 100
 PANEL = 1.6  # inches per image panel
 GATE_SAMPLE = 512  # test images whose SE gates are drawn
 QUERY_NAMES = ("on the digit", "centre", "background")
-_KINDS = {SpatialTransformer: "stn", SELayer: "se", CrissCrossAttention: "cca",
-          NonLocal2D: "nl", PositionAttention: "pam"}
+_ROWS: dict[type, Mechanism] = {m.module_type: m for m in MECHANISMS}
+_PICTURES = {m.short: m.picture for m in MECHANISMS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +61,13 @@ class Record:
     """What one call of a visualised module gave.
 
     Attributes:
-      kind: "stn", "se", "cca", "nl" or "pam".
+      kind: the short name of the module's row in the mechanism table ("stn", "se", "cca",
+        "nl", "pam", ...); its `picture` tells how it is drawn.
       path: the module's path in the model, e.g. ("cca",).
-      value: "stn": the transformed images `[B, h, w, C]`; "se": the gates `[B, C]`; "cca":
-        the weights `[B, H, W, H+W-1]`; "nl", "pam": the weights `[B, H*W, L]`.
+      value: what the module sowed as "attention", by its row's picture: "stn": the
+        transformed images `[B, h, w, C]`; "gates": `[B, C]` (or `[B, P, C]`); "spatial":
+        `[B, H, W]` (or `[B, H, W, C]`); "criss_cross": `[B, H, W, H+W-1]`; "dense":
+        `[B, H*W, L]`; "matrix": `[B, ..., T, S]`.
       query_hw: (H, W) of the module's input (the query grid).
       key_hw: the grid of the L keys: (H // 2, W // 2) for a sub-sampled non-local block,
         (H, W) otherwise.
@@ -82,33 +86,37 @@ def _key_hw(module: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
     return hw
 
 
-def read_attention(model: nn.Module, variables: dict, images: jax.Array,
+def read_attention(model: nn.Module, variables: dict, *inputs: jax.Array,
                    **call_kwargs: Any) -> tuple[jax.Array, list[Record]]:
-    """Applies `model` (jitted) to images `[B, H, W, C]` and returns its output and a `Record`
-    for each call of a module of a visualised kind, in call order."""
+    """Applies `model` (jitted) to `inputs` (images `[B, H, W, C]` for a classifier) and returns
+    its output and a `Record` for each call of a mechanism table module that sowed an
+    "attention" map, in call order."""
     calls: list[tuple[str, tuple[str, ...], tuple[int, int], tuple[int, int]]] = []
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         module = context.module
-        if context.method_name == "__call__" and type(module) in _KINDS:
+        if context.method_name == "__call__" and type(module) in _ROWS:
             hw = tuple(args[0].shape[1:3])
-            calls.append((_KINDS[type(module)], tuple(module.path), hw, _key_hw(module, hw)))
-            if isinstance(module, SpatialTransformer):
+            row = _ROWS[type(module)]
+            calls.append((row.short, tuple(module.path), hw, _key_hw(module, hw)))
+            if row.picture == "stn":
                 module.sow("intermediates", "attention", out)
         return out
 
-    def apply(variables, images):
+    def apply(variables, *inputs):
         with nn.intercept_methods(interceptor):
-            out, state = model.apply(variables, images, mutable=["intermediates"],
+            out, state = model.apply(variables, *inputs, mutable=["intermediates"],
                                      **call_kwargs)
         return out, state.get("intermediates", {})
 
-    out, intermediates = jax.jit(apply)(variables, images)  # `calls` is filled by the trace
+    out, intermediates = jax.jit(apply)(variables, *inputs)  # `calls` is filled by the trace
     sown = traverse_util.flatten_dict(intermediates)
     seen: dict[tuple[str, ...], int] = {}
     records = []
     for kind, path, query_hw, key_hw in calls:
+        if (*path, "attention") not in sown:  # a composite row (e.g. a block around SE)
+            continue
         index, seen[path] = seen.get(path, 0), seen.get(path, 0) + 1
         value = np.asarray(sown[(*path, "attention")][index], np.float32)
         records.append(Record(kind, path, value, query_hw, key_hw))
@@ -258,18 +266,59 @@ def attention_figure(images: np.ndarray, maps: np.ndarray, points: np.ndarray,
     return fig
 
 
+def spatial_figure(images: np.ndarray, maps: np.ndarray,
+                   titles: Sequence[str] | None = None) -> Figure:
+    """Spatial attention `[B, h, w]` (CBAM's spatial gate, GC's context weights, a residual
+    attention mask averaged over channels) over the images `[B, H, W, C]` in [0, 1], one
+    column each, the maps upsampled to the image size."""
+    b = len(images)
+    maps = np.asarray(upsample(jnp.asarray(maps, jnp.float32)[:, None], images.shape[1:3]))[:, 0]
+    fig = Figure(figsize=(PANEL * b, PANEL + 0.4), dpi=DPI, layout="compressed")
+    axes = fig.subplots(1, b, squeeze=False)[0]
+    for i, ax in enumerate(axes):
+        _show(ax, np.clip(images[i], 0, 1))
+        ax.imshow(maps[i], cmap="inferno", alpha=0.6, vmin=maps[i].min(), vmax=maps[i].max())
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    return fig
+
+
+def matrix_figure(weights: np.ndarray, titles: Sequence[str] | None = None) -> Figure:
+    """Attention matrices `[B, ..., T, S]` (DANet's channel x channel map, multi-head token
+    weights averaged over the heads): one heat map per example, queries down, keys across."""
+    weights = weights.reshape(len(weights), -1, *weights.shape[-2:]).mean(1)
+    b = len(weights)
+    fig = Figure(figsize=(PANEL * b, PANEL + 0.4), dpi=DPI, layout="compressed")
+    axes = fig.subplots(1, b, squeeze=False)[0]
+    for i, ax in enumerate(axes):
+        ax.imshow(weights[i], cmap="viridis", aspect="auto", interpolation="nearest")
+        ax.set_xlabel("key", fontsize=7)
+        ax.set_ylabel("query", fontsize=7)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    return fig
+
+
 def draw(record: Record, images: np.ndarray, labels: np.ndarray, titles: Sequence[str],
          class_names: Sequence[str]) -> Figure:
     """The picture of a record of `read_attention` on `images` `[B, H, W, C]` labelled `[B]`:
-    the first `len(titles)` images (all `B` for the SE gates), titled."""
+    the first `len(titles)` images (all `B` for the SE gates), titled; what is drawn is the
+    `picture` of the record's row in the mechanism table."""
     n, name = len(titles), "/".join(record.path)
-    if record.kind == "stn":
+    picture = _PICTURES[record.kind]
+    if picture == "stn":
         return stn_figure(images[:n], record.value[:n], titles)
-    if record.kind == "se":
-        return gates_figure(record.value, labels, class_names, name)
+    if picture == "gates":
+        return gates_figure(record.value.reshape(len(record.value), -1), labels, class_names,
+                            name)
+    if picture == "spatial":
+        value = record.value if record.value.ndim == 3 else record.value.mean(-1)
+        return spatial_figure(images[:n], value[:n], titles)
+    if picture == "matrix":
+        return matrix_figure(record.value[:n], titles)
     queries = choose_queries(jnp.asarray(images[:n]), record.query_hw)
     weights = jnp.asarray(record.value[:n])
-    maps = (criss_cross_maps(weights, queries) if record.kind == "cca"
+    maps = (criss_cross_maps(weights, queries) if picture == "criss_cross"
             else dense_maps(weights, queries, record.query_hw, record.key_hw))
     pixels = _to_pixels(np.asarray(queries), record.query_hw, images.shape[1:3])
     return attention_figure(images[:n], np.asarray(upsample(maps, images.shape[1:3])), pixels,
@@ -300,14 +349,14 @@ def visualize_run(run_dir: str | Path, out_dir: str | Path | None = None, num_im
     Raises:
       ValueError: not a run directory, no checkpoint, or a model with nothing to draw.
     """
-    from flax_attention.train.reinforce import is_ram_run
+    from flax_attention.train.run_dir import run_kind
     from flax_attention.train.supervised import call_kwargs, restore_run
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "pictures"
-    if is_ram_run(run_dir):
+    if (run_dir / "config.json").is_file() and run_kind(run_dir) == "reinforce":
         from flax_attention.train.reinforce import visualize_run as draw_glimpses
 
         return [draw_glimpses(run_dir, out / "glimpses.png", num_images, seed, data_dir)]

@@ -1,17 +1,20 @@
 """Pallas kernels of bilinear sampling (torch's `grid_sample(mode="bilinear")`): the forward
-gather, the corner dot products of the grid gradient, and the race-free scatter-add of the
-image gradient, behind `flax_attention.functional.spatial.bilinear_sample(implementation=...)`.
+gather, the corner dot products of the weight gradient, and the race-free scatter-add of the
+image gradient, behind one `jax.custom_vjp`, `bilinear_gather`; `bilinear_gather_reference` is
+the same op in plain XLA.
 
 The coordinate math (padding modes, `align_corners`, torch's gradient conventions) stays in
-`functional.spatial`, which hands these kernels, for L sample points, the rows `rows [4, L]`
-(int32) of their four neighbours in the flattened image `[R, C]` (R = B * H * W; every row
-valid, an outside neighbour pointing at a clipped one) and their bilinear weights
-`weights [4, L]` (float32, zero for an outside neighbour). The kernels are therefore the same
-for every padding mode:
+`functional.spatial`, which hands `bilinear_gather`, for L sample points, the rows
+`rows [4, L]` (int32) of their four neighbours in the flattened image `[R, C]` (R = B * H * W;
+every row valid, an outside neighbour pointing at a clipped one) and their bilinear weights
+`weights [4, L]` (float32, zero for an outside neighbour), and differentiates the weights with
+respect to the grid itself. The kernels are therefore the same for every padding mode:
 
     gather   out[l, c]     = sum_k weights[k, l] * image[rows[k, l], c]           [L, C]
     dots     dots[k, l]    = sum_c g[l, c] * image[rows[k, l], c]                  [4, L]
     scatter  d_image[r, c] = sum_{k, l: rows[k, l] = r} weights[k, l] * g[l, c]    [R, C]
+
+(`dots` is the cotangent of the weights, `scatter` that of the image.)
 
 Why the scatter needs no atomics: a float atomic add makes the GPU result depend on the order
 the adds land in, and Pallas's interpreter discharges `atomic_add` with array indices as a
@@ -41,11 +44,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ._dispatch import interpret
+from flax_attention.kernels._common import MIN_BLOCK, dtype_unsupported
 
-__all__ = ["SUPPORTED_DTYPES", "BlockSizes", "corner_dots", "gather", "scatter"]
+__all__ = ["BlockSizes", "bilinear_gather", "bilinear_gather_reference", "corner_dots", "gather",
+           "scatter", "unsupported"]
 
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _CORNERS = 4
 
 
@@ -69,15 +72,16 @@ class BlockSizes:
     def __post_init__(self):
         for name in ("samples", "pixels", "channels"):
             size = getattr(self, name)
-            if size < 16 or size & (size - 1):
-                raise ValueError(f"BlockSizes.{name} must be a power of two >= 16, got {size}")
+            if size < MIN_BLOCK or size & (size - 1):
+                raise ValueError(f"BlockSizes.{name} must be a power of two >= {MIN_BLOCK}, "
+                                 f"got {size}")
 
     def triton(self) -> plgpu.CompilerParams:
         """The kernels' compiler parameters: Triton (not Mosaic GPU) on a GPU."""
         return plgpu.CompilerParams(num_warps=self.num_warps)
 
     def channel_block(self, channels: int) -> int:
-        return min(self.channels, max(16, pl.next_power_of_2(channels)))
+        return min(self.channels, max(MIN_BLOCK, pl.next_power_of_2(channels)))
 
 
 # --- in-kernel helpers ---------------------------------------------------------------------------
@@ -166,9 +170,9 @@ def _scatter_kernel(runs_ref, order_ref, rows_ref, weights_ref, g_ref, out_ref, 
 # --- wrappers ------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes",))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def gather(image: jax.Array, rows: jax.Array, weights: jax.Array,
-           block_sizes: BlockSizes = BlockSizes()) -> jax.Array:
+           block_sizes: BlockSizes = BlockSizes(), interpret: bool = False) -> jax.Array:
     """Weighted sums of four rows of `image` per sample point.
 
     Args:
@@ -176,6 +180,7 @@ def gather(image: jax.Array, rows: jax.Array, weights: jax.Array,
       rows: `[4, L]` int32 rows of `image` (all valid).
       weights: `[4, L]` float32.
       block_sizes: tile sizes.
+      interpret: run the Pallas interpreter instead of compiling for the GPU.
 
     Returns:
       `[L, C]` in image's dtype, summed in float32.
@@ -187,14 +192,14 @@ def gather(image: jax.Array, rows: jax.Array, weights: jax.Array,
         kernel,
         grid=(pl.cdiv(length, block_sizes.samples), pl.cdiv(channels, cb)),
         out_shape=jax.ShapeDtypeStruct((length, channels), image.dtype),
-        interpret=interpret(),
+        interpret=interpret,
         compiler_params=block_sizes.triton(),
     )(rows, weights, image)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes",))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def corner_dots(image: jax.Array, rows: jax.Array, g: jax.Array,
-                block_sizes: BlockSizes = BlockSizes()) -> jax.Array:
+                block_sizes: BlockSizes = BlockSizes(), interpret: bool = False) -> jax.Array:
     """Dot products over channels of each sample's output gradient with its four neighbours.
 
     Args:
@@ -202,6 +207,7 @@ def corner_dots(image: jax.Array, rows: jax.Array, g: jax.Array,
       rows: `[4, L]` int32 rows of `image` (all valid).
       g: `[L, C]` the output gradient.
       block_sizes: tile sizes.
+      interpret: run the Pallas interpreter instead of compiling for the GPU.
 
     Returns:
       `[4, L]` float32.
@@ -212,7 +218,7 @@ def corner_dots(image: jax.Array, rows: jax.Array, g: jax.Array,
         kernel,
         grid=(pl.cdiv(rows.shape[1], block_sizes.samples),),
         out_shape=jax.ShapeDtypeStruct(rows.shape, jnp.float32),
-        interpret=interpret(),
+        interpret=interpret,
         compiler_params=block_sizes.triton(),
     )(rows, image, g)
 
@@ -228,9 +234,11 @@ def _runs(rows: jax.Array, weights: jax.Array, num_rows: int, span: int, pixels:
     return order, rows[:, order], weights[:, order], runs.astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("num_rows", "span", "dtype", "block_sizes"))
+@functools.partial(jax.jit,
+                   static_argnames=("num_rows", "span", "dtype", "block_sizes", "interpret"))
 def scatter(rows: jax.Array, weights: jax.Array, g: jax.Array, num_rows: int, span: int,
-            dtype: jnp.dtype | None = None, block_sizes: BlockSizes = BlockSizes()) -> jax.Array:
+            dtype: jnp.dtype | None = None, block_sizes: BlockSizes = BlockSizes(),
+            interpret: bool = False) -> jax.Array:
     """The adjoint of `gather` in the image: each sample's output gradient, weighted, added to
     its four rows (see the module docstring for the race-free formulation).
 
@@ -243,6 +251,7 @@ def scatter(rows: jax.Array, weights: jax.Array, g: jax.Array, num_rows: int, sp
       span: as above; W + 1 for the corners of an image of width W.
       dtype: of the result; g's by default.
       block_sizes: tile sizes.
+      interpret: run the Pallas interpreter instead of compiling for the GPU.
 
     Returns:
       `[R, C]`, summed in float32.
@@ -256,6 +265,60 @@ def scatter(rows: jax.Array, weights: jax.Array, g: jax.Array, num_rows: int, sp
         kernel,
         grid=(pl.cdiv(num_rows, pixels), pl.cdiv(channels, cb)),
         out_shape=jax.ShapeDtypeStruct((num_rows, channels), dtype or g.dtype),
-        interpret=interpret(),
+        interpret=interpret,
         compiler_params=block_sizes.triton(),
     )(runs, order, rows, weights, g)
+
+
+# --- the custom VJP and the reference ------------------------------------------------------------
+
+
+def unsupported(image: jax.Array, grid: jax.Array) -> str | None:
+    """Why the kernels cannot sample `image` `[B, H, W, C]` at `grid` `[B, h, w, 2]`, or None."""
+    reason = dtype_unsupported(image=image, grid=grid)
+    if reason is None and (image.size == 0 or grid.size == 0):
+        return f"empty image {tuple(image.shape)} or grid {tuple(grid.shape)}"
+    return reason
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def bilinear_gather(image: jax.Array, rows: jax.Array, weights: jax.Array, span: int,
+                    block_sizes: BlockSizes = BlockSizes(), interpret: bool = False) -> jax.Array:
+    """`gather`, differentiable (reverse mode) w.r.t. `image` and `weights`.
+
+    Args:
+      image: `[R, C]`.
+      rows: `[4, L]` int32 rows of `image` (all valid), every one with a non-zero weight in
+        `[rows[0, l], rows[0, l] + span]`.
+      weights: `[4, L]` float32.
+      span: as above; W + 1 for the corners of an image of width W.
+      block_sizes: tile sizes.
+      interpret: run the Pallas interpreter instead of compiling for the GPU.
+
+    Returns:
+      `[L, C]` in image's dtype.
+    """
+    return gather(image, rows, weights, block_sizes, interpret)
+
+
+def _bilinear_gather_fwd(image, rows, weights, span, block_sizes, interpret):
+    out = gather(image, rows, weights, block_sizes, interpret)
+    return out, (image, rows, weights)
+
+
+def _bilinear_gather_bwd(span, block_sizes, interpret, residuals, g):
+    image, rows, weights = residuals
+    d_image = scatter(rows, weights, g, image.shape[0], span, image.dtype, block_sizes, interpret)
+    d_weights = corner_dots(image, rows, g, block_sizes, interpret).astype(weights.dtype)
+    return d_image, None, d_weights
+
+
+bilinear_gather.defvjp(_bilinear_gather_fwd, _bilinear_gather_bwd)
+
+
+def bilinear_gather_reference(image: jax.Array, rows: jax.Array, weights: jax.Array
+                              ) -> jax.Array:
+    """What `bilinear_gather` computes, by an XLA gather (summed in float32)."""
+    values = image[rows].astype(jnp.float32)  # [4, L, C]
+    return jnp.einsum("kl,klc->lc", weights.astype(jnp.float32), values,
+                      precision=lax.Precision.HIGHEST).astype(image.dtype)

@@ -1,8 +1,9 @@
 """Criss-cross attention (CCNet) as Pallas kernels, forward and backward, behind `jax.custom_vjp`.
 
 Shapes use the legend B batch, H height, W width, C channels, L length (of a line: a row, W
-positions, or a column, H positions). The XLA reference is `functional.criss_cross` with
-`implementation="xla"`; `criss_cross_attention` here computes the same thing.
+positions, or a column, H positions). `criss_cross_reference` is the plain XLA math the kernels
+must equal (values, and gradients by autodiff); `functional.criss_cross_attention` dispatches
+between its own XLA path and `criss_cross_attention` here.
 
 Layout: one program holds one whole line (padded to a power of two, `Lp`), so the softmax of
 every position over that line is local to the program. A position's softmax runs over its row
@@ -36,17 +37,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from flax_attention.kernels._dispatch import interpret
+from flax_attention.kernels._common import MASK_VALUE, MIN_BLOCK, dtype_unsupported
 
-__all__ = ["SUPPORTED_DTYPES", "BlockSizes", "criss_cross_attention", "unsupported"]
+__all__ = ["BlockSizes", "criss_cross_attention", "criss_cross_reference", "unsupported"]
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_MASK = -0.7 * float(np.finfo(np.float32).max)
-_MIN_BLOCK = 16  # Triton's smallest dot operand dimension
 Precision = jax.lax.PrecisionLike
 
 
@@ -71,15 +68,15 @@ class BlockSizes:
 
 
 def _padded(n: int) -> int:
-    return max(_MIN_BLOCK, pl.next_power_of_2(n))
+    return max(MIN_BLOCK, pl.next_power_of_2(n))
 
 
 def unsupported(q: jax.Array, k: jax.Array, v: jax.Array,
                 block_sizes: BlockSizes = BlockSizes()) -> str | None:
     """Why the kernels cannot take q, k `[B, H, W, C]` and v `[B, H, W, C']`; None if they can."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dtype not in SUPPORTED_DTYPES:
-            return f"{name} has dtype {x.dtype}, the kernels take float32, bfloat16 or float16"
+    reason = dtype_unsupported(q=q, k=k, v=v)
+    if reason is not None:
+        return reason
     _, height, width, qk_channels = q.shape
     if _padded(max(height, width)) > block_sizes.max_line:
         return f"H and W ({height}, {width}) must pad to at most max_line={block_sizes.max_line}"
@@ -139,7 +136,7 @@ def _energies(q_ref, k_ref, dims: _Dims, exclude_self: bool, precision: Precisio
     valid = pos[None, :] < dims.length
     if exclude_self:
         valid = valid & (pos[:, None] != pos[None, :])
-    return jnp.where(valid, energies, _MASK), valid, q, k
+    return jnp.where(valid, energies, MASK_VALUE), valid, q, k
 
 
 def _row_forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, dims: _Dims, precision):
@@ -234,7 +231,7 @@ def _line_spec(row: bool, lp: int, x: jax.ShapeDtypeStruct) -> pl.BlockSpec:
 
 
 def _pass(kernel, row: bool, channel_grid: bool, inputs, out_shapes, precision,
-          block_sizes: BlockSizes, name: str):
+          block_sizes: BlockSizes, interpret: bool, name: str):
     """Runs `kernel` on every row (`row`) or column: grid `(B, lines[, C / block_c])`."""
     q, v = inputs[0], inputs[2]
     batch, height, width, qk_channels = q.shape
@@ -251,7 +248,7 @@ def _pass(kernel, row: bool, channel_grid: bool, inputs, out_shapes, precision,
         out_shape=out_shapes,
         compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps,
                                              num_stages=block_sizes.num_stages),
-        interpret=interpret(),
+        interpret=interpret,
         name=name,
     )(*inputs)
 
@@ -260,10 +257,11 @@ def _like(x: jax.Array, dtype=None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
 
 
-def _forward(q, k, v, precision, block_sizes):
+def _forward(q, k, v, precision, block_sizes, interpret):
     """`(out [B, H, W, C'], lse [B, H, W] float32)`."""
     lse_shape = jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)
-    run = functools.partial(_pass, precision=precision, block_sizes=block_sizes)
+    run = functools.partial(_pass, precision=precision, block_sizes=block_sizes,
+                            interpret=interpret)
     o_row, lse_row = run(_row_forward_kernel, True, True, (q, k, v),
                          [_like(v, jnp.float32), lse_shape], name="criss_cross_fwd_rows")
     out, lse = run(_column_forward_kernel, False, True, (q, k, v, o_row, lse_row),
@@ -271,20 +269,10 @@ def _forward(q, k, v, precision, block_sizes):
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _attention(q, k, v, precision, block_sizes):
-    return _forward(q, k, v, precision, block_sizes)[0]
-
-
-def _attention_fwd(q, k, v, precision, block_sizes):
-    out, lse = _forward(q, k, v, precision, block_sizes)
-    return out, (q, k, v, out, lse)
-
-
-def _attention_bwd(precision, block_sizes, residuals, d_out):
-    q, k, v, out, lse = residuals
+def _backward(q, k, v, out, lse, d_out, precision, block_sizes, interpret):
+    """The cotangents of q, k and v, from the saved output and log-sum-exp."""
     run = functools.partial(_pass, channel_grid=False, precision=precision,
-                            block_sizes=block_sizes)
+                            block_sizes=block_sizes, interpret=interpret)
     f32 = jnp.float32
     *parts, delta = run(functools.partial(_backward_kernel, first=True), True,
                         inputs=(q, k, v, d_out, lse, out),
@@ -295,12 +283,32 @@ def _attention_bwd(precision, block_sizes, residuals, d_out):
                      out_shapes=[_like(q), _like(k), _like(v)], name="criss_cross_bwd_columns"))
 
 
+# --- the custom VJP, the public entry point and the reference ----------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attention(q, k, v, precision, block_sizes, interpret):
+    return _forward(q, k, v, precision, block_sizes, interpret)[0]
+
+
+def _attention_fwd(q, k, v, precision, block_sizes, interpret):
+    out, lse = _forward(q, k, v, precision, block_sizes, interpret)
+    return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(precision, block_sizes, interpret, residuals, d_out):
+    return _backward(*residuals, d_out, precision, block_sizes, interpret)
+
+
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+@functools.partial(jax.jit, static_argnames=("precision", "block_sizes", "interpret"))
 def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, precision: Precision = None,
-                          block_sizes: BlockSizes = BlockSizes()) -> jax.Array:
-    """Criss-cross attention by the Pallas kernels (shapes checked by the caller).
+                          block_sizes: BlockSizes = BlockSizes(),
+                          interpret: bool = False) -> jax.Array:
+    """Criss-cross attention by the Pallas kernels (shapes checked by the caller); reverse-mode
+    differentiable (the backward pass is two more kernels).
 
     Args:
       q: queries `[B, H, W, C]`.
@@ -308,6 +316,7 @@ def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, precision: P
       v: values `[B, H, W, C']`.
       precision: passed to every dot of the kernels.
       block_sizes: the tiling.
+      interpret: run the Pallas interpreter (any platform) instead of compiling for the GPU.
 
     Returns:
       `[B, H, W, C']` in v's dtype.
@@ -318,4 +327,20 @@ def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, precision: P
     reason = unsupported(q, k, v, block_sizes)
     if reason is not None:
         raise ValueError(f"criss-cross Pallas kernel: {reason}")
-    return _attention(q, k, v, precision, block_sizes)
+    return _attention(q, k, v, precision, block_sizes, interpret)
+
+
+def criss_cross_reference(q: jax.Array, k: jax.Array, v: jax.Array,
+                          precision: Precision = None) -> jax.Array:
+    """What `criss_cross_attention` computes, in plain XLA: the energies of each position's row
+    `[B, H, W, W]` and column `[B, H, W, H]` (itself masked), one float32 softmax over both."""
+    energy = functools.partial(jnp.einsum, precision=precision,
+                               preferred_element_type=jnp.float32)
+    row = energy("bhwc,bhuc->bhwu", q, k)
+    column = energy("bhwc,bgwc->bhwg", q, k)
+    height = q.shape[1]
+    column = jnp.where(jnp.eye(height, dtype=bool)[:, None, :], MASK_VALUE, column)
+    weights = jax.nn.softmax(jnp.concatenate([row, column], axis=-1), axis=-1).astype(v.dtype)
+    out = (energy("bhwu,bhuc->bhwc", weights[..., :-height], v)
+           + energy("bhwg,bgwc->bhwc", weights[..., -height:], v))
+    return out.astype(v.dtype)

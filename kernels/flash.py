@@ -1,4 +1,4 @@
-"""Flash-attention forward pass as a Pallas kernel, with value widths unlike the key widths.
+"""Flash attention as a Pallas kernel, with value widths unlike the key widths.
 
 `out = softmax(scale * q k^T) v` by online softmax (Dao et al., "FlashAttention", NeurIPS 2022):
 each program holds one block of queries and one block of value channels, walks every block of
@@ -13,6 +13,11 @@ not have to fit one program's registers; the logits of a query block are recompu
 block (cheap: Ck is the small width). Ragged sizes are zero-padded to whole blocks, padded keys
 are masked with a finite large negative, and padded rows and columns are sliced off.
 
+The backward pass (`flash_attention_backward`) is XLA for now: it recomputes the map of each
+block of `chunk_size` queries from the saved log-sum-exp (never more than a `[B, chunk_size,
+Lk]` map); `functional.blockwise` reuses it behind its XLA forward. `flash_attention` is the
+kernel behind `jax.custom_vjp`; `flash_attention_reference` the plain XLA math it must equal.
+
 Axis legend: B batch, Lq query positions, Lk key positions, Ck query/key channels, Cv value
 channels.
 """
@@ -24,25 +29,26 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from flax_attention.kernels._common import MASK_VALUE, MIN_BLOCK, dtype_unsupported
+
 __all__ = [
     "MAX_QK_CHANNELS",
     "BlockSizes",
+    "flash_attention",
+    "flash_attention_backward",
     "flash_attention_forward",
     "flash_attention_reference",
+    "from_blocks",
+    "to_blocks",
     "unsupported",
 ]
 
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # A query block and a key block of this width stay in registers/shared memory together.
 MAX_QK_CHANNELS = 512
-# Triton's `tl.dot` needs every dimension of a tile to be at least 16.
-_MIN_BLOCK = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +71,14 @@ class BlockSizes:
     def __post_init__(self) -> None:
         for name in ("block_q", "block_k", "block_cv"):
             size = getattr(self, name)
-            if size < _MIN_BLOCK or size & (size - 1):
-                raise ValueError(f"{name} must be a power of two >= {_MIN_BLOCK}, got {size}")
+            if size < MIN_BLOCK or size & (size - 1):
+                raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {size}")
 
     def fitted(self, lq: int, lk: int, cv: int) -> BlockSizes:
         """The same sizes, shrunk (to powers of two >= 16) where an input is smaller."""
 
         def fit(block: int, n: int) -> int:
-            return min(block, max(_MIN_BLOCK, pl.next_power_of_2(n)))
+            return min(block, max(MIN_BLOCK, pl.next_power_of_2(n)))
 
         return dataclasses.replace(self, block_q=fit(self.block_q, lq),
                                    block_k=fit(self.block_k, lk),
@@ -81,9 +87,9 @@ class BlockSizes:
 
 def unsupported(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
     """Why `flash_attention_forward` cannot take these inputs, or None when it can."""
-    dtype = jnp.result_type(q, k, v)
-    if dtype not in SUPPORTED_DTYPES:
-        return f"dtype {dtype} (the flash kernel takes float32, bfloat16 or float16)"
+    reason = dtype_unsupported(q=q, k=k, v=v)
+    if reason is not None:
+        return reason
     if q.shape[-1] > MAX_QK_CHANNELS:
         return f"q/k channels {q.shape[-1]} above the flash kernel's {MAX_QK_CHANNELS}"
     return None
@@ -166,7 +172,7 @@ def flash_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
     blocks = (block_sizes or BlockSizes()).fitted(lq, lk, cv)
     bq, bk, bcv = blocks.block_q, blocks.block_k, blocks.block_cv
     lq_pad, lk_pad, cv_pad = _round_up(lq, bq), _round_up(lk, bk), _round_up(cv, bcv)
-    ck_pad = max(_MIN_BLOCK, pl.next_power_of_2(ck))
+    ck_pad = max(MIN_BLOCK, pl.next_power_of_2(ck))
     kernel = functools.partial(_kernel, scale=scale, num_keys=lk, block_k=bk,
                                precision=_kernel_precision(precision))
     out, lse = pl.pallas_call(
@@ -189,6 +195,117 @@ def flash_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: 
         name="flash_attention_forward",
     )(_pad_to(q, lq_pad, ck_pad), _pad_to(k, lk_pad, ck_pad), _pad_to(v, lk_pad, cv_pad))
     return out[:, :lq, :cv], lse[:, :lq]
+
+
+# --- the backward pass (XLA, block by block), the custom VJP and the reference ---------------
+
+
+def to_blocks(x: jax.Array, chunk_size: int) -> jax.Array:
+    """`[B, L, ...]` -> `[blocks, B, chunk_size, ...]`, zero-padded to whole blocks."""
+    blocks = -(-x.shape[1] // chunk_size)
+    pad = [(0, 0), (0, blocks * chunk_size - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+    x = jnp.pad(x, pad).reshape(x.shape[0], blocks, chunk_size, *x.shape[2:])
+    return x.swapaxes(0, 1)
+
+
+def from_blocks(x: jax.Array, length: int) -> jax.Array:
+    """Inverse of `to_blocks`: `[blocks, B, chunk_size, ...]` -> `[B, length, ...]`."""
+    x = x.swapaxes(0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
+
+
+def _einsum(spec: str, a: jax.Array, b: jax.Array, precision) -> jax.Array:
+    """Accumulated in float32 (float64 for float64 b)."""
+    return jnp.einsum(spec, a, b, precision=precision,
+                      preferred_element_type=jnp.promote_types(b.dtype, jnp.float32))
+
+
+def flash_attention_backward(q, k, v, out, lse, d_out, *, scale: float, chunk_size: int,
+                             precision: lax.PrecisionLike = None):
+    """The cotangents of q `[B, Lq, Ck]`, k `[B, Lk, Ck]` and v `[B, Lk, Cv]` from the output
+    and its cotangent `[B, Lq, Cv]` and the log-sum-exp `[B, Lq]`, by blocks of `chunk_size`
+    queries (`lax.scan`), each block's map recomputed from the log-sum-exp."""
+    acc = jnp.promote_types(v.dtype, jnp.float32)
+    # sum_j att_ij d(att_ij) = d_out_i . out_i: a [B, Lq] vector instead of a pass over the map.
+    delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1)
+
+    def block(carry, xs):
+        dk, dv = carry
+        qb, d_outb, lseb, deltab = xs
+        logits = _einsum("bqc,bkc->bqk", qb, k, precision)
+        logits = logits if scale == 1.0 else logits * scale
+        att = jnp.exp(logits - lseb[..., None])
+        dv = dv + _einsum("bqk,bqc->bkc", att.astype(v.dtype), d_outb, precision)
+        d_att = _einsum("bqc,bkc->bqk", d_outb, v, precision)
+        d_logits = (att * (d_att - deltab[..., None]) * scale).astype(q.dtype)
+        dk = dk + _einsum("bqk,bqc->bkc", d_logits, qb, precision)
+        return (dk, dv), _einsum("bqk,bkc->bqc", d_logits, k, precision)
+
+    xs = tuple(to_blocks(x, chunk_size) for x in (q, d_out, lse, delta))
+    init = (jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc))
+    (dk, dv), dq = lax.scan(block, init, xs)
+    return from_blocks(dq, q.shape[1]).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """The static arguments of `_flash`."""
+
+    scale: float
+    chunk_size: int
+    precision: lax.PrecisionLike
+    block_sizes: BlockSizes | None
+    interpret: bool
+
+    def forward(self, q, k, v):
+        return flash_attention_forward(q, k, v, scale=self.scale, precision=self.precision,
+                                       block_sizes=self.block_sizes, interpret=self.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q, k, v, config: _Config):
+    return config.forward(q, k, v)[0]
+
+
+def _flash_fwd(q, k, v, config: _Config):
+    out, lse = config.forward(q, k, v)
+    return out, (q, k, v, out, lse)
+
+
+def _flash_bwd(config: _Config, residuals, d_out):
+    return flash_attention_backward(*residuals, d_out, scale=config.scale,
+                                    chunk_size=config.chunk_size, precision=config.precision)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float = 1.0,
+                    chunk_size: int = 512, precision: lax.PrecisionLike = None,
+                    block_sizes: BlockSizes | None = None, interpret: bool = False) -> jax.Array:
+    """`softmax(scale * q k^T) v` by the kernel; reverse-mode differentiable (the backward is
+    `flash_attention_backward`).
+
+    Args:
+      q: queries `[B, Lq, Ck]`.
+      k: keys `[B, Lk, Ck]`.
+      v: values `[B, Lk, Cv]`, the dtype of `q` and `k`.
+      scale: multiplies the logits.
+      chunk_size: queries per block of the backward pass.
+      precision: of the matrix products.
+      block_sizes: the kernel's tiles; None for `BlockSizes()`.
+      interpret: run the Pallas interpreter (any platform) instead of compiling for the GPU.
+
+    Returns:
+      `[B, Lq, Cv]` in v's dtype.
+
+    Raises:
+      ValueError: inputs the kernel does not support (see `unsupported`).
+    """
+    reason = unsupported(q, k, v)
+    if reason is not None:
+        raise ValueError(f"flash attention Pallas kernel: {reason}")
+    return _flash(q, k, v, _Config(float(scale), chunk_size, precision, block_sizes, interpret))
 
 
 def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float = 1.0,

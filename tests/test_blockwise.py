@@ -1,7 +1,9 @@
 """Memory-efficient softmax attention: the blockwise XLA path and the Pallas flash kernel.
 
-The kernel tests call `implementation="pallas"`, which runs the Pallas interpreter on the CPU
-and compiles for the GPU when JAX's default backend is one, so the same tests cover both.
+The kernel's own tests pass `interpret` to `flash.flash_attention` (interpreted everywhere, and
+compiled too on a GPU: the `interpret` fixture) and compare values and `jax.grad` with
+`flash.flash_attention_reference`; the tests of `implementation="pallas"` run the Pallas
+interpreter on the CPU and compile for the GPU when JAX's default backend is one.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from jax.test_util import check_grads
 
 from flax_attention.danet import PositionAttention
 from flax_attention.functional import blockwise as B
-from flax_attention.functional import non_local_ops
-from flax_attention.kernels import _dispatch, flash
+from flax_attention.functional.non_local import non_local, non_local_weights
+from flax_attention.kernels import flash
+from flax_attention.kernels._common import on_gpu
 from flax_attention.non_local import NonLocal2D
 from tests.helpers import assert_close, random_nhwc
 
@@ -150,16 +153,23 @@ def test_large_logits_stay_finite():
 SMALL_BLOCKS = flash.BlockSizes(block_q=16, block_k=16, block_cv=16)
 
 
+@pytest.fixture(params=[True, False] if on_gpu() else [True],
+                ids=lambda i: "interpret" if i else "compiled")
+def interpret(request) -> bool:
+    """The kernel's `interpret` argument: True everywhere, False too on a GPU."""
+    return request.param
+
+
 @pytest.mark.parametrize(
     ("shape", "dtype", "blocks"),
     _default_and_slow(itertools.product(SHAPES, [F32, BF16], [SMALL_BLOCKS, None]),
                       [(SHAPES[0], F32, SMALL_BLOCKS), (SHAPES[1], BF16, SMALL_BLOCKS),
                        (SHAPES[2], F32, None)]),
 )
-def test_flash_kernel_equals_reference(shape, dtype, blocks):
+def test_flash_kernel_equals_reference(interpret, shape, dtype, blocks):
     q, k, v = (jnp.asarray(a, dtype) for a in _qkv(*shape))
     out, lse = flash.flash_attention_forward(q, k, v, scale=0.37, block_sizes=blocks,
-                                             interpret=_dispatch.interpret())
+                                             interpret=interpret)
     want_out, want_lse = flash.flash_attention_reference(q, k, v, scale=0.37)
     assert out.dtype == dtype and lse.dtype == jnp.float32
     assert_close(out.astype(jnp.float32), want_out.astype(jnp.float32),
@@ -183,10 +193,22 @@ def test_pallas_path_equals_xla_values_and_grads(shape, dtype):
     _assert_trees_close(_grads(pallas)(*args), _grads(xla)(*args), 2 * rtol)
 
 
-def test_default_implementation_picks_the_platform_path():
+def test_flash_attention_grads_equal_reference(interpret):
+    """The custom VJP (kernel forward, blockwise backward by 4 queries) against autodiff of the
+    reference."""
+    q, k, v = (jnp.asarray(a) for a in _qkv(*SHAPES[1]))
+    kernel = functools.partial(flash.flash_attention, scale=0.37, chunk_size=4,
+                               block_sizes=SMALL_BLOCKS, interpret=interpret)
+    _assert_trees_close(_grads(kernel)(q, k, v),
+                        _grads(lambda *a: flash.flash_attention_reference(*a, scale=0.37)[0])(
+                            q, k, v), 1e-5)
+
+
+def test_default_implementation_is_xla_on_every_platform():
+    """None picks neither the kernel nor cuDNN: neither has been timed on a GPU yet."""
     q, k, v = _qkv(1, 9, 9, 2, 3)
     jaxpr = _jaxpr(B.blockwise_attention, q, k, v)
-    assert ("pallas_call" in jaxpr) == _dispatch.on_gpu()
+    assert "pallas_call" not in jaxpr and "cudnn" not in jaxpr
     assert_close(B.blockwise_attention(q, k, v), B.blockwise_attention(q, k, v, chunk_size=4))
 
 
@@ -198,13 +220,13 @@ def _temp_bytes(fn, *shapes) -> int:
     scratch out of the buffer assignment (the dense map then shows as 0 bytes while it is
     allocated), so they are turned off for the measurement: every buffer is counted."""
     args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
-    options = None if _dispatch.on_gpu() else {"xla_cpu_experimental_ynn_fusion_type": ""}
+    options = None if on_gpu() else {"xla_cpu_experimental_ynn_fusion_type": ""}
     compiled = jax.jit(fn).lower(*args).compile(compiler_options=options)
     return compiled.memory_analysis().temp_size_in_bytes
 
 
 def _memory_implementations() -> list[str]:
-    return ["xla", "pallas"] if _dispatch.on_gpu() else ["xla"]
+    return ["xla", "pallas"] if on_gpu() else ["xla"]
 
 
 @pytest.mark.parametrize("implementation", _memory_implementations())
@@ -232,12 +254,12 @@ def test_peak_memory_stays_below_the_dense_map(implementation):
 @pytest.mark.parametrize(("mode", "use_scale"), [("gaussian", False), ("embedded", True)])
 def test_non_local_softmax_modes_go_blockwise(mode, use_scale):
     theta, phi, g = _qkv(2, 20, 5, 3, 4)
-    fn = functools.partial(non_local_ops.non_local, mode=mode, use_scale=use_scale)
+    fn = functools.partial(non_local, mode=mode, use_scale=use_scale)
     chunked = functools.partial(fn, chunk_size=6)
     pallas = functools.partial(fn, implementation="pallas")
     assert "scan" in _jaxpr(chunked, theta, phi, g) and "scan" not in _jaxpr(fn, theta, phi, g)
     assert "pallas_call" in _jaxpr(pallas, theta, phi, g)
-    weights = non_local_ops.non_local_weights(theta, phi, mode, use_scale=use_scale)
+    weights = non_local_weights(theta, phi, mode, use_scale=use_scale)
     dense = np.einsum("bqk,bkc->bqc", weights, g)
     assert_close(chunked(theta, phi, g), dense)
     if use_scale:  # the kernel's values once (interpret mode is slow), with a scale
@@ -248,12 +270,12 @@ def test_non_local_softmax_modes_go_blockwise(mode, use_scale):
 
 def test_non_local_dense_modes_stay_dense():
     theta, phi, g = _qkv(1, 6, 3, 2, 2)
-    out = non_local_ops.non_local(theta, phi, g, "dot", chunk_size=2)
-    assert "scan" not in _jaxpr(functools.partial(non_local_ops.non_local, mode="dot",
+    out = non_local(theta, phi, g, "dot", chunk_size=2)
+    assert "scan" not in _jaxpr(functools.partial(non_local, mode="dot",
                                                   chunk_size=2), theta, phi, g)
     assert_close(out, np.einsum("bqc,bkc,bkd->bqd", theta, phi, g) / 3)
     with pytest.raises(ValueError, match="mode 'dot' has no Pallas kernel"):
-        non_local_ops.non_local(theta, phi, g, "dot", implementation="pallas")
+        non_local(theta, phi, g, "dot", implementation="pallas")
 
 
 @pytest.mark.parametrize(
@@ -286,7 +308,9 @@ def test_modules_pass_chunk_size_and_implementation(module, shape):
         (((2, 3, 2), (1, 3, 2), (1, 3, 2)), {}, r"batch and channels"),
         (((2, 3, 2), (2, 3, 2), (2, 4, 5)), {}, r"k \(2, 3, 2\), v \(2, 4, 5\)"),
         (((1, 3, 2), (1, 3, 2), (1, 3, 5)), {"chunk_size": 0}, "chunk_size"),
-        (((1, 3, 2), (1, 3, 2), (1, 3, 5)), {"implementation": "cuda"}, "implementation"),
+        (((1, 3, 2), (1, 3, 2), (1, 3, 5)), {"implementation": "cuda"},
+         r"implementation must be one of .* for blockwise_attention, got 'cuda'"),
+        (((1, 3, 8), (1, 3, 8), (1, 3, 5)), {"implementation": "cudnn"}, "cuDNN"),
         (((1, 3, 600), (1, 3, 600), (1, 3, 5)), {"implementation": "pallas"},
          "q/k channels 600"),
     ],

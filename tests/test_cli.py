@@ -15,7 +15,8 @@ import pytest
 from flax_attention import cli
 from flax_attention.data import list_datasets
 from flax_attention.models.classifiers import list_classifiers
-from flax_attention.train import Checkpoints, TrainConfig, write_json
+from flax_attention.train import Checkpoints, TrainConfig, Trainer, TrainResult, write_json
+from flax_attention.train.run_dir import read_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +115,9 @@ def test_eval_of_a_checkpoint_that_does_not_fit_is_one_line(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["train", "--model", "ram", "--epochs", "2"], "use --steps, not --epochs"),
+    (["train", "--model", "ram", "--steps", "3", "--epochs", "2"],
+     "give --steps or --epochs, not both"),
+    (["train", "--model", "ram", "--optimizer", "sgd"], "--optimizer is not an option of"),
     (["train", "--model", "cnn", "--glimpses", "4"], "are options of --model ram"),
     (["train", "--model", "ram", "--steps", "5", "--batch-size", "100000"],
      "batch_size (100000) exceeds the training set"),
@@ -139,3 +142,84 @@ def test_train_eval_and_resume_ram(capsys, tmp_path):
     assert "RAM (2 learned glimpses)" in capsys.readouterr().out
     saved = cli._ram_config(_namespace(out=out, resume=True))
     assert (saved.num_glimpses, saved.steps, saved.train_examples) == (2, 6, 32)
+
+
+# --- every model `list` offers --------------------------------------------------------------
+
+
+def _listed_models(capsys) -> list[str]:
+    """The names `flax-attention list` prints under its model sections."""
+    assert cli.main(["list"]) == 0
+    names, section = [], ""
+    for line in capsys.readouterr().out.splitlines():
+        if not line.startswith(" "):
+            section = line.lower()
+        elif "model" in section:
+            names.append(line.strip())
+    return names
+
+
+def _expected_refusal(name: str) -> str | None:
+    """What `train --model name` must say when it refuses (None: it must train)."""
+    if name.startswith(("danet_", "ccnet_")):
+        return f"{name} is a segmenter; train supports classifiers and ram"
+    if name.startswith("detr_"):
+        return f"{name} is a detector; train supports classifiers and ram"
+    if name.startswith("residual_attention_"):  # a total stride of 32 or 4: not 42 x 42
+        return f"model {name!r} does not fit the distorted-digits images (42, 42, 1)"
+    return None
+
+
+# Trained for a real epoch in the walk; the other classifiers take the cheaper path (below).
+REAL_EPOCH = ("cnn", "ram")
+
+
+def _train_tiny(name: str, out: Path) -> int:
+    """`train --model name --epochs 1` on 16 examples in batches of 8 (2 steps)."""
+    glimpses = ["--glimpses", "1"] if name == "ram" else []
+    return cli.main(["train", "--model", name, "--epochs", "1", "--limit", "16", "--batch-size",
+                     "8", *glimpses, "--out", str(out), "--no-progress"])
+
+
+def _assert_trained(capsys, name: str, out: Path, status: int) -> None:
+    assert status == 0, (name, capsys.readouterr().err)
+    assert "completed at step 2 (" in capsys.readouterr().out, name
+    assert read_run_config(out)[0] == ("reinforce" if name == "ram" else "supervised")
+    assert (out / "checkpoints" / "2").is_dir(), name
+
+
+def test_every_listed_model_trains_or_is_refused_before_writing(capsys, tmp_path, monkeypatch):
+    """`train --model M --epochs 1` for every name `list` prints. A refusal is one line, exit 1
+    and no run directory. `REAL_EPOCH` train one epoch of tiny data; for the other classifiers
+    (small CNNs and the registry's networks, whose compilation is slow) the run is built as
+    `train` builds it (data loaded, model checked against the images) and its epoch skipped;
+    `test_every_small_classifier_trains_an_epoch` (slow) trains the small ones for real."""
+    names = _listed_models(capsys)
+    assert {*list_classifiers(), "ram", "resnet18", "detr_resnet50", "danet_resnet50"} <= set(names)
+    real_fit = Trainer.fit
+
+    def fit(trainer, resume=False, *, step_delay=0.0):
+        if getattr(trainer.config, "model", "ram") in REAL_EPOCH:
+            return real_fit(trainer, resume, step_delay=step_delay)
+        return TrainResult("completed", {"step": 0, "wall_s": 0.0})
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    for name in names:
+        out = tmp_path / name
+        status = _train_tiny(name, out)
+        refusal = _expected_refusal(name)
+        if refusal is not None:
+            assert status == cli.EXIT_ERROR, name
+            assert refusal in _error_line(capsys), name
+            assert not out.exists(), name
+        elif name in REAL_EPOCH:
+            _assert_trained(capsys, name, out, status)
+        else:
+            assert status == 0, (name, capsys.readouterr().err)
+            assert "completed at step 0" in capsys.readouterr().out, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_classifiers())
+def test_every_small_classifier_trains_an_epoch(capsys, tmp_path, name):
+    _assert_trained(capsys, name, tmp_path / name, _train_tiny(name, tmp_path / name))

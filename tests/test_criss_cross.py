@@ -295,3 +295,20 @@ def test_rcca_dropout_drops_whole_channels():
     dropped = np.all(out == 0, axis=(1, 2))[0]  # [C]
     assert dropped.any() and not dropped.all()
     np.testing.assert_allclose(out[..., ~dropped], 2 * kept[..., ~dropped], rtol=1e-6)
+
+
+def test_module_calls_attention_fn_with_the_one_signature():
+    calls = []
+
+    def attention_fn(q, k, v, *, precision, implementation):
+        calls.append((q.shape, k.shape, v.shape, precision, implementation))
+        return jnp.full_like(v, 3.0)
+
+    x = random_nhwc((1, 3, 4, 16))
+    module = CrissCrossAttention(attention_fn=attention_fn, implementation="xla",
+                                 precision=jax.lax.Precision.HIGHEST)
+    params = {**module.init(jax.random.key(0), x)["params"], "gamma": jnp.ones((1,))}
+    out = module.apply({"params": params}, x)
+    assert calls[-1] == ((1, 3, 4, 2), (1, 3, 4, 2), (1, 3, 4, 16), jax.lax.Precision.HIGHEST,
+                         "xla")
+    assert_close(out, x + 3.0)

@@ -268,7 +268,7 @@ def test_head_dropout_drops_whole_channels():
     variables = _import(head, ref.DANetHead(32, 2))
     capture = lambda mdl, _: isinstance(mdl, nn.Dropout | layers.ConvBN)  # noqa: E731
     train = jax.jit(functools.partial(
-        head.apply, train=True, capture_intermediates=capture,
+        head.apply, train=True, deterministic=False, capture_intermediates=capture,
         mutable=["intermediates", "batch_stats"],
     ))
     _, state = train(variables, x, rngs={"dropout": jax.random.key(1)})
@@ -336,3 +336,20 @@ def test_from_torch_rejects_bad_state_dicts():
     head = state_dict(ref.DANetHead(32, 2))
     with pytest.raises(ValueError, match=r"missing keys \['conv6.1.bias'\]"):
         from_torch(DANetHead(2), {k: v for k, v in head.items() if k != "conv6.1.bias"})
+
+
+def test_position_attention_calls_attention_fn_with_the_one_signature():
+    calls = []
+
+    def attention_fn(q, k, v, *, precision, implementation):
+        calls.append((q.shape, k.shape, v.shape, precision, implementation))
+        return jnp.full_like(v, 3.0)
+
+    x = random_nhwc((1, 3, 4, 16))
+    module = PositionAttention(attention_fn=attention_fn, implementation="xla",
+                               precision=jax.lax.Precision.HIGHEST)
+    params = {**module.init(jax.random.key(0), x)["params"], "gamma": jnp.ones((1,))}
+    out = module.apply({"params": params}, x)
+    assert calls[-1] == ((1, 3, 4, 2), (1, 3, 4, 2), (1, 3, 4, 16), jax.lax.Precision.HIGHEST,
+                         "xla")
+    assert_close(out, x + 3.0)

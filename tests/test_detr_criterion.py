@@ -223,6 +223,22 @@ def test_hungarian_matching_equals_scipy(shape):
     np.testing.assert_array_equal(cols, expected_cols)
 
 
+def test_detr_sized_padded_assignment_equals_scipy():
+    """DETR's sizes: 100 queries, 50 padded targets (NaN where padded) of which 0, 7 or 50 are
+    real; every real target is matched, optimally, and no padded one."""
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    rng = np.random.default_rng(5)
+    mask = np.arange(50) < np.array([0, 7, 50])[:, None]
+    costs = np.where(mask[:, None], rng.standard_normal((3, 100, 50)), np.nan).astype(np.float32)
+    assign = jax.jit(jax.vmap(lambda c, k: linear_assignment(c, col_mask=k)))
+    for col_of_row, cost, real in zip(np.asarray(assign(costs, mask)), costs, mask, strict=True):
+        rows = np.flatnonzero(col_of_row >= 0)
+        cols = col_of_row[rows]
+        assert len(rows) == real.sum() and real[cols].all() and len(set(cols)) == len(cols)
+        expected = cost[:, real][scipy_optimize.linear_sum_assignment(cost[:, real])].sum()
+        np.testing.assert_allclose(cost[rows, cols].sum(), expected, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # DETR matcher and criterion
 

@@ -1,10 +1,12 @@
 """The Pallas bilinear-sampling kernels against the XLA path: values and gradients (image and
 grid) over every padding mode, both `align_corners`, fp32 and bf16, ragged shapes; the kernels
-alone against plain gathers and scatter-adds; dispatch and unsupported inputs.
+alone (`bilinear_gather`, values and `jax.grad`) against `bilinear_gather_reference`, plain
+gathers and scatter-adds; dispatch and unsupported inputs.
 
-On CPU every kernel runs in Pallas interpret mode; on a GPU each test runs twice, interpreted
-and compiled (the `mode` fixture). Shapes are tiny and shared, so the interpreted kernels
-compile once per dtype: L = 2 * 3 * 6 = 36 sample points (not a multiple of the 64-point
+Through `bilinear_sample(implementation="pallas")` the kernels run interpreted off the GPU and
+compiled on one; the kernel tests pass `interpret` themselves, and on a GPU run both ways (the
+`interpret` fixture). Shapes are tiny and shared, so the interpreted kernels compile once per
+dtype: L = 2 * 3 * 6 = 36 sample points (not a multiple of the 64-point
 block), R = 2 * 5 * 7 = 70 image rows (two pixel blocks, the second ragged), C = 3 channels
 (a ragged 16-channel block).
 """
@@ -22,8 +24,8 @@ import pytest
 from jax.test_util import check_grads
 
 from flax_attention.functional import spatial as F
-from flax_attention.kernels import _dispatch
 from flax_attention.kernels import bilinear as K
+from flax_attention.kernels._common import on_gpu
 from flax_attention.spatial_transformer import SpatialTransformer
 from tests.helpers import assert_close, random_nhwc
 
@@ -32,17 +34,11 @@ IMAGE, GRID_HW = (2, 5, 7, 3), (3, 6)
 OUT = (*IMAGE[:1], *GRID_HW, IMAGE[-1])
 
 
-@pytest.fixture(params=["interpret", "compiled"] if _dispatch.on_gpu() else ["interpret"],
-                autouse=True)
-def mode(request, monkeypatch):
-    """Interpret mode everywhere; on a GPU, also compiled (caches cleared between modes)."""
-    if request.param == "interpret" and _dispatch.on_gpu():
-        monkeypatch.setattr(K, "interpret", lambda: True)
-        jax.clear_caches()
-        yield request.param
-        jax.clear_caches()
-    else:
-        yield request.param
+@pytest.fixture(params=[True, False] if on_gpu() else [True],
+                ids=lambda i: "interpret" if i else "compiled")
+def interpret(request) -> bool:
+    """The kernels' `interpret` argument: True everywhere, False too on a GPU."""
+    return request.param
 
 
 def _grid(spread: float = 1.4, seed: int = 2) -> np.ndarray:
@@ -144,30 +140,14 @@ class _ConstantLocalization(nn.Module):
 # --- dispatch ------------------------------------------------------------------------------------
 
 
-def test_default_is_xla_off_the_gpu(monkeypatch):
-    monkeypatch.setattr(_dispatch, "on_gpu", lambda: False)
-
-    def fail(*args, **kwargs):
-        raise AssertionError("the Pallas kernel ran")
-
-    monkeypatch.setattr(K, "gather", fail)
+def test_default_is_xla_on_every_platform():
+    """None never runs the kernels (not yet timed on a GPU), here or on a GPU."""
     image, grid = random_nhwc(IMAGE), _grid()
+    assert "pallas_call" not in str(jax.make_jaxpr(F.bilinear_sample)(image, grid))
+    assert "pallas_call" in str(jax.make_jaxpr(
+        functools.partial(F.bilinear_sample, implementation="pallas"))(image, grid))
     chex.assert_trees_all_equal(F.bilinear_sample(image, grid),
                                 F.bilinear_sample(image, grid, implementation="xla"))
-
-
-def test_default_is_the_kernel_on_a_gpu(monkeypatch):
-    monkeypatch.setattr(_dispatch, "on_gpu", lambda: True)
-
-    class KernelRan(Exception):
-        pass
-
-    def ran(*args, **kwargs):
-        raise KernelRan
-
-    monkeypatch.setattr(K, "gather", ran)
-    with pytest.raises(KernelRan):
-        F.bilinear_sample(random_nhwc(IMAGE), _grid())
 
 
 def test_unsupported_dtype_falls_back_or_raises():
@@ -175,10 +155,11 @@ def test_unsupported_dtype_falls_back_or_raises():
         image, grid = jnp.asarray(random_nhwc(IMAGE), jnp.float64), jnp.asarray(_grid())
         with pytest.raises(ValueError, match="implementation='pallas' cannot run.*float64"):
             F.bilinear_sample(image, grid, implementation="pallas")
-        if not _dispatch.on_gpu():
-            assert F.bilinear_sample(image, grid).dtype == jnp.float64
-    with pytest.raises(ValueError, match="implementation must be one of"):
+        assert F.bilinear_sample(image, grid).dtype == jnp.float64
+    with pytest.raises(ValueError, match="implementation must be one of .* for bilinear_sample"):
         F.bilinear_sample(random_nhwc(IMAGE), _grid(), implementation="triton")
+    with pytest.raises(ValueError, match="bilinear_sample"):
+        F.bilinear_sample(random_nhwc(IMAGE), _grid(), implementation="cudnn")
 
 
 # --- the kernels alone: small blocks, several channel blocks, long runs --------------------------
@@ -198,16 +179,28 @@ def _kernel_inputs(num_rows=70, channels=20, length=45, width=7, seed=0):
             jnp.asarray(rng.standard_normal((length, channels)), jnp.float32))
 
 
-def test_kernels_match_plain_gathers_and_scatters():
+def test_kernels_match_plain_gathers_and_scatters(interpret):
     rows, weights, image, g = _kernel_inputs()
     values = image[rows]  # [4, L, C]
-    assert_close(K.gather(image, rows, weights, SMALL),
+    assert_close(K.gather(image, rows, weights, SMALL, interpret),
                  jnp.einsum("kl,klc->lc", weights, values))
-    assert_close(K.corner_dots(image, rows, g, SMALL), jnp.einsum("klc,lc->kl", values, g))
+    assert_close(K.corner_dots(image, rows, g, SMALL, interpret),
+                 jnp.einsum("klc,lc->kl", values, g))
     expected = jnp.zeros_like(image).at[rows.reshape(-1)].add(
         (weights[..., None] * g).reshape(-1, image.shape[1]))
     assert_close(K.scatter(rows, weights, g, num_rows=image.shape[0], span=8,
-                           block_sizes=SMALL), expected)
+                           block_sizes=SMALL, interpret=interpret), expected)
+
+
+def test_bilinear_gather_matches_reference(interpret):
+    """The custom VJP's values and `jax.vjp` (image and weights) against the reference's."""
+    rows, weights, image, g = _kernel_inputs()
+    got, vjp = jax.vjp(lambda i, w: K.bilinear_gather(i, rows, w, 8, SMALL, interpret),
+                       image, weights)
+    want, vjp_ref = jax.vjp(lambda i, w: K.bilinear_gather_reference(i, rows, w), image, weights)
+    for a, e in zip((got, *vjp(g)), (want, *vjp_ref(g)), strict=True):
+        assert a.dtype == e.dtype
+        assert_close(a, e)
 
 
 def test_block_sizes_must_be_powers_of_two():

@@ -26,6 +26,9 @@ CLASSIFIERS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "se_resnet18", "se_resnet34",
     "se_resnet50", "se_resnet101", "se_resnet152", "se_resnext50_32x4d", "residual_attention_56",
     "residual_attention_92", "residual_attention_56_cifar", "residual_attention_92_cifar",
+    # timm's names and layouts (tests/test_timm_resnets.py)
+    "resnet50d", "seresnet18", "seresnet34", "seresnet50", "seresnet50t", "ecaresnet26t",
+    "ecaresnet50d", "ecaresnet50t", "cbam_resnet50", "skresnet18", "skresnet34", "gcresnet50t",
 )
 # Small stand-ins for the training steps: the same modules on a ResNet-10 (one basic block per
 # stage) backbone.
@@ -260,8 +263,8 @@ def _segmenter_losses(model, size: int, lr: float) -> list[float]:
     labels = jnp.broadcast_to(jnp.arange(size)[None, None] * 3 // size, (2, size, size))
 
     def forward(variables, rng):
-        out, state = model.apply(variables, x, train=True, mutable=["batch_stats"],
-                                 rngs={"dropout": rng})
+        out, state = model.apply(variables, x, train=True, deterministic=False,
+                                 mutable=["batch_stats"], rngs={"dropout": rng})
         return out, state["batch_stats"]
 
     def loss(logits):

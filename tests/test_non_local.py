@@ -12,7 +12,7 @@ import pytest
 import torch
 from jax.test_util import check_grads
 
-from flax_attention.functional import non_local_ops as F
+from flax_attention.functional.non_local import MODES, non_local, non_local_weights
 from flax_attention.interop.torch import from_torch
 from flax_attention.non_local import NonLocal1D, NonLocal2D, NonLocal3D
 from tests.helpers import (
@@ -51,7 +51,7 @@ def _equivalence_cases() -> list:
     bn_layer) pairs by default, so each dimension still sees every value, and the rest as slow."""
     cases = []
     for dims, mode, sub_sample, bn_layer in itertools.product(
-        (1, 2, 3), F.MODES, (True, False), (True, False)
+        (1, 2, 3), MODES, (True, False), (True, False)
     ):
         slow = dims != 2 and sub_sample == bn_layer
         marks = [pytest.mark.slow] if slow else []
@@ -74,7 +74,7 @@ def test_training_mode_normalises_with_batch_statistics():
     assert_close(state["batch_stats"]["W_1"]["mean"], torch_block.W[1].running_mean.numpy())
 
 
-@pytest.mark.parametrize("mode", F.MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_sown_attention_matches_torch_map(mode):
     torch_block, block, variables = _pair(2, mode, seed=2)
     x = random_nhwc(SHAPES[2], seed=3)
@@ -109,7 +109,7 @@ def test_explicit_inter_channels_and_scale():
 # --- hand-checkable values ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("mode", "bn_layer"), [*((m, True) for m in F.MODES), ("dot", False)])
+@pytest.mark.parametrize(("mode", "bn_layer"), [*((m, True) for m in MODES), ("dot", False)])
 def test_fresh_block_is_the_identity(mode, bn_layer):
     x = jnp.asarray(random_nhwc((2, 4, 6, 3)))
     block = NonLocal2D(mode=mode, bn_layer=bn_layer)
@@ -121,17 +121,17 @@ def test_one_hot_keys_pick_one_value():
     theta = 50.0 * jnp.eye(3)[None]  # [1, Lq=3, Ck=3]
     phi = jnp.eye(3)[None, ::-1]  # key j is one-hot on channel 2 - j
     g = jnp.asarray([[[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]]])
-    out = F.non_local(theta, phi, g, "embedded")
+    out = non_local(theta, phi, g, "embedded")
     np.testing.assert_allclose(out, g[:, ::-1], rtol=1e-6)
 
 
 def test_dot_and_concatenation_by_hand():
     theta = jnp.asarray([[[1.0], [2.0]]])  # [1, Lq=2, Ck=1]
     phi = jnp.asarray([[[3.0], [-4.0]]])  # [1, Lk=2, Ck=1]
-    np.testing.assert_allclose(F.non_local_weights(theta, phi, "dot"),
+    np.testing.assert_allclose(non_local_weights(theta, phi, "dot"),
                                [[[1.5, -2.0], [3.0, -4.0]]])
     # relu(theta_i - phi_j) / 2
-    np.testing.assert_allclose(F.non_local_weights(theta, phi, "concatenate",
+    np.testing.assert_allclose(non_local_weights(theta, phi, "concatenate",
                                                    jnp.asarray([1.0, -1.0])),
                                [[[0.0, 2.5], [0.0, 3.0]]])
 
@@ -139,7 +139,7 @@ def test_dot_and_concatenation_by_hand():
 # --- transformations, gradients, dtypes -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", F.MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_check_grads(mode):
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
@@ -147,10 +147,10 @@ def test_check_grads(mode):
                          for s in ((2, 5, 3), (2, 4, 3), (2, 4, 2)))
         if mode == "concatenate":
             w = jnp.asarray(rng.standard_normal(6))
-            check_grads(lambda t, p, v, w: F.non_local(t, p, v, mode, w), (theta, phi, g, w),
+            check_grads(lambda t, p, v, w: non_local(t, p, v, mode, w), (theta, phi, g, w),
                         order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
         else:
-            check_grads(lambda t, p, v: F.non_local(t, p, v, mode), (theta, phi, g),
+            check_grads(lambda t, p, v: non_local(t, p, v, mode), (theta, phi, g),
                         order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
@@ -161,8 +161,8 @@ def test_jit_and_vmap_equal_eager():
                                 atol=1e-5)
     theta, phi, g = (jnp.asarray(random_nhwc(s, seed=i))
                      for i, s in enumerate(((3, 2, 6, 4), (3, 2, 5, 4), (3, 2, 5, 3))))
-    batched = jax.vmap(F.non_local, in_axes=(0, 0, 0, None))(theta, phi, g, "embedded")
-    looped = np.stack([F.non_local(*a, "embedded") for a in zip(theta, phi, g, strict=True)])
+    batched = jax.vmap(non_local, in_axes=(0, 0, 0, None))(theta, phi, g, "embedded")
+    looped = np.stack([non_local(*a, "embedded") for a in zip(theta, phi, g, strict=True)])
     chex.assert_trees_all_close(batched, looped, atol=1e-5)
 
 
@@ -199,20 +199,20 @@ def test_bad_module_input_raises():
 def test_bad_functional_input_raises():
     theta, phi, g = jnp.zeros((2, 6, 4)), jnp.zeros((2, 5, 4)), jnp.zeros((2, 5, 3))
     with pytest.raises(ValueError, match=r"mode must be one of"):
-        F.non_local(theta, phi, g, "gauss")
+        non_local(theta, phi, g, "gauss")
     with pytest.raises(ValueError, match=r"theta must have rank 3 .*\(6, 4\)"):
-        F.non_local(theta[0], phi, g)
+        non_local(theta[0], phi, g)
     with pytest.raises(ValueError, match=r"theta and phi must agree in batch and channels.*"
                                          r"\(2, 6, 4\).*\(2, 5, 3\)"):
-        F.non_local(theta, g, g)
+        non_local(theta, g, g)
     with pytest.raises(ValueError, match=r"phi and g must agree in batch and key positions"):
-        F.non_local(theta, phi, g[:, :4])
+        non_local(theta, phi, g[:, :4])
     with pytest.raises(ValueError, match=r"'concatenate' needs concat_weights"):
-        F.non_local(theta, phi, g, "concatenate")
+        non_local(theta, phi, g, "concatenate")
     with pytest.raises(ValueError, match=r"theta and concat_weights must agree.*\(7,\)"):
-        F.non_local(theta, phi, g, "concatenate", jnp.zeros(7))
+        non_local(theta, phi, g, "concatenate", jnp.zeros(7))
     with pytest.raises(ValueError, match=r"concat_weights is for mode 'concatenate' only"):
-        F.non_local(theta, phi, g, "dot", jnp.zeros(8))
+        non_local(theta, phi, g, "dot", jnp.zeros(8))
 
 
 def test_from_torch_rejects_bad_state_dicts():
@@ -231,3 +231,23 @@ def test_from_torch_rejects_bad_state_dicts():
         from_torch(NonLocal2D(mode="concatenate", sub_sample=False), sd)
     with pytest.raises(ValueError, match=r"missing keys \['W.bias', 'W.weight'\]"):
         from_torch(NonLocal2D(mode="concatenate", bn_layer=False), sd)
+
+
+def test_block_calls_attention_fn_with_the_one_signature():
+    calls = []
+
+    def attention_fn(q, k, v, *, precision, implementation):
+        calls.append((q.shape, k.shape, v.shape, precision, implementation))
+        return jnp.full((*q.shape[:2], v.shape[-1]), 3.0)
+
+    x = random_nhwc((1, 4, 6, 8))
+    module = NonLocal2D(mode="dot", bn_layer=False, attention_fn=attention_fn,
+                        implementation="xla", precision=jax.lax.Precision.HIGHEST)
+    variables = module.init(jax.random.key(0), x)
+    w = {"kernel": jnp.ones((1, 1, 4, 8)), "bias": jnp.zeros((8,))}
+    out = module.apply({"params": {**variables["params"], "W": w}}, x)
+    # theta `[B, H W, inter]`, phi and g sub-sampled to `[B, H W / 4, inter]`.
+    assert calls[-1] == ((1, 24, 4), (1, 6, 4), (1, 6, 4), jax.lax.Precision.HIGHEST, "xla")
+    assert_close(out, x + 12.0)  # W sums the four 3s
+    with pytest.raises(ValueError, match="apply to the default attention_fn"):
+        module.clone(mode="concatenate").init(jax.random.key(0), x)

@@ -1,5 +1,5 @@
 """The glimpse sensor (retina) and the Recurrent Attention Model: hand-checkable patches, a torch
-crop + avg_pool2d reference (the reference repo's foveate), the two implementations, gradients,
+crop + avg_pool2d reference (the reference repo's foveate), the two methods, gradients,
 policy and baseline wiring, determinism by key, dtypes and bad input."""
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ import torch
 import torch.nn.functional as TF
 from jax.test_util import check_grads
 
-from flax_attention.glimpse import IMPLEMENTATIONS, GlimpseSensor, retina, to_pixels
-from flax_attention.models.ram import RamOutput, RecurrentAttentionModel, gaussian_log_prob
+from flax_attention.functional import gaussian_log_prob
+from flax_attention.functional.glimpse import METHODS, retina
+from flax_attention.glimpse import GlimpseSensor, to_pixels
+from flax_attention.models.ram import RamOutput, RecurrentAttentionModel
 from tests.helpers import assert_close, nhwc_to_torch, random_nhwc, torch_to_nhwc
 
 IMAGE = (2, 16, 16, 3)  # g = 4, k = 3: patches of 4, 8 and 16 pixels
 G, K = 4, 3
-_retina = jax.jit(retina, static_argnames=("patch_size", "num_scales", "implementation"))
+_retina = jax.jit(retina, static_argnames=("patch_size", "num_scales", "method"))
 
 
 def _position_image(h: int = 16, w: int = 16) -> np.ndarray:
@@ -64,13 +66,13 @@ def _torch_foveate(images: np.ndarray, locations: np.ndarray, g: int, k: int) ->
 # --- the retina -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_centre_patches_are_pooled_central_crops(implementation):
+@pytest.mark.parametrize("method", METHODS)
+def test_centre_patches_are_pooled_central_crops(method):
     """Hand-checkable: at the centre, patch 0 is the central 4x4 crop, patch 1 the 2x2-pooled
     central 8x8 crop, patch 2 the 4x4-pooled whole image."""
     image = _position_image()
     out = np.asarray(_retina(jnp.asarray(image), jnp.zeros((1, 2)), G, K,
-                             implementation=implementation))[0]
+                             method=method))[0]
     chex.assert_shape(out, (K, G, G, 2))
     np.testing.assert_allclose(out[0], image[0, 6:10, 6:10], rtol=1e-6)
     np.testing.assert_allclose(out[1], _pool(image[0, 4:12, 4:12], 2), rtol=1e-6)
@@ -78,13 +80,13 @@ def test_centre_patches_are_pooled_central_crops(implementation):
     np.testing.assert_allclose(out[0, 0, 0], [7.0, 7.0])  # row 6, column 6, plus one
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_border_locations_zero_pad(implementation):
+@pytest.mark.parametrize("method", METHODS)
+def test_border_locations_zero_pad(method):
     """At the top-left corner (-1, -1) the patch's top-left quadrant lies outside: zeros; its
     bottom-right quadrant is the image's top-left corner."""
     image = _position_image()
     out = np.asarray(_retina(jnp.asarray(image), -jnp.ones((1, 2)), G, K,
-                             implementation=implementation))[0]
+                             method=method))[0]
     for i in range(K):
         half = G // 2
         np.testing.assert_array_equal(out[i, :half, :], 0.0)
@@ -93,23 +95,23 @@ def test_border_locations_zero_pad(implementation):
     np.testing.assert_allclose(out[2, 2:, 2:], _pool(image[0, :8, :8], 4), rtol=1e-6)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_matches_torch_crop_and_avg_pool(implementation):
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_torch_crop_and_avg_pool(method):
     """Pixel-aligned locations anywhere, borders included: the reference's crop + pool."""
     images = random_nhwc((5, 16, 20, 2))
     locations = np.stack([_aligned(5, 20, 1), _aligned(5, 16, 2)], 1)
     locations[0] = (-1.0, 1.0)  # a corner
     expected = _torch_foveate(images, locations, G, K)
     actual = _retina(jnp.asarray(images), jnp.asarray(locations), G, K,
-                     implementation=implementation)
+                     method=method)
     assert_close(actual, expected)
 
 
-def test_implementations_agree_between_pixels():
+def test_methods_agree_between_pixels():
     images = jnp.asarray(random_nhwc((3, 12, 14, 2)))
     locations = jnp.asarray(np.random.default_rng(3).uniform(-1.3, 1.3, (3, 2)), jnp.float32)
-    fns = [functools.partial(retina, patch_size=3, num_scales=3, implementation=i)
-           for i in IMPLEMENTATIONS]
+    fns = [functools.partial(retina, patch_size=3, num_scales=3, method=i)
+           for i in METHODS]
     cotangent = jnp.asarray(random_nhwc((3, 3, 3, 3, 2), seed=4))
     results = []
     for fn in fns:
@@ -121,7 +123,7 @@ def test_implementations_agree_between_pixels():
 
 def test_gradients():
     """Locations between pixel centres (the sampling is smooth there), in float64; "gather"
-    has the same gradients (`test_implementations_agree_between_pixels`)."""
+    has the same gradients (`test_methods_agree_between_pixels`)."""
     with jax.enable_x64(True):
         images = jnp.asarray(random_nhwc((1, 6, 6, 1)), jnp.float64)
         locations = jnp.asarray([[0.13, -0.57]], jnp.float64)
@@ -159,7 +161,7 @@ def test_sensor_module_and_bfloat16():
     ({"locations": np.zeros((2,))}, r"locations must have shape \[B, 2\].*\(2,\)"),
     ({"locations": np.zeros((3, 2))}, r"batch size.*images \(2, 16, 16, 3\).*locations \(3, 2\)"),
     ({"images": np.zeros((16, 16, 3))}, r"images must have rank 4.*\(16, 16, 3\)"),
-    ({"implementation": "pallas"}, "implementation must be one of"),
+    ({"method": "pallas"}, "method must be one of"),
 ])
 def test_bad_input(kwargs, match):
     args = {"images": np.zeros(IMAGE, np.float32), "locations": np.zeros((2, 2), np.float32),

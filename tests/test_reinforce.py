@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax_attention.functional import gaussian_log_prob
 from flax_attention.glimpse import plot_glimpse_path
-from flax_attention.models.ram import RamOutput, RecurrentAttentionModel, gaussian_log_prob
-from flax_attention.train import reinforce
+from flax_attention.models.ram import RamOutput, RecurrentAttentionModel
+from flax_attention.train import loop
 from flax_attention.train.checkpoint import CheckpointError
 from flax_attention.train.reinforce import (
     RamConfig,
@@ -177,7 +178,7 @@ def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch):
     whole = RamConfig(**TINY, out=str(tmp_path / "whole"))
     expected = train_ram(whole)
     with monkeypatch.context() as patch:
-        patch.setattr(reinforce, "progress_bar", _interrupt_at(5))
+        patch.setattr(loop, "progress_bar", _interrupt_at(5))
         cut = train_ram(dataclasses.replace(whole, out=str(tmp_path / "cut")))
     assert cut["status"] == "interrupted" and cut["step"] == 5
     assert "test_accuracy" not in cut

@@ -16,14 +16,10 @@ import torch.nn.functional as torch_f
 from flax import traverse_util
 from jax.test_util import check_grads
 
+from flax_attention.functional import attention_residual, interpolate_bilinear
 from flax_attention.interop.torch import from_torch
 from flax_attention.models import residual_attention as models
-from flax_attention.residual_attention import (
-    PreActBottleneck,
-    ResidualAttentionModule,
-    attention_residual,
-    interpolate_bilinear,
-)
+from flax_attention.residual_attention import PreActBottleneck, ResidualAttentionModule
 from tests.helpers import (
     assert_close,
     nhwc_to_torch,

@@ -15,7 +15,11 @@ import pytest
 import torch
 from jax.test_util import check_grads
 
-from flax_attention.functional import squeeze_excitation_ops as F
+from flax_attention.functional.squeeze_excitation import (
+    excite,
+    squeeze_excitation,
+    squeeze_excitation_gates,
+)
 from flax_attention.interop.torch import from_torch
 from flax_attention.squeeze_excitation import SEBasicBlock, SEBottleneck, SELayer
 from tests.helpers import (
@@ -44,8 +48,8 @@ def _torch_out(torch_module, x: np.ndarray) -> np.ndarray:
 def test_zero_weights_give_gates_of_one_half():
     x = jnp.asarray(random_nhwc((2, 3, 4, 8)))
     w1, w2 = jnp.zeros((8, 2)), jnp.zeros((2, 8))
-    np.testing.assert_array_equal(F.squeeze_excitation_gates(x, w1, w2), np.full((2, 8), 0.5))
-    np.testing.assert_array_equal(F.squeeze_excitation(x, w1, w2), 0.5 * np.asarray(x))
+    np.testing.assert_array_equal(squeeze_excitation_gates(x, w1, w2), np.full((2, 8), 0.5))
+    np.testing.assert_array_equal(squeeze_excitation(x, w1, w2), 0.5 * np.asarray(x))
 
 
 def test_gates_by_hand():
@@ -56,9 +60,9 @@ def test_gates_by_hand():
     w2 = jnp.asarray([[1.0, -1.0]])
     e = math.e
     expected_gates = np.array([[e / (1 + e), 1 / (1 + e)]])
-    np.testing.assert_allclose(F.squeeze_excitation_gates(x, w1, w2), expected_gates, rtol=1e-6)
+    np.testing.assert_allclose(squeeze_excitation_gates(x, w1, w2), expected_gates, rtol=1e-6)
     np.testing.assert_allclose(
-        F.squeeze_excitation(x, w1, w2), np.asarray(x) * expected_gates[:, None], rtol=1e-6
+        squeeze_excitation(x, w1, w2), np.asarray(x) * expected_gates[:, None], rtol=1e-6
     )
 
 
@@ -137,7 +141,7 @@ def test_check_grads():
         x = jnp.asarray(rng.standard_normal((2, 3, 3, 8)))
         w1 = jnp.asarray(rng.standard_normal((8, 2)))
         w2 = jnp.asarray(rng.standard_normal((2, 8)))
-        check_grads(F.squeeze_excitation, (x, w1, w2), order=1, modes=["rev"],
+        check_grads(squeeze_excitation, (x, w1, w2), order=1, modes=["rev"],
                     atol=1e-5, rtol=1e-5)
 
 
@@ -150,8 +154,8 @@ def test_jit_and_vmap_equal_eager():
 
     xs = jnp.asarray(random_nhwc((3, 2, 4, 5, 8), seed=1))
     w1, w2 = jnp.asarray(random_nhwc((8, 2), 2)), jnp.asarray(random_nhwc((2, 8), 3))
-    batched = jax.vmap(F.squeeze_excitation, in_axes=(0, None, None))(xs, w1, w2)
-    looped = np.stack([F.squeeze_excitation(x, w1, w2) for x in xs])
+    batched = jax.vmap(squeeze_excitation, in_axes=(0, None, None))(xs, w1, w2)
+    looped = np.stack([squeeze_excitation(x, w1, w2) for x in xs])
     chex.assert_trees_all_close(batched, looped, atol=1e-6)
 
 
@@ -171,13 +175,13 @@ def test_bfloat16_is_finite_and_close():
 def test_bad_input_raises():
     x = jnp.zeros((2, 4, 4, 12))
     with pytest.raises(ValueError, match=r"x must have rank >= 3.*\(2, 12\)"):
-        F.squeeze_excitation(jnp.zeros((2, 12)), jnp.zeros((12, 3)), jnp.zeros((3, 12)))
+        squeeze_excitation(jnp.zeros((2, 12)), jnp.zeros((12, 3)), jnp.zeros((3, 12)))
     with pytest.raises(ValueError, match=r"x and w1 must agree in channels.*\(12, 3\)"):
-        F.squeeze_excitation(jnp.zeros((2, 4, 10)), jnp.zeros((12, 3)), jnp.zeros((3, 12)))
+        squeeze_excitation(jnp.zeros((2, 4, 10)), jnp.zeros((12, 3)), jnp.zeros((3, 12)))
     with pytest.raises(ValueError, match=r"w1 and w2 must agree in hidden units"):
-        F.squeeze_excitation(x, jnp.zeros((12, 3)), jnp.zeros((4, 12)))
+        squeeze_excitation(x, jnp.zeros((12, 3)), jnp.zeros((4, 12)))
     with pytest.raises(ValueError, match=r"x and gates must agree in batch and channels"):
-        F.excite(x, jnp.zeros((3, 12)))
+        excite(x, jnp.zeros((3, 12)))
     with pytest.raises(ValueError, match=r"x channels \(12\) must be divisible by reduction"):
         SELayer(reduction=8).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"x must have rank 4.*\(4, 4, 12\)"):
@@ -207,7 +211,7 @@ def test_from_torch_rejects_bad_state_dicts():
 
 def test_from_torch_finds_every_converter_whichever_family_was_imported_first():
     """A fresh process that imported only the ResNet converters still converts an SELayer."""
-    code = ("import flax_attention.interop._resnet\n"
+    code = ("import flax_attention.models.resnet\n"
             "from flax_attention import SELayer\n"
             "from flax_attention.interop.torch import rules_for\n"
             "print(sorted(rules_for(SELayer())))")

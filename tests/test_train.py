@@ -352,55 +352,61 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
 # --- data parallelism ---------------------------------------------------------------------------
 
 SHARDING_SCRIPT = textwrap.dedent("""
-    import functools
     import json
-    import jax, jax.numpy as jnp, numpy as np, optax
-    from flax_attention.models.classifiers import create_classifier
-    from flax_attention.train import parallel, supervised
+    import jax, numpy as np
+    from flax_attention.train import parallel
+    from flax_attention.train.reinforce import RamConfig, RamTrainer
+    from flax_attention.train.supervised import SupervisedTrainer, TrainConfig
 
-    model = create_classifier("cnn", 10, (16, 16, 1))
-    tx = optax.adam(1e-3)
-    rng = np.random.default_rng(0)
-    images = rng.uniform(size=(16, 16, 16, 1)).astype(np.float32)
-    labels = rng.integers(0, 10, 16).astype(np.int32)
-    results = {}
-    for devices in (jax.devices()[:1], jax.devices()):
-        mesh = parallel.data_mesh(devices)
-        state = parallel.replicated_init(
-            functools.partial(supervised.init_state, model, tx, (16, 16, 1), 0), mesh)
-        step = parallel.data_parallel(functools.partial(supervised.train_step, model, tx, 3),
-                                      mesh, num_batch_args=2, donate_state=True)
-        losses = []
-        for _ in range(3):  # the same batch: the loss must fall
-            batch = jax.device_put((images, labels), parallel.batch_sharding(mesh))
-            state, loss = step(state, *batch)
-            losses.append(float(loss))
-        results[len(devices)] = losses, (state["params"], state["batch_stats"])
-    (l1, s1), (l8, s8) = results[1], results[8]
-    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-               for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)))
+    configs = {  # 16 examples a batch: 2 a device on 8 devices
+        "supervised": (SupervisedTrainer, TrainConfig(model="cnn", batch_size=16, limit=64)),
+        "reinforce": (RamTrainer, RamConfig(num_glimpses=2, glimpse_size=6, num_scales=2,
+                                            hidden=16, batch_size=16, train_examples=64)),
+    }
+    results = {"devices": len(jax.devices())}
+    for kind, (cls, config) in configs.items():
+        runs = {}
+        for devices in (jax.devices()[:1], jax.devices()):
+            trainer = cls(config, parallel.data_mesh(devices))
+            rng = np.random.default_rng(0)
+            images = rng.uniform(size=(16, *trainer.input_shape)).astype(np.float32)
+            labels = rng.integers(0, 10, 16).astype(np.int32)
+            state, losses = trainer.init_state(), []
+            for _ in range(3):  # the same batch: the supervised loss must fall
+                batch = jax.device_put((images, labels), trainer.batch_sharding)
+                state, metrics = trainer.train_step(state, *batch)
+                losses.append(float(metrics["loss"]))
+            runs[len(devices)] = losses, (state.params, state.batch_stats)
+        (l1, s1), (l8, s8) = runs[1], runs[8]
+        diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                   for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)))
+        results[kind] = {"loss_1": l1, "loss_8": l8, "param_diff": diff}
     try:
         parallel.check_batch_size(12, parallel.data_mesh())
-        error = None
+        results["error"] = None
     except ValueError as e:
-        error = str(e)
-    print(json.dumps({"devices": len(jax.devices()), "loss_1": l1, "loss_8": l8,
-                      "param_diff": diff, "error": error}))
+        results["error"] = str(e)
+    print(json.dumps(results))
 """)
 
 
 def test_eight_devices_match_one():
     """Three steps with the batch split over 8 (forced host) devices, parameters replicated,
-    give the losses, parameters and BatchNorm statistics of one device (dropout included)."""
+    give the losses, parameters and BatchNorm statistics of one device (dropout included),
+    for both trainers (RAM's glimpse locations included)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     done = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.splitlines()[-1])
-    assert result["devices"] == 8
+    results = json.loads(done.stdout.splitlines()[-1])
+    assert results["devices"] == 8
+    result = results["supervised"]
     np.testing.assert_allclose(result["loss_8"], result["loss_1"], rtol=1e-5)
     assert result["loss_1"][-1] < result["loss_1"][0]
     assert result["param_diff"] < 1e-5
-    assert result["error"] == ("batch_size (12) must be a positive multiple of the number of "
-                               "devices (8), since each device takes an equal slice")
+    ram = results["reinforce"]
+    np.testing.assert_allclose(ram["loss_8"], ram["loss_1"], rtol=1e-5)
+    assert ram["param_diff"] < 1e-5
+    assert results["error"] == ("batch_size (12) must be a positive multiple of the number of "
+                                "devices (8), since each device takes an equal slice")

@@ -491,3 +491,25 @@ def test_from_torch_encoder_norm_only_in_pre_norm():
         from_torch(Transformer(D, HEADS, 2, 1, FFN), _detr_state(normalize_before=True))
     with pytest.raises(ValueError, match=r"missing keys \['encoder.norm.bias', 'encoder.norm"):
         from_torch(Transformer(D, HEADS, 2, 1, FFN, normalize_before=True), _detr_state())
+
+
+def test_mha_calls_attention_fn_with_the_one_signature():
+    calls = []
+
+    def attention_fn(q, k, v, *, precision, implementation, **masks):
+        calls.append((q.shape, k.shape, v.shape, precision, implementation, sorted(masks)))
+        return jnp.ones_like(q)
+
+    query, key, value = _mha_inputs()[:3]
+    module = MultiHeadAttention(HEADS, attention_fn=attention_fn, implementation="xla",
+                                precision=jax.lax.Precision.HIGHEST)
+    variables = module.init(jax.random.key(0), query, key, value)
+    padding = np.zeros((B, S), bool)
+    for kwargs, masks in (({}, []), ({"key_padding_mask": padding}, ["mask"])):
+        out = module.apply(variables, query, key, value, **kwargs)
+        head = (D // HEADS,)
+        assert calls[-1] == ((B, T, HEADS, *head), (B, S, HEADS, *head), (B, S, HEADS, *head),
+                             jax.lax.Precision.HIGHEST, "xla", masks)
+        out_proj = variables["params"]["out_proj"]
+        expected = out_proj["kernel"].sum(0) + out_proj["bias"]
+        assert_close(out, np.broadcast_to(expected, (B, T, D)))

@@ -18,10 +18,9 @@ from flax_attention.cli import main
 from flax_attention.data import Dataset
 from flax_attention.functional.criss_cross import criss_cross_weights
 from flax_attention.models.classifiers import create_classifier
-from flax_attention.train import parallel, reinforce, supervised
-from flax_attention.train.checkpoint import Checkpoints, write_json
+from flax_attention.train import Checkpoints, reinforce, supervised, write_json, write_run_config
 from flax_attention.train.reinforce import RamConfig, train_ram
-from flax_attention.train.supervised import TrainConfig, _Session, train
+from flax_attention.train.supervised import SupervisedTrainer, TrainConfig, train
 
 NUM_IMAGES = 2
 KINDS = {"stn-cnn": "stn", "se-cnn": "se", "cca-cnn": "cca", "nl-cnn": "nl", "pam-cnn": "pam"}
@@ -52,9 +51,9 @@ def _init(model: nn.Module, shape: tuple[int, ...]) -> dict:
 def _initial_run(out: Path, model: str) -> Path:
     """A run directory holding freshly initialised variables as its checkpoint (step 0)."""
     config = _config(out, model)
-    session = _Session(config, parallel.data_mesh())
-    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(session.init))
-    state = {**zeros, **_init(session.model, (1, *session.input_shape))}
+    trainer = SupervisedTrainer(config)
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), trainer.abstract_state())
+    state = zeros.replace(**_init(trainer.model, (1, *trainer.input_shape)))
     with Checkpoints(out / "checkpoints") as checkpoints:
         checkpoints.save(0, state, config.to_dict())
     write_json(out / "config.json", config.to_dict())
@@ -200,7 +199,7 @@ def test_cli_visualize_writes_to_out_and_prints_the_paths(runs, tmp_path, capsys
 def test_a_ram_run_goes_to_the_glimpse_paths(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(reinforce, "visualize_run", lambda *args: calls.append(args) or args[1])
-    write_json(tmp_path / "config.json", RamConfig().to_dict())
+    write_run_config(tmp_path, RamConfig())
     paths = vis.visualize_run(tmp_path, num_images=3, seed=4)
     assert paths == [tmp_path / "pictures" / "glimpses.png"]
     assert calls == [(tmp_path, tmp_path / "pictures" / "glimpses.png", 3, 4, None)]

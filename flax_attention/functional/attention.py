@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention._checks import check_choice, check_rank, check_same
+from flax_attention._checks import check_rank, check_same
+from flax_attention.kernels._common import pick_implementation
 
 __all__ = [
     "combine_masks",
@@ -22,7 +23,7 @@ __all__ = [
     "sine_position_embedding",
 ]
 
-IMPLEMENTATIONS = (None, "xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", None)  # of `dot_product_attention`
 
 
 def large_negative(dtype=jnp.float32) -> float:
@@ -88,6 +89,8 @@ def dot_product_attention(
     mask: jax.Array | None = None,
     bias: jax.Array | None = None,
     implementation: str | None = None,
+    *,
+    precision: jax.lax.PrecisionLike = None,
 ) -> jax.Array:
     """softmax(q k^T / sqrt(D) + bias, masked) v, per head; `jax.nn.dot_product_attention`.
 
@@ -101,8 +104,11 @@ def dot_product_attention(
       v: values `[B, S, N, D]`, the shape and dtype of `k`.
       mask: boolean, True = attend; broadcastable to `[B, N, T, S]` (rank 4).
       bias: additive logits bias, broadcastable to `[B, N, T, S]` (rank 4).
-      implementation: None or "xla" (XLA everywhere), "cudnn" (cuDNN fused attention on
-        NVIDIA GPUs); passed to `jax.nn.dot_product_attention`.
+      implementation: "xla" or None (XLA everywhere), or "cudnn" (cuDNN fused attention on
+        NVIDIA GPUs), for `jax.nn.dot_product_attention`.
+      precision: of the two einsums. `jax.nn.dot_product_attention` takes none, so with a
+        precision other than None (and not "cudnn", which keeps its own) the weights are
+        computed explicitly by `dot_product_attention_weights`.
 
     Returns:
       `[B, T, N, D]` in the dtype of `q`.
@@ -111,7 +117,12 @@ def dot_product_attention(
     check_same(("k", "v"), (k.shape, v.shape), "shape", (k.shape, v.shape))
     _check_dtypes(q=q, k=k, v=v)
     _check_mask_bias(q, k, mask, bias)
-    check_choice("implementation", implementation, IMPLEMENTATIONS)
+    implementation = pick_implementation("dot_product_attention", implementation,
+                                         IMPLEMENTATIONS)
+    if precision is not None and implementation != "cudnn":
+        weights = dot_product_attention_weights(q, k, mask, bias, precision)
+        return jnp.einsum("bnts,bsnd->btnd", weights.astype(v.dtype), v,
+                          precision=precision).astype(q.dtype)
     return jax.nn.dot_product_attention(
         q, k, v, bias=_finite(bias), mask=mask, implementation=implementation
     )

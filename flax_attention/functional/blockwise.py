@@ -7,7 +7,6 @@ channels, Cv value channels (Cv may differ from Ck).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -15,10 +14,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention._checks import check_rank, check_same
-from flax_attention.kernels import _dispatch, flash
+from flax_attention.kernels import flash
+from flax_attention.kernels._common import on_gpu, pick_implementation
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "IMPLEMENTATIONS",
     "accumulated_einsum",
     "attention_logits",
     "attention_weights",
@@ -30,6 +31,7 @@ __all__ = [
 # of 256 to 1024 queries beat the whole map from 32x32 to 97x97 positions (forward 1.1-1.3x,
 # forward+backward 1.2-1.4x) and keep memory at 512 * Lk floats instead of Lq * Lk.
 DEFAULT_CHUNK_SIZE = 512
+IMPLEMENTATIONS = ("xla", "pallas", "cudnn", None)  # of `blockwise_attention`
 
 _Precision = lax.PrecisionLike
 
@@ -66,94 +68,42 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
     return accumulated_einsum("bqk,bkc->bqc", att, v, precision).astype(v.dtype)
 
 
-# --- The blockwise path: blocks of queries, with a flash-attention style backward pass. ------
+# --- The blockwise XLA path: blocks of queries, with the flash kernel's backward pass. --------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    """The static arguments of `_attend_blockwise`."""
-
-    scale: float
-    chunk_size: int  # queries per block of the XLA forward and of the backward
-    precision: _Precision
-    pallas: bool  # the forward pass by the Pallas flash kernel, else by `lax.map` in XLA
-
-
-def _blocks(x: jax.Array, chunk_size: int) -> jax.Array:
-    """`[B, L, ...]` -> `[blocks, B, chunk_size, ...]`, zero-padded to whole blocks."""
-    blocks = -(-x.shape[1] // chunk_size)
-    pad = [(0, 0), (0, blocks * chunk_size - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
-    x = jnp.pad(x, pad).reshape(x.shape[0], blocks, chunk_size, *x.shape[2:])
-    return x.swapaxes(0, 1)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk_size: int,
+                      precision: _Precision) -> jax.Array:
+    """`_attend` block by block. The backward pass (`flash.flash_attention_backward`)
+    recomputes each block of queries' map from the saved log-sum-exp, so neither pass holds
+    more than a `[B, chunk_size, Lk]` map."""
+    return _chunked_forward(q, k, v, scale, chunk_size, precision)[0]
 
 
-def _unblocks(x: jax.Array, length: int) -> jax.Array:
-    """Inverse of `_blocks`: `[blocks, B, chunk_size, ...]` -> `[B, length, ...]`."""
-    x = x.swapaxes(0, 1)
-    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
-
-
-def _chunked_forward(q: jax.Array, k: jax.Array, v: jax.Array,
-                     config: _Config) -> tuple[jax.Array, jax.Array]:
+def _chunked_forward(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk_size: int,
+                     precision: _Precision) -> tuple[jax.Array, jax.Array]:
     """`_attend(q, k, v)` by `lax.map` over query blocks, and the log-sum-exp `[B, Lq]`."""
 
     def block(qb: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logits = attention_logits(qb, k, scale=config.scale, precision=config.precision)
+        logits = attention_logits(qb, k, scale=scale, precision=precision)
         top = logits.max(axis=-1, keepdims=True)
         p = jnp.exp(logits - top)
         total = p.sum(axis=-1, keepdims=True)
-        out = accumulated_einsum("bqk,bkc->bqc", p.astype(v.dtype), v, config.precision) / total
+        out = accumulated_einsum("bqk,bkc->bqc", p.astype(v.dtype), v, precision) / total
         return out.astype(v.dtype), (top + jnp.log(total))[..., 0]
 
-    out, lse = lax.map(block, _blocks(q, config.chunk_size))
-    return _unblocks(out, q.shape[1]), _unblocks(lse, q.shape[1])
+    out, lse = lax.map(block, flash.to_blocks(q, chunk_size))
+    return flash.from_blocks(out, q.shape[1]), flash.from_blocks(lse, q.shape[1])
 
 
-def _forward(q: jax.Array, k: jax.Array, v: jax.Array,
-             config: _Config) -> tuple[jax.Array, jax.Array]:
-    """The output and the log-sum-exp of every query's logits, by the configured forward."""
-    if config.pallas:
-        return flash.flash_attention_forward(q, k, v, scale=config.scale,
-                                             precision=config.precision,
-                                             interpret=_dispatch.interpret())
-    return _chunked_forward(q, k, v, config)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, config: _Config) -> jax.Array:
-    """`_attend` block by block. The backward pass recomputes each block of queries' map from
-    the saved log-sum-exp, so neither pass holds more than a `[B, chunk_size, Lk]` map."""
-    return _forward(q, k, v, config)[0]
-
-
-def _attend_blockwise_fwd(q: jax.Array, k: jax.Array, v: jax.Array,
-                          config: _Config) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    out, lse = _forward(q, k, v, config)
+def _attend_blockwise_fwd(q, k, v, scale, chunk_size, precision):
+    out, lse = _chunked_forward(q, k, v, scale, chunk_size, precision)
     return out, (q, k, v, out, lse)
 
 
-def _attend_blockwise_bwd(config: _Config, residuals: tuple[jax.Array, ...],
-                          d_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    q, k, v, out, lse = residuals
-    acc, precision = _accumulator(v.dtype), config.precision
-    # sum_j att_ij d(att_ij) = d_out_i . out_i: a [B, Lq] vector instead of a pass over the map.
-    delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1)
-
-    def block(carry, xs):
-        dk, dv = carry
-        qb, d_outb, lseb, deltab = xs
-        logits = attention_logits(qb, k, scale=config.scale, precision=precision)
-        att = jnp.exp(logits - lseb[..., None])
-        dv = dv + accumulated_einsum("bqk,bqc->bkc", att.astype(v.dtype), d_outb, precision)
-        d_att = accumulated_einsum("bqc,bkc->bqk", d_outb, v, precision)
-        d_logits = (att * (d_att - deltab[..., None]) * config.scale).astype(q.dtype)
-        dk = dk + accumulated_einsum("bqk,bqc->bkc", d_logits, qb, precision)
-        return (dk, dv), accumulated_einsum("bqk,bkc->bqc", d_logits, k, precision)
-
-    xs = tuple(_blocks(x, config.chunk_size) for x in (q, d_out, lse, delta))
-    init = (jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc))
-    (dk, dv), dq = lax.scan(block, init, xs)
-    return _unblocks(dq, q.shape[1]).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+def _attend_blockwise_bwd(scale, chunk_size, precision, residuals, d_out):
+    return flash.flash_attention_backward(*residuals, d_out, scale=scale, chunk_size=chunk_size,
+                                          precision=precision)
 
 
 _attend_blockwise.defvjp(_attend_blockwise_fwd, _attend_blockwise_bwd)
@@ -162,11 +112,17 @@ _attend_blockwise.defvjp(_attend_blockwise_fwd, _attend_blockwise_bwd)
 # --- Dispatch ---------------------------------------------------------------------------------
 
 
-def _cudnn_supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
-    """cuDNN's flash attention: equal widths, a multiple of 8 up to 128, half precision."""
+def _cudnn_unsupported(q: jax.Array, v: jax.Array) -> str | None:
+    """Why cuDNN's flash attention cannot take these inputs (it needs an NVIDIA GPU, equal
+    widths Ck == Cv, a multiple of 8 up to 128, bfloat16 or float16), or None."""
     width = q.shape[-1]
-    return (width == v.shape[-1] and width % 8 == 0 and width <= 128
-            and q.dtype in (jnp.bfloat16, jnp.float16))
+    if not on_gpu():
+        return "cuDNN needs an NVIDIA GPU"
+    if not (width == v.shape[-1] and width % 8 == 0 and width <= 128):
+        return f"q/k channels {width} and v channels {v.shape[-1]} (cuDNN: equal, 8k <= 128)"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"dtype {q.dtype} (cuDNN: bfloat16 or float16)"
+    return None
 
 
 def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
@@ -195,17 +151,17 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
     Logits and softmax are float32 (float64 for float64 inputs) whatever the input dtype.
 
-    Paths:
-      - "xla" (and None off the GPU): with at most `chunk_size` queries the whole `[B, Lq, Lk]`
-        map is built (plain autodiff). With more, the queries go in blocks of `chunk_size`
-        through `lax.map`, and a `custom_vjp` recomputes each block's map in the backward pass
-        from the saved log-sum-exp (as flash attention does): at most a `[B, chunk_size, Lk]` map
-        is alive in either pass.
-      - "pallas": the forward pass by the Pallas flash kernel (`kernels/flash.py`), the backward
-        pass the blockwise one above from the kernel's log-sum-exp; interpreted off the GPU.
-      - None on a GPU: cuDNN's flash attention (`jax.nn.dot_product_attention`) when Ck == Cv is
-        a multiple of 8 up to 128 and the inputs are bfloat16/float16, else the Pallas kernel
-        when it takes the inputs (not float64; Ck <= `flash.MAX_QK_CHANNELS`), else "xla".
+    Paths (`implementation`):
+      - "xla", and None (no kernel has been timed on a GPU yet): with at most `chunk_size`
+        queries the whole `[B, Lq, Lk]` map is built (plain autodiff). With more, the queries go
+        in blocks of `chunk_size` through `lax.map`, and a `custom_vjp` recomputes each block's
+        map in the backward pass from the saved log-sum-exp (as flash attention does): at most
+        a `[B, chunk_size, Lk]` map is alive in either pass.
+      - "pallas": `flash.flash_attention`, the forward pass by the Pallas flash kernel
+        (interpreted off the GPU), the backward pass the blockwise one above from the kernel's
+        log-sum-exp. Not float64; Ck <= `flash.MAX_QK_CHANNELS`.
+      - "cudnn": cuDNN's flash attention (`jax.nn.dot_product_attention`), on an NVIDIA GPU,
+        for Ck == Cv a multiple of 8 up to 128 and bfloat16/float16 inputs; `chunk_size` unused.
     The blockwise paths are differentiable in reverse mode only (`jax.grad`, not `jax.jvp`).
 
     Args:
@@ -215,7 +171,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       scale: multiplies the logits; None for 1 (DANet and the non-local block do not scale).
       chunk_size: queries per block of the XLA path and of the blockwise backward pass; None
         for `DEFAULT_CHUNK_SIZE`.
-      implementation: None, "xla" or "pallas" (see above).
+      implementation: "xla", "pallas", "cudnn" or None (see above).
       precision: of the matrix products.
 
     Returns:
@@ -223,17 +179,21 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
     Raises:
       ValueError: wrong ranks, q and k differ in batch or channels, k and v in batch or key
-        positions, a non-positive `chunk_size`, an unknown `implementation`, or "pallas" for
-        inputs the kernel does not take.
+        positions, a non-positive `chunk_size`, an unknown `implementation`, or "pallas" or
+        "cudnn" for inputs they do not take.
     """
     _check_inputs(q, k, v, chunk_size)
-    pallas = _dispatch.use_pallas(implementation, flash.unsupported(q, k, v))
     dtype = jnp.result_type(q, k, v)
     q, k, v = (a.astype(dtype) for a in (q, k, v))
+    reasons = {"pallas": flash.unsupported(q, k, v), "cudnn": _cudnn_unsupported(q, v)}
+    path = pick_implementation("blockwise_attention", implementation, IMPLEMENTATIONS, reasons)
     scale = 1.0 if scale is None else float(scale)
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-    if implementation is None and _dispatch.on_gpu() and _cudnn_supported(q, k, v):
+    if path == "cudnn":
         return _cudnn(q, k, v, scale)
-    if not pallas and chunk_size >= q.shape[1]:
+    if path == "pallas":
+        return flash.flash_attention(q, k, v, scale=scale, chunk_size=chunk_size,
+                                     precision=precision, interpret=not on_gpu())
+    if chunk_size >= q.shape[1]:
         return _attend(q, k, v, scale, precision)
-    return _attend_blockwise(q, k, v, _Config(scale, chunk_size, precision, pallas))
+    return _attend_blockwise(q, k, v, scale, chunk_size, precision)

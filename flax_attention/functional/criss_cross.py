@@ -10,11 +10,11 @@ itself, which needs no gather; CCNet's CUDA layout (`[B, H, W, H+W-1]`: the W ro
 to right, then the H - 1 column entries top to bottom without the position itself) is produced
 only by `criss_cross_weights` and read by `criss_cross_aggregate`.
 
-`criss_cross_attention(..., implementation=)` picks this XLA path ("xla", the reference) or
-the fused Pallas kernels of `flax_attention.kernels.criss_cross` ("pallas"; None: Pallas on a
-GPU, XLA elsewhere). `criss_cross_weights` and `criss_cross_aggregate` stay XLA only: their
-`[B, H, W, H+W-1]` weights are a full-size tensor in memory either way, and the kernels'
-point is never to write it.
+`criss_cross_attention(..., implementation=)` picks this XLA path ("xla"; and None: the kernels
+have not been timed on a GPU yet) or the fused Pallas kernels of
+`flax_attention.kernels.criss_cross` ("pallas"). `criss_cross_weights` and
+`criss_cross_aggregate` stay XLA only: their `[B, H, W, H+W-1]` weights are a full-size tensor
+in memory either way, and the kernels' point is never to write it.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ import jax.numpy as jnp
 
 from flax_attention._checks import check_rank, check_same
 from flax_attention.kernels import criss_cross as kernel
-from flax_attention.kernels._dispatch import use_pallas
+from flax_attention.kernels._common import MASK_VALUE, on_gpu, pick_implementation
 
-__all__ = ["criss_cross_aggregate", "criss_cross_attention", "criss_cross_weights"]
+__all__ = ["IMPLEMENTATIONS", "criss_cross_aggregate", "criss_cross_attention",
+           "criss_cross_weights"]
 
+IMPLEMENTATIONS = ("xla", "pallas", None)  # of `criss_cross_attention`
 _LAYOUT = "[B, H, W, C]"
-_MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
 Precision = jax.lax.PrecisionLike
 
 # Row-branch einsums, batched over (b, h); u indexes the W positions of the row.
@@ -76,7 +77,7 @@ def _weights(q: jax.Array, k: jax.Array, precision: Precision) -> tuple[jax.Arra
     dtype = _at_least_f32(q, k)
     e_row = _einsum(_ENERGY, q, k, precision, dtype)
     e_col = _einsum(_ENERGY, _swap(q), _swap(k), precision, dtype)
-    e_col = jnp.where(jnp.eye(q.shape[1], dtype=bool), _MASK, e_col)
+    e_col = jnp.where(jnp.eye(q.shape[1], dtype=bool), MASK_VALUE, e_col)
     top = jnp.maximum(e_row.max(-1), _swap(e_col.max(-1)))[..., None]
     p_row, p_col = jnp.exp(e_row - top), jnp.exp(e_col - _swap(top))
     total = (p_row.sum(-1) + _swap(p_col.sum(-1)))[..., None]
@@ -161,8 +162,7 @@ def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, precision: P
       k: keys `[B, H, W, C]`.
       v: values `[B, H, W, C']`, any channel count.
       precision: passed to the einsums (or the kernels' dots).
-      implementation: "xla", "pallas", or None (Pallas on a GPU when it supports the inputs,
-        XLA otherwise).
+      implementation: "xla", "pallas" (interpreted off the GPU), or None (XLA).
 
     Returns:
       `[B, H, W, C']` in v's dtype.
@@ -174,8 +174,10 @@ def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, precision: P
     _check_qk(q, k)
     check_rank("v", v, 4, _LAYOUT)
     _check_spatial(("q", "v"), q, v)
-    if use_pallas(implementation, kernel.unsupported(q, k, v)):
-        return kernel.criss_cross_attention(q, k, v, precision)
+    reasons = {"pallas": kernel.unsupported(q, k, v)}
+    if pick_implementation("criss_cross_attention", implementation, IMPLEMENTATIONS,
+                           reasons) == "pallas":
+        return kernel.criss_cross_attention(q, k, v, precision, interpret=not on_gpu())
     return _attention(q, k, v, precision)
 
 

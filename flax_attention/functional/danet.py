@@ -55,14 +55,14 @@ def position_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     width (DANet: 64 vs 512). Computed by `blockwise.blockwise_attention` on the flattened
     positions: with at most `chunk_size` positions (default `DEFAULT_CHUNK_SIZE`, 512) the whole
     `[B, L, L]` map is built; with more, blocks of `chunk_size` queries (memory O(L), reverse-mode
-    differentiation only); on a GPU by default cuDNN or the Pallas flash kernel.
+    differentiation only); cuDNN or the Pallas flash kernel when asked for.
 
     Args:
       q: queries `[B, H, W, C]`.
       k: keys `[B, H, W, C]`, the shape of `q`.
       v: values `[B, H, W, Cv]`.
       chunk_size: queries per block; None for `DEFAULT_CHUNK_SIZE`.
-      implementation: None, "xla" or "pallas", as in `blockwise_attention`.
+      implementation: "xla", "pallas", "cudnn" or None, as in `blockwise_attention`.
       precision: of the two matrix products.
 
     Returns:

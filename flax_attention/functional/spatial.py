@@ -9,8 +9,8 @@ Gradient conventions, as torch's: a coordinate exactly on a pixel (integer) take
 the pixel to its right/below (`floor`), and a coordinate clipped by "border" or "reflection"
 padding has zero gradient when it lies on or beyond the clip limits (0 and size - 1).
 
-`bilinear_sample(implementation=...)` picks the XLA gathers and scatter-add below (the
-reference) or the Pallas kernels of `flax_attention.kernels.bilinear`; both share the
+`bilinear_sample(implementation=...)` picks the XLA gathers and scatter-add below or the Pallas
+kernels of `flax_attention.kernels.bilinear` (behind their own `custom_vjp`); both share the
 coordinate math here, so every padding mode and `align_corners` value runs on either.
 
 Axis legend: B batch, H height, W width, C channels; h, w the size of the sampling grid.
@@ -27,11 +27,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention._checks import check_choice, check_rank, check_same
-from flax_attention.kernels import _dispatch
 from flax_attention.kernels import bilinear as kernel
+from flax_attention.kernels._common import on_gpu, pick_implementation
 
-__all__ = ["PADDING_MODES", "TRANSFORMS", "affine_grid", "affine_matrix", "bilinear_sample"]
+__all__ = ["IMPLEMENTATIONS", "PADDING_MODES", "TRANSFORMS", "affine_grid", "affine_matrix",
+           "bilinear_sample"]
 
+IMPLEMENTATIONS = ("xla", "pallas", None)  # of `bilinear_sample`
 PADDING_MODES = ("zeros", "border", "reflection")
 
 # The transforms a spatial transformer can predict, each with its identity parameters (whose
@@ -303,58 +305,33 @@ _bilinear_sample.defvjp(_sample_fwd, _sample_bwd)
 _bilinear_sample_xla = jax.jit(_bilinear_sample, static_argnums=(2, 3))
 
 
-# --- The Pallas implementation: the XLA code above locates the corners, kernels do the rest. ----
+# --- The Pallas implementation: XLA locates the corners, `kernels.bilinear` gathers. -----------
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _flat_corners(grid: jax.Array, hw: tuple[int, int], padding_mode: str, align_corners: bool):
-    """The kernels' inputs: rows `[4, L]` of the four neighbours in the flattened image and
-    their weights `[4, L]` (0 outside the image), L = B * h * w; and, for the grid gradient,
-    `inside` `[4, B, h, w]` and the distances and slopes of `_locate`."""
-    y0, x0, dy, dx, slope_y, slope_x = _locate(grid, hw, padding_mode, align_corners)
+def _kernel_corners(grid: jax.Array, hw: tuple[int, int], padding_mode: str,
+                    align_corners: bool) -> tuple[jax.Array, jax.Array]:
+    """The kernel's inputs: rows `[4, L]` of the four neighbours in the flattened image and
+    their weights `[4, L]` (float32, 0 outside the image), L = B * h * w. The weights'
+    derivative w.r.t. the grid is the slope of `_locate` (torch's conventions), so autodiff
+    through them gives the grid gradient of the XLA path from the kernel's weight cotangents."""
+    y0, x0, dy, dx, slope_y, slope_x = _locate(lax.stop_gradient(grid), hw, padding_mode,
+                                               align_corners)
+    coords = grid.astype(dy.dtype)
+    moved = coords - lax.stop_gradient(coords)  # 0, with derivative 1
+    dy, dx = dy + slope_y * moved[..., 1], dx + slope_x * moved[..., 0]
     rows, inside = _corners(y0, x0, hw)
     weights = _inside_weights(dy, dx, inside).astype(jnp.float32)
-    return rows.reshape(4, -1), weights.reshape(4, -1), inside, (dy, dx, slope_y, slope_x)
+    return rows.reshape(4, -1), weights.reshape(4, -1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _bilinear_sample_pallas(image: jax.Array, grid: jax.Array, padding_mode: str,
-                            align_corners: bool) -> jax.Array:
-    rows, weights, _, _ = _flat_corners(grid, image.shape[1:3], padding_mode, align_corners)
-    out = kernel.gather(image.reshape(-1, image.shape[-1]), rows, weights)
-    return out.reshape(*grid.shape[:3], image.shape[-1])
-
-
-def _pallas_fwd(image, grid, padding_mode, align_corners):
-    return _bilinear_sample_pallas(image, grid, padding_mode, align_corners), (image, grid)
-
-
-def _pallas_bwd(padding_mode, align_corners, residuals, g):
-    """Grid gradient from the `corner_dots` kernel; image gradient from the `scatter` kernel
-    (race-free, see `flax_attention.kernels.bilinear`)."""
-    image, grid = residuals
+                            align_corners: bool, interpret: bool) -> jax.Array:
     hw, channels = image.shape[1:3], image.shape[-1]
-    rows, weights, inside, locations = _flat_corners(grid, hw, padding_mode, align_corners)
-    g = g.reshape(-1, channels)
-    flat = image.reshape(-1, channels)
-    dots = jnp.where(inside, kernel.corner_dots(flat, rows, g).reshape(inside.shape), 0)
-    d_image = kernel.scatter(rows, weights, g, num_rows=flat.shape[0], span=hw[1] + 1,
-                             dtype=image.dtype)
-    return (d_image.reshape(image.shape),
-            _grid_gradient(tuple(dots), *locations).astype(grid.dtype))
-
-
-_bilinear_sample_pallas.defvjp(_pallas_fwd, _pallas_bwd)
-
-
-def _pallas_unsupported(image: jax.Array, grid: jax.Array) -> str | None:
-    """Why the Pallas kernels cannot take these inputs, or None."""
-    for name, x in (("image", image), ("grid", grid)):
-        if x.dtype not in kernel.SUPPORTED_DTYPES:
-            return f"{name} has dtype {x.dtype}; the kernels take float32, bfloat16, float16"
-    if image.size == 0 or grid.size == 0:
-        return f"empty image {tuple(image.shape)} or grid {tuple(grid.shape)}"
-    return None
+    rows, weights = _kernel_corners(grid, hw, padding_mode, align_corners)
+    out = kernel.bilinear_gather(image.reshape(-1, channels), rows, weights, hw[1] + 1,
+                                 kernel.BlockSizes(), interpret)
+    return out.reshape(*grid.shape[:3], channels)
 
 
 def bilinear_sample(image: jax.Array, grid: jax.Array, padding_mode: str = "zeros",
@@ -376,7 +353,7 @@ def bilinear_sample(image: jax.Array, grid: jax.Array, padding_mode: str = "zero
       align_corners: as in `affine_grid`.
       implementation: "xla" (gathers and a scatter-add), "pallas" (the kernels of
         `flax_attention.kernels.bilinear`: float32, bfloat16 or float16 inputs; interpreted
-        off the GPU) or None (Pallas on a GPU when supported, XLA otherwise).
+        off the GPU) or None (XLA: the kernels have not been timed on a GPU yet).
 
     Returns:
       `[B, h, w, C]` in image's dtype.
@@ -389,6 +366,8 @@ def bilinear_sample(image: jax.Array, grid: jax.Array, padding_mode: str = "zero
                (image.shape, grid.shape))
     check_choice("padding_mode", padding_mode, PADDING_MODES)
     image, grid = jnp.asarray(image), jnp.asarray(grid)
-    if _dispatch.use_pallas(implementation, _pallas_unsupported(image, grid)):
-        return _bilinear_sample_pallas(image, grid, padding_mode, align_corners)
+    reasons = {"pallas": kernel.unsupported(image, grid)}
+    if pick_implementation("bilinear_sample", implementation, IMPLEMENTATIONS,
+                           reasons) == "pallas":
+        return _bilinear_sample_pallas(image, grid, padding_mode, align_corners, not on_gpu())
     return _bilinear_sample_xla(image, grid, padding_mode, align_corners)

@@ -9,14 +9,13 @@ A converter for a module type is a pair of functions (see `Converter`):
 
 `from_torch` checks the state dict against both, and raises one `ValueError` that lists every
 missing, unexpected and misshaped key; nothing is silently dropped or half-loaded. Converters
-for each mechanism family live in the `_<family>.py` files beside this one and register
-themselves with `register`.
+live beside the modules they convert, in each family's file, and register themselves with
+`register` when that file is imported: a module type that exists has its converter.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,16 +29,6 @@ Path = tuple[str, ...]
 Shapes = Mapping[str, tuple[int, ...]]
 
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
-_FAMILIES = (
-    "_squeeze_excitation",
-    "_non_local",
-    "_danet",
-    "_criss_cross",
-    "_transformer",
-    "_spatial_transformer",
-    "_resnet",
-    "_residual_attention",
-)
 
 
 def identity(a: np.ndarray) -> np.ndarray:
@@ -153,6 +142,27 @@ def conv_bn(path: Path, prefix: str) -> Rules:
     )
 
 
+_MIRROR_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+                  "var": "running_var"}
+
+
+def _mirror_rule(path: Path, ndim: int) -> Rule:
+    *modules, leaf = path[1:]
+    transform = identity
+    if leaf == "kernel":
+        transform = conv_kernel if ndim == 4 else dense_kernel
+    return Rule(".".join([*modules, _MIRROR_LEAVES[leaf]]), transform)
+
+
+def mirror_rules(module: nn.Module, *example_inputs: Any) -> Rules:
+    """One rule per variable of `module` (as initialised on `example_inputs`) for a torch twin
+    that names its submodules as the Flax module does: path components joined by ".",
+    `kernel`/`scale` -> `weight`, `mean`/`var` -> `running_mean`/`running_var`."""
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *example_inputs)
+    flat = traverse_util.flatten_dict(shapes)
+    return {path: _mirror_rule(path, len(s.shape)) for path, s in flat.items()}
+
+
 def nested(rules: Rules, path: Path, prefix: str) -> Rules:
     """Moves the rules of a submodule under Flax `path` and torch `prefix`."""
     return {
@@ -169,8 +179,6 @@ def rules_for(module: nn.Module) -> Rules:
 
 
 def _converter_for(module: nn.Module) -> Converter:
-    for family in _FAMILIES:  # each registers its converters when first imported
-        importlib.import_module(f"{__package__}.{family}")
     for t in type(module).__mro__:
         if t in _CONVERTERS:
             return _CONVERTERS[t]

@@ -3,6 +3,11 @@
 `create(name, num_classes=..., **overrides)` builds any of `list_models()`.
 """
 
+from flax_attention.models.byobnet import (
+    ByobBottleneck,
+    ByobNet,
+    gcresnet50t,
+)
 from flax_attention.models.detr import (
     DETR,
     MLP,
@@ -48,6 +53,20 @@ from flax_attention.models.segmentation import (
     danet_resnet50,
     danet_resnet101,
 )
+from flax_attention.models.timm_resnet import (
+    SelectiveKernelBasic,
+    cbam_resnet50,
+    ecaresnet26t,
+    ecaresnet50d,
+    ecaresnet50t,
+    resnet50d,
+    seresnet18,
+    seresnet34,
+    seresnet50,
+    seresnet50t,
+    skresnet18,
+    skresnet34,
+)
 
 __all__ = [
     "BasicBlock",
@@ -64,6 +83,21 @@ __all__ = [
     "se_resnet34",
     "se_resnet50",
     "se_resnext50_32x4d",
+    "SelectiveKernelBasic",
+    "ByobBottleneck",
+    "ByobNet",
+    "gcresnet50t",
+    "cbam_resnet50",
+    "ecaresnet26t",
+    "ecaresnet50d",
+    "ecaresnet50t",
+    "resnet50d",
+    "seresnet18",
+    "seresnet34",
+    "seresnet50",
+    "seresnet50t",
+    "skresnet18",
+    "skresnet34",
     "ResidualAttentionNetwork",
     "residual_attention_56",
     "residual_attention_56_cifar",

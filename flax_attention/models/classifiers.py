@@ -9,9 +9,10 @@ The models the trainer's main job compares (`flax-attention train`): sized so an
 - `stn-cnn`: a spatial transformer in front (Jaderberg et al. 2015): the tutorial's
   `LocalizationNet` on the input pooled to about 21 px, affine transform, output the input's
   size.
-- `se-cnn`, `cca-cnn`, `nl-cnn`, `pam-cnn`: an SE layer (Hu et al. 2018), a criss-cross
-  attention block (Huang et al. 2019), an embedded-Gaussian non-local block (Wang et al. 2018)
-  or DANet's position attention module (Fu et al. 2019) after the second conv block.
+- `<short>-cnn` for every row of the mechanism table (`flax_attention.mechanisms`) placed
+  "block": the mechanism's module, built by its row (e.g. `se-cnn`: an SE layer with reduction
+  8; `cca-cnn`: criss-cross attention; `nl-cnn`: an embedded-Gaussian non-local block;
+  `pam-cnn`: DANet's position attention), after the second conv block.
 
 `create_classifier(name, num_classes, input_shape)` builds these by name and falls back to
 `flax_attention.models.registry` for every other name (the ResNets, Attention-56, ...).
@@ -28,25 +29,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention import layers
+from flax_attention import layers, mechanisms
 from flax_attention._checks import check_choice, check_rank
-from flax_attention.criss_cross import CrissCrossAttention
-from flax_attention.danet import PositionAttention
-from flax_attention.non_local import NonLocal2D
 from flax_attention.spatial_transformer import LocalizationNet, SpatialTransformer
-from flax_attention.squeeze_excitation import SELayer
 
 __all__ = ["AttentionCNN", "create_classifier", "list_classifiers"]
 
-ATTENTIONS = ("se", "cca", "nl", "pam")
-
-
-def _max_pool2(x: jax.Array) -> jax.Array:
-    """2x2 max-pool with stride 2, flooring odd sizes, by a reshape (on the CPU its gradient is
-    much faster than XLA's select-and-scatter). `[B, H, W, C]` -> `[B, H // 2, W // 2, C]`."""
-    b, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2]
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+# The mechanisms that go after a conv block: `<short>-cnn` for each.
+ATTENTIONS = tuple(m.short for m in mechanisms.MECHANISMS if m.classifier == "block")
 
 
 class _Localization(nn.Module):
@@ -64,9 +54,7 @@ class _Localization(nn.Module):
             x = nn.avg_pool(x, (self.factor,) * 2, strides=(self.factor,) * 2)
         side = min(x.shape[1:3])
         kernels = (7, 5) if side >= 28 else (5, 3) if side >= 16 else (3, 3)
-        return LocalizationNet(kernel_sizes=kernels, dtype=self.dtype,
-                               param_dtype=self.param_dtype, precision=self.precision,
-                               name="net")(x)
+        return LocalizationNet(kernel_sizes=kernels, name="net", **layers.numerics(self))(x)
 
 
 class AttentionCNN(nn.Module):
@@ -90,9 +78,8 @@ class AttentionCNN(nn.Module):
       features: channels of the conv blocks.
       hidden: width of the hidden dense layer.
       dropout: rate before the last layer (`deterministic=False` needs a "dropout" rng).
-      attention: None, "se" (SE layer, reduction 8), "cca" (criss-cross block, reduction 8),
-        "nl" (embedded-Gaussian non-local block, sub-sampled) or "pam" (DANet's position
-        attention, reduction 8).
+      attention: None, or the short name of a mechanism table row placed "block" (`ATTENTIONS`:
+        "se", "cca", "nl", "pam", ...), built as its row says.
       attention_after: index of the conv block the attention follows.
       stn: put a spatial transformer (affine) in front.
     """
@@ -121,17 +108,12 @@ class AttentionCNN(nn.Module):
                              f"downsampling blocks, got shape {tuple(x.shape)}")
 
     def _common(self, name: str | None = None) -> dict:
-        return dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                    name=name)
+        return dict(name=name, **layers.numerics(self))
 
     def _attention_block(self, x: jax.Array, train: bool) -> jax.Array:
-        if self.attention == "se":
-            return SELayer(reduction=8, **self._common("se"))(x)
-        if self.attention == "cca":
-            return CrissCrossAttention(reduction=8, **self._common("cca"))(x)
-        if self.attention == "pam":
-            return PositionAttention(reduction=8, **self._common("pam"))(x)
-        return NonLocal2D(mode="embedded", **self._common("nl"))(x, train)
+        row = mechanisms.get(self.attention)
+        block = row.build(**self._common(row.short))
+        return block(x, train) if row.takes_train else block(x)
 
     def _spatial_transformer(self, x: jax.Array) -> jax.Array:
         localization = _Localization(max(1, min(x.shape[1:3]) // 21), **self._common())
@@ -145,13 +127,12 @@ class AttentionCNN(nn.Module):
         if self.stn:
             x = self._spatial_transformer(x)
         for i, features in enumerate(self.features):
-            x = layers.ConvBN(features, strides=1 if i else 2, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name=f"block{i}")(x, train)
-            x = _max_pool2(x) if i else x
+            x = layers.ConvBN(features, strides=1 if i else 2, name=f"block{i}",
+                              **layers.numerics(self))(x, train)
+            x = layers.max_pool(x, (2, 2)) if i else x
             if self.attention is not None and i == self.attention_after:
                 x = self._attention_block(x, train)
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  precision=self.precision)
+        dense = functools.partial(nn.Dense, **layers.numerics(self))
         x = nn.relu(dense(self.hidden, name="fc")(x.mean(axis=(1, 2))))
         x = nn.Dropout(self.dropout)(x, deterministic)
         return dense(self.num_classes, name="head")(x)
@@ -159,11 +140,9 @@ class AttentionCNN(nn.Module):
 
 _CLASSIFIERS: MappingProxyType[str, Callable[..., nn.Module]] = MappingProxyType({
     "cnn": AttentionCNN,
-    "stn-cnn": functools.partial(AttentionCNN, stn=True),
-    "se-cnn": functools.partial(AttentionCNN, attention="se"),
-    "cca-cnn": functools.partial(AttentionCNN, attention="cca"),
-    "nl-cnn": functools.partial(AttentionCNN, attention="nl"),
-    "pam-cnn": functools.partial(AttentionCNN, attention="pam"),
+    **{f"{m.short}-cnn": functools.partial(AttentionCNN, stn=True)
+       for m in mechanisms.MECHANISMS if m.classifier == "front"},
+    **{f"{short}-cnn": functools.partial(AttentionCNN, attention=short) for short in ATTENTIONS},
 })
 
 

@@ -92,9 +92,8 @@ class MLP(nn.Module):
         """`[..., C]` -> `[..., output_dim]`."""
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
-            x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype,
-                         param_dtype=self.param_dtype, precision=self.precision,
-                         name=f"layers_{i}")(x)
+            x = nn.Dense(self.output_dim if last else self.hidden_dim, name=f"layers_{i}",
+                         **layers.numerics(self))(x)
             x = x if last else nn.relu(x)
         return x
 
@@ -149,8 +148,7 @@ class DETR(nn.Module):
             d_model=self.hidden_dim, nhead=self.nheads, num_encoder_layers=self.num_encoder_layers,
             num_decoder_layers=self.num_decoder_layers, dim_feedforward=self.dim_feedforward,
             dropout=self.dropout, normalize_before=self.pre_norm, return_intermediate_dec=True,
-            implementation=self.implementation, dtype=self.dtype, param_dtype=self.param_dtype,
-            precision=self.precision, name="transformer",
+            implementation=self.implementation, name="transformer", **layers.numerics(self),
         )
 
     @nn.compact
@@ -169,11 +167,11 @@ class DETR(nn.Module):
           of `num_decoder_layers - 1` such dicts, from the first decoder layer on.
         """
         self._check(images, mask)
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        common = layers.numerics(self)
         features = self.backbone(features_only=True, name="backbone", **common)(images, False)
         if mask is not None:
             mask = downsample_mask(mask, features.shape[1:3])
-        src = layers.conv1x1(self.hidden_dim, name="input_proj", **common)(features)
+        src = layers.PointwiseConv(self.hidden_dim, name="input_proj", **common)(features)
         pos = PositionEmbeddingSine(self.hidden_dim // 2, normalize=True, dtype=self.dtype)(
             src, mask)
         query_embed = self.param("query_embed", nn.initializers.normal(1.0),

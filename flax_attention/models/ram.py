@@ -30,22 +30,22 @@ Axis legend: B batch, H height, W width, C channels, L the number of glimpses T.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
+from flax_attention import layers
 from flax_attention._checks import check_choice, check_rank
-from flax_attention.glimpse import IMPLEMENTATIONS, GlimpseSensor, check_retina_args
+from flax_attention.functional.glimpse import METHODS, check_retina_args
+from flax_attention.functional.ram import gaussian_log_prob
+from flax_attention.glimpse import GlimpseSensor
 
 __all__ = [
     "CORES", "ActionNetwork", "BaselineNetwork", "CoreNetwork", "GlimpseNetwork",
-    "LocationNetwork", "RamOutput", "RecurrentAttentionModel", "gaussian_log_prob",
-    "hybrid_loss", "reinforce_surrogate",
+    "LocationNetwork", "RamOutput", "RecurrentAttentionModel",
 ]
 
 CORES = ("rnn", "lstm")
@@ -71,17 +71,6 @@ class RamOutput(NamedTuple):
     step_logits: jax.Array | None = None
 
 
-def gaussian_log_prob(x: jax.Array, mean: jax.Array, std: float | jax.Array) -> jax.Array:
-    """Log-density of an isotropic Gaussian, summed over the last axis: `[..., D]` -> `[...]`.
-
-    `sum_d -(x_d - mean_d)^2 / (2 std^2) - log(std) - log(2 pi) / 2`, in at least float32.
-    """
-    dtype = jnp.promote_types(jnp.result_type(x, mean), jnp.float32)
-    z = (x.astype(dtype) - mean.astype(dtype)) / std
-    per_dim = -0.5 * z**2 - jnp.log(jnp.asarray(std, dtype)) - 0.5 * math.log(2 * math.pi)
-    return per_dim.sum(-1)
-
-
 class _Dense(nn.Module):
     """Makes Dense layers with the model's dtype, param_dtype and precision (construct the
     subclasses with keywords: these fields come first)."""
@@ -91,8 +80,7 @@ class _Dense(nn.Module):
     precision: lax.PrecisionLike = None
 
     def dense(self, features: int, name: str) -> nn.Dense:
-        return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
-                        precision=self.precision, name=name)
+        return nn.Dense(features, name=name, **layers.numerics(self))
 
 
 class GlimpseNetwork(_Dense):
@@ -103,7 +91,7 @@ class GlimpseNetwork(_Dense):
       features: the output width (256 in the paper).
       what_features: width of fc1 on the retina (h_g, 128).
       where_features: width of fc2 on the location (h_l, 128).
-      patch_size, num_scales, scale, implementation: the retina's (see `GlimpseSensor`).
+      patch_size, num_scales, scale, method: the retina's (see `GlimpseSensor`).
     """
 
     features: int = 256
@@ -112,11 +100,11 @@ class GlimpseNetwork(_Dense):
     patch_size: int = 12
     num_scales: int = 3
     scale: int = 2
-    implementation: str | None = None
+    method: str | None = None
 
     @nn.compact
     def __call__(self, images: jax.Array, locations: jax.Array) -> jax.Array:
-        sensor = GlimpseSensor(self.patch_size, self.num_scales, self.scale, self.implementation,
+        sensor = GlimpseSensor(self.patch_size, self.num_scales, self.scale, self.method,
                                self.dtype)
         phi = sensor(images, locations)
         what = nn.relu(self.dense(self.what_features, "fc1")(phi.reshape(phi.shape[0], -1)))
@@ -236,7 +224,7 @@ class RecurrentAttentionModel(nn.Module):
     Attributes:
       num_glimpses: T, the number of glimpses (4, 6 or 8 in the paper's 60x60 results).
       glimpse_size: g, the retina's patch side; num_scales: k; scale: the ratio of patch sides;
-      implementation: the retina's, "gather", "separable" or None (see `glimpse.retina`).
+      method: the retina's, "gather", "separable" or None (see `functional.retina`).
       std: the policy's fixed standard deviation, in units of the half image side.
       hidden: the width of the glimpse representation and of the core state (256).
       what_features, where_features: the glimpse network's inner widths (128, 128).
@@ -252,7 +240,7 @@ class RecurrentAttentionModel(nn.Module):
     glimpse_size: int = 12
     num_scales: int = 3
     scale: int = 2
-    implementation: str | None = None
+    method: str | None = None
     std: float = 0.1
     hidden: int = 256
     what_features: int = 128
@@ -270,7 +258,7 @@ class RecurrentAttentionModel(nn.Module):
         check_choice("core", self.core, CORES)
         check_retina_args(images.shape, (images.shape[0], 2), self.glimpse_size,
                           self.num_scales, self.scale)
-        check_choice("implementation", self.implementation or "separable", IMPLEMENTATIONS)
+        check_choice("method", self.method or "separable", METHODS)
         if self.num_glimpses < 1 or not self.std > 0:
             raise ValueError(f"need num_glimpses >= 1 and std > 0, got num_glimpses "
                              f"{self.num_glimpses} and std {self.std}")
@@ -288,7 +276,7 @@ class RecurrentAttentionModel(nn.Module):
             GlimpseNetwork(features=self.hidden, what_features=self.what_features,
                            where_features=self.where_features, patch_size=self.glimpse_size,
                            num_scales=self.num_scales, scale=self.scale,
-                           implementation=self.implementation, **layer,
+                           method=self.method, **layer,
                            name="glimpse"),
             core,
             BaselineNetwork(**layer, name="baseline"),
@@ -302,66 +290,3 @@ class RecurrentAttentionModel(nn.Module):
         locations = jnp.swapaxes(locations, 0, 1)
         self.sow("intermediates", "attention", locations)
         return RamOutput(step_logits[:, -1], log_probs.T, baselines.T, locations, step_logits)
-
-
-# --- the objective (trained by `flax_attention.train.reinforce`) ---------------------------
-
-
-def reinforce_surrogate(log_probs: jax.Array, rewards: jax.Array,
-                        baselines: jax.Array | None = None) -> jax.Array:
-    """The REINFORCE surrogate loss, whose gradient estimates -grad E[R].
-
-    `-mean_B sum_L log pi(l_t) * stop_grad(R - b_t)`; the advantage carries no gradient, so the
-    baselines are trained only by their own loss.
-
-    Args:
-      log_probs: `[B, L]` log pi(l_t), differentiable w.r.t. the policy.
-      rewards: `[B]` or `[B, L]` R.
-      baselines: `[B, L]` b_t, or None for none.
-
-    Returns:
-      A scalar.
-    """
-    rewards = jnp.broadcast_to(rewards[:, None] if rewards.ndim == 1 else rewards,
-                               log_probs.shape)
-    advantage = rewards if baselines is None else rewards - baselines
-    return -jnp.mean(jnp.sum(log_probs * lax.stop_gradient(advantage), axis=1))
-
-
-def hybrid_loss(output: RamOutput, labels: jax.Array, reinforce_weight: float = 1.0,
-                step_rewards: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The hybrid loss of RAM and its parts, averaged over the batch:
-
-        CE + mean_t (b_t - R_t)^2 - w sum_t log pi(l_t) stop_grad(R_t - b_t)
-
-    By default (the paper's) CE is that of the final logits and the return R_t = r, the reward
-    r = 1 for a correct final classification, 0 otherwise, for every t. With `step_rewards`,
-    the classification after every glimpse is rewarded, r_t = 1 when `step_logits[:, t]` is
-    right, l_t earns the return R_t = sum_{s >= t} r_s (so a location is credited as soon as it
-    helps), and CE is the mean over the steps.
-
-    Args:
-      output: the model's output for a batch.
-      labels: `[B]` int.
-      reinforce_weight: w.
-      step_rewards: reward every step (needs `output.step_logits`).
-
-    Returns:
-      The scalar loss and the metrics "loss", "ce", "baseline_mse", "reinforce", "accuracy"
-      (the fraction of final classifications that are right).
-
-    Raises:
-      ValueError: `step_rewards` without `output.step_logits`.
-    """
-    if step_rewards and output.step_logits is None:
-        raise ValueError("step_rewards needs output.step_logits [B, L, K], got None")
-    logits = output.step_logits if step_rewards else output.logits[:, None]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[:, None]).mean()
-    correct = (jnp.argmax(logits, -1) == labels[:, None]).astype(jnp.float32)
-    reward = jnp.cumsum(correct[:, ::-1], axis=1)[:, ::-1] if step_rewards else correct
-    baseline_mse = jnp.mean((output.baselines - reward) ** 2)
-    reinforce = reinforce_surrogate(output.log_probs, reward, output.baselines)
-    loss = ce + baseline_mse + reinforce_weight * reinforce
-    metrics = {"loss": loss, "ce": ce, "baseline_mse": baseline_mse, "reinforce": reinforce,
-               "accuracy": correct[:, -1].mean()}
-    return loss, metrics

@@ -18,7 +18,14 @@ from types import MappingProxyType
 
 import flax.linen as nn
 
-from flax_attention.models import detr, residual_attention, resnet, segmentation
+from flax_attention.models import (
+    byobnet,
+    detr,
+    residual_attention,
+    resnet,
+    segmentation,
+    timm_resnet,
+)
 
 __all__ = ["create", "list_models"]
 
@@ -35,6 +42,19 @@ _MODELS: MappingProxyType[str, Callable[..., nn.Module]] = MappingProxyType({
     "se_resnet101": resnet.se_resnet101,
     "se_resnet152": resnet.se_resnet152,
     "se_resnext50_32x4d": resnet.se_resnext50_32x4d,
+    # timm's names and state dict layout (timm/models/resnet.py, sknet.py, byobnet.py)
+    "gcresnet50t": byobnet.gcresnet50t,
+    "resnet50d": timm_resnet.resnet50d,
+    "seresnet18": timm_resnet.seresnet18,
+    "seresnet34": timm_resnet.seresnet34,
+    "seresnet50": timm_resnet.seresnet50,
+    "seresnet50t": timm_resnet.seresnet50t,
+    "ecaresnet26t": timm_resnet.ecaresnet26t,
+    "ecaresnet50d": timm_resnet.ecaresnet50d,
+    "ecaresnet50t": timm_resnet.ecaresnet50t,
+    "cbam_resnet50": timm_resnet.cbam_resnet50,
+    "skresnet18": timm_resnet.skresnet18,
+    "skresnet34": timm_resnet.skresnet34,
     "residual_attention_56": residual_attention.residual_attention_56,
     "residual_attention_92": residual_attention.residual_attention_92,
     "residual_attention_56_cifar": residual_attention.residual_attention_56_cifar,

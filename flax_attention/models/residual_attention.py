@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from flax_attention._checks import check_divisible, check_rank
-from flax_attention.layers import ConvBN, batch_norm
+from flax_attention.interop.torch import Converter, mirror_rules, register
+from flax_attention.layers import ConvBN, batch_norm, numerics
 from flax_attention.residual_attention import PreActBottleneck, ResidualAttentionModule
 
 __all__ = [
@@ -75,8 +76,8 @@ class ResidualAttentionNetwork(nn.Module):
 
     def _stem(self, x: jax.Array, train: bool) -> jax.Array:
         kernel = 3 if self.cifar else 7
-        x = ConvBN(self.width, kernel, strides=1 if self.cifar else 2, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="conv1")(x, train)
+        x = ConvBN(self.width, kernel, strides=1 if self.cifar else 2, name="conv1",
+                   **numerics(self))(x, train)
         if self.cifar:
             return x
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -85,7 +86,7 @@ class ResidualAttentionNetwork(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, 3]` images -> `[B, num_classes]` logits."""
         self._check(x)
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        common = numerics(self)
         unit = functools.partial(PreActBottleneck, **common)
         x = self._stem(x, train)
         strides = (1, 2, 2, 1 if self.cifar else 2)
@@ -101,8 +102,7 @@ class ResidualAttentionNetwork(nn.Module):
             x = unit(32 * self.width, stride, name=f"residual_block{i}")(x, train)
         x = nn.relu(batch_norm(train, self.dtype, self.param_dtype, name="final_bn")(x))
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                        precision=self.precision, name="fc")(x)
+        return nn.Dense(self.num_classes, name="fc", **common)(x)
 
 
 residual_attention_56 = functools.partial(ResidualAttentionNetwork, stage_sizes=(1, 1, 1))
@@ -113,3 +113,18 @@ residual_attention_56_cifar = functools.partial(
 residual_attention_92_cifar = functools.partial(
     ResidualAttentionNetwork, stage_sizes=(1, 2, 3), cifar=True, width=32, num_classes=10
 )
+
+
+# --- PyTorch weights (`interop.torch.from_torch`) ----------------------------------------
+# The torch twin mirrors the Flax variable tree (see `interop.torch.mirror_rules`).
+
+
+def _network_example(module: ResidualAttentionNetwork, channels: int) -> tuple[jax.Array]:
+    side = module.total_stride
+    return (jnp.zeros((1, side, side, channels), jnp.float32),)
+
+
+register(ResidualAttentionNetwork)(Converter(
+    lambda module: mirror_rules(module, *_network_example(module, 3)),
+    lambda module, shapes: _network_example(module, shapes["conv1.conv.weight"][1]),
+))

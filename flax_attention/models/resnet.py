@@ -23,11 +23,24 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_rank
+from flax_attention._checks import check_choice, check_rank
+from flax_attention.interop.torch import (
+    Converter,
+    Rules,
+    Shapes,
+    batch_norm,
+    conv,
+    dense,
+    image_input,
+    nested,
+    register,
+    rules_for,
+)
 from flax_attention.resnet_blocks import AttentionFactory, BasicBlock, Bottleneck, ResidualBlock
 from flax_attention.squeeze_excitation import SELayer
 
 _STEM_FEATURES = 64
+_STEM_TYPES = ("", "deep", "deep_tiered")
 
 __all__ = [
     "BasicBlock",
@@ -66,6 +79,21 @@ class BlockSpec:
         return f"{self.stage}.{self.index}"
 
 
+def stem_widths(net: ResNet) -> tuple[int, ...]:
+    """The output channels of the stem's convolutions, as timm's `stem_type` builds them:
+    (64,) for the 7x7 stem, (w, w, 2w) for "deep" and (3 (w // 4), w, 2w) for "deep_tiered",
+    w = `stem_width`.
+
+    Raises:
+      ValueError: an unknown `stem_type`.
+    """
+    check_choice("stem_type", net.stem_type, _STEM_TYPES)
+    w = net.stem_width
+    if not net.stem_type:
+        return (_STEM_FEATURES,)
+    return (3 * (w // 4) if net.stem_type == "deep_tiered" else w, w, 2 * w)
+
+
 def block_specs(net: ResNet) -> list[BlockSpec]:
     """The blocks of `net` in order, as torchvision's `_make_layer` builds them.
 
@@ -82,7 +110,9 @@ def block_specs(net: ResNet) -> list[BlockSpec]:
             f"stage_sizes must be positive and replace_stride_with_dilation one shorter; got "
             f"stage_sizes {sizes}, replace_stride_with_dilation {dilate}"
         )
-    specs, in_channels, dilation = [], _STEM_FEATURES, 1
+    if net.avg_down and any(dilate):
+        raise ValueError(f"avg_down needs replace_stride_with_dilation all False, got {dilate}")
+    specs, in_channels, dilation = [], stem_widths(net)[-1], 1
     for k, size in enumerate(sizes):
         planes, stride, previous = _STEM_FEATURES * 2**k, 1 if k == 0 else 2, dilation
         if k and dilate[k - 1]:
@@ -95,7 +125,7 @@ def block_specs(net: ResNet) -> list[BlockSpec]:
                 dilation=previous if first else dilation, groups=net.groups,
                 base_width=net.width_per_group, attention=net.attention,
                 use_downsample=first and (stride != 1 or in_channels != out_channels),
-                dtype=net.dtype, param_dtype=net.param_dtype, precision=net.precision,
+                avg_down=net.avg_down, **layers.numerics(net),
             )
             specs.append(BlockSpec(f"layer{k + 1}", n, kwargs))
             in_channels = out_channels
@@ -125,6 +155,11 @@ class ResNet(nn.Module):
         plain ResNets.
       features_only: return the last stage's features, `[B, H / s, W / s, 512 * expansion]`
         with four stages (s = 32, 16 or 8; sizes rounded up).
+      stem_type, stem_width: timm's stems (see `stem_widths`): "" the 7x7 conv; "deep" (the
+        "c"/"d" ResNets) and "deep_tiered" (the "t" ones) three 3x3 convs `conv1.{0,3,6}` with
+        BNs `conv1.{1,4}` between them, the first with stride 2, then bn1 and the max-pool.
+      avg_down: timm's avg-pool shortcuts ("d", "t"): see `ResidualBlock`; the 1x1 shortcut conv
+        is `downsample.1` and its BN `downsample.2`. Not with `replace_stride_with_dilation`.
     """
 
     block_cls: type[ResidualBlock]
@@ -135,20 +170,36 @@ class ResNet(nn.Module):
     replace_stride_with_dilation: Sequence[bool] = (False, False, False)
     attention: AttentionFactory | None = None
     features_only: bool = False
+    stem_type: str = ""
+    stem_width: int = 64
+    avg_down: bool = False
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
+
+    def _stem(self, x: jax.Array, train: bool) -> jax.Array:
+        """conv1 (7x7, or timm's deep stem `conv1_{0,1,3,4,6}`: three 3x3 convs, the first with
+        stride 2, BN-ReLU between them), bn1, ReLU, max-pool."""
+        widths = stem_widths(self)
+        if len(widths) == 1:
+            x = nn.Conv(widths[0], (7, 7), strides=2, padding=[(3, 3)] * 2, use_bias=False,
+                        name="conv1", **layers.numerics(self))(x)
+        else:
+            for i, width in enumerate(widths):
+                if i:
+                    x = nn.relu(layers.batch_norm(train, self.dtype, self.param_dtype,
+                                                  name=f"conv1_{3 * i - 2}")(x))
+                x = nn.Conv(width, (3, 3), strides=2 if i == 0 else 1, padding=[(1, 1)] * 2,
+                            use_bias=False, name=f"conv1_{3 * i}", **layers.numerics(self))(x)
+        x = nn.relu(layers.batch_norm(train, self.dtype, self.param_dtype, name="bn1")(x))
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, C]` -> `[B, num_classes]` logits, or the features (see `features_only`)."""
         check_rank("x", x, 4, "[B, H, W, C]")
         specs = block_specs(self)
-        x = nn.Conv(_STEM_FEATURES, (7, 7), strides=2, padding=[(3, 3)] * 2, use_bias=False,
-                    dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                    name="conv1")(x)
-        x = nn.relu(layers.batch_norm(train, self.dtype, self.param_dtype, name="bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = self._stem(x, train)
         for stage, blocks in itertools.groupby(specs, key=lambda spec: spec.stage):
             for spec in blocks:
                 x = self.block_cls(**spec.kwargs, name=spec.name)(x, train)
@@ -156,8 +207,7 @@ class ResNet(nn.Module):
         if self.features_only:
             return x
         pooled = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype)
-        return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                        precision=self.precision, name="fc")(pooled)
+        return nn.Dense(self.num_classes, name="fc", **layers.numerics(self))(pooled)
 
 
 _SE = functools.partial(SELayer, reduction=16)
@@ -175,3 +225,37 @@ se_resnet50 = functools.partial(resnet50, attention=_SE)
 se_resnet101 = functools.partial(resnet101, attention=_SE)
 se_resnet152 = functools.partial(resnet152, attention=_SE)
 se_resnext50_32x4d = functools.partial(se_resnet50, groups=32, width_per_group=4)
+
+
+# --- PyTorch weights (`interop.torch.from_torch`) ----------------------------------------
+# Keys are torchvision's ResNet names (`conv1`, `bn1`, `layer<k>.<n>.{conv1,bn1,...}`,
+# `layer<k>.<n>.downsample.{0,1}`, `fc`), with moskomule/senet.pytorch's `se.fc.*` inside the blocks
+# of SE-ResNets.
+
+def _stem_rules(module: ResNet) -> Rules:
+    if len(stem_widths(module)) == 1:
+        return conv(("conv1",), "conv1", bias=False) | batch_norm(("bn1",), "bn1")
+    rules = batch_norm(("bn1",), "bn1")
+    for i in (0, 3, 6):
+        rules |= conv((f"conv1_{i}",), f"conv1.{i}", bias=False)
+    for i in (1, 4):
+        rules |= batch_norm((f"conv1_{i}",), f"conv1.{i}")
+    return rules
+
+
+def _resnet_rules(module: ResNet) -> Rules:
+    rules = _stem_rules(module)
+    for spec in block_specs(module):
+        block = module.block_cls(**spec.kwargs)
+        rules |= nested(rules_for(block), (spec.name,), spec.torch_prefix)
+    if not module.features_only:
+        rules |= dense(("fc",), "fc")
+    return rules
+
+
+def _resnet_inputs(module: ResNet, shapes: Shapes) -> tuple[jax.ShapeDtypeStruct]:
+    first = "conv1.weight" if len(stem_widths(module)) == 1 else "conv1.0.weight"
+    return image_input(shapes, first, side=32)
+
+
+register(ResNet)(Converter(_resnet_rules, _resnet_inputs))

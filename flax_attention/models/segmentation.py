@@ -28,11 +28,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flax_attention import layers
 from flax_attention._checks import check_rank
 from flax_attention.criss_cross import RCCAModule
 from flax_attention.danet import DANetHead
+from flax_attention.functional import interpolate_bilinear
 from flax_attention.models.resnet import resnet50, resnet101
-from flax_attention.residual_attention import interpolate_bilinear
 
 __all__ = [
     "CCNet",
@@ -87,13 +88,12 @@ class _Segmenter(nn.Module):
             )
         backbone = self.backbone(
             features_only=True, replace_stride_with_dilation=_DILATIONS[self.output_stride],
-            dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-            name="backbone",
+            name="backbone", **layers.numerics(self),
         )
         return backbone(x, train)
 
     def _common(self) -> dict:
-        return dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        return layers.numerics(self)
 
 
 class DANet(_Segmenter):
@@ -102,9 +102,9 @@ class DANet(_Segmenter):
 
     Returns the fused branch's per-pixel logits `[B, H, W, num_classes]` at the input resolution;
     with `aux` the tuple `(fused, pam, cam)`, each upsampled, as the reference returns them (it
-    trains on the sum of the three losses and predicts with the first). Dropout (rng stream
-    "dropout") and batch statistics are active only when `train`. See the module docstring for
-    the differences from the reference.
+    trains on the sum of the three losses and predicts with the first). Batch statistics are
+    used when `train`, dropout (rng stream "dropout") when not `deterministic`. See the module
+    docstring for the differences from the reference.
 
     Attributes:
       num_classes: output channels (19: Cityscapes).
@@ -117,12 +117,12 @@ class DANet(_Segmenter):
     aux: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False
+    def __call__(self, x: jax.Array, train: bool = False, deterministic: bool = True
                  ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
         """`[B, H, W, C]` images -> `[B, H, W, num_classes]` logits (or three, with `aux`)."""
         features = self._features(x, train)
         outputs = DANetHead(self.num_classes, self.dropout, name="head", **self._common())(
-            features, train)
+            features, train, deterministic)
         if not self.aux:
             outputs = outputs[:1]
         upsampled = tuple(_upsample(o, x.shape[1:3], self.precision) for o in outputs)
@@ -133,8 +133,8 @@ class CCNet(_Segmenter):
     """CCNet (Huang et al., ICCV 2019): a dilated ResNet and the recurrent criss-cross head
     (`RCCAModule`, its criss-cross attention applied `recurrence` times with shared weights).
 
-    Returns per-pixel logits `[B, H, W, num_classes]` at the input resolution. Dropout (rng
-    stream "dropout") and batch statistics are active only when `train`. See the module
+    Returns per-pixel logits `[B, H, W, num_classes]` at the input resolution. Batch statistics
+    are used when `train`, dropout (rng stream "dropout") when not `deterministic`. See the module
     docstring for the differences from the reference (no `dsn` auxiliary head).
 
     Attributes:
@@ -150,12 +150,13 @@ class CCNet(_Segmenter):
     head_channels: int = 512
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, deterministic: bool = True
+                 ) -> jax.Array:
         """`[B, H, W, C]` images -> `[B, H, W, num_classes]` logits."""
         features = self._features(x, train)
         head = RCCAModule(self.head_channels, self.num_classes, self.recurrence, self.dropout,
                           name="head", **self._common())
-        logits = head(features, train, deterministic=not train)
+        logits = head(features, train, deterministic)
         return _upsample(logits, x.shape[1:3], self.precision)
 
 

@@ -1,18 +1,12 @@
-"""Trainers: the supervised trainer (here), the REINFORCE trainer of RAM
-(`flax_attention.train.reinforce`), and what every trainer shares (checkpoints, the metrics log,
-interruption, progress, data parallelism)."""
+"""Trainers: the supervised trainer (`train.supervised`) and the REINFORCE trainer of RAM
+(`train.reinforce`), both subclasses of one skeleton (`train.trainer.Trainer`, looped by
+`train.loop.fit`), and what they share: checkpoints (`train.checkpoint`), the run directory
+and its metrics log (`train.run_dir`), interruption (`train.interrupt`), progress
+(`train.progress`) and data parallelism (`train.parallel`)."""
 
-from flax_attention.train.checkpoint import (
-    CheckpointError,
-    Checkpoints,
-    Interrupt,
-    MetricsLog,
-    Throughput,
-    prepare_run_dir,
-    progress_bar,
-    state_digest,
-    write_json,
-)
+from flax_attention.train.checkpoint import CheckpointError, Checkpoints, state_digest
+from flax_attention.train.interrupt import Interrupt
+from flax_attention.train.loop import TrainResult, evaluate_run, fit, open_run, trainer_class
 from flax_attention.train.parallel import (
     batch_sharding,
     check_batch_size,
@@ -23,17 +17,24 @@ from flax_attention.train.parallel import (
     replicated_init,
     to_host,
 )
-from flax_attention.train.supervised import (
-    TrainConfig,
-    TrainResult,
-    evaluate_run,
-    load_config,
-    train,
+from flax_attention.train.progress import Throughput, progress_bar
+from flax_attention.train.run_dir import (
+    KINDS,
+    MetricsLog,
+    prepare_run_dir,
+    read_run_config,
+    run_kind,
+    write_json,
+    write_run_config,
 )
+from flax_attention.train.supervised import TrainConfig, load_config, train
+from flax_attention.train.trainer import RunConfig, Trainer, TrainState
 
 __all__ = [
-    "CheckpointError", "Checkpoints", "Interrupt", "MetricsLog", "Throughput", "TrainConfig",
-    "TrainResult", "batch_sharding", "check_batch_size", "data_mesh", "data_parallel",
-    "evaluate_run", "initialize_distributed", "load_config", "prepare_run_dir", "progress_bar",
-    "replicated", "replicated_init", "state_digest", "to_host", "train", "write_json",
+    "KINDS", "CheckpointError", "Checkpoints", "Interrupt", "MetricsLog", "RunConfig",
+    "Throughput", "TrainConfig", "TrainResult", "TrainState", "Trainer", "batch_sharding",
+    "check_batch_size", "data_mesh", "data_parallel", "evaluate_run", "fit",
+    "initialize_distributed", "load_config", "open_run", "prepare_run_dir", "progress_bar",
+    "read_run_config", "replicated", "replicated_init", "run_kind", "state_digest", "to_host",
+    "train", "trainer_class", "write_json", "write_run_config",
 ]

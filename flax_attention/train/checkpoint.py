@@ -1,52 +1,36 @@
-"""What every trainer of the package shares: checkpoints, the metrics log, interruption, progress.
+"""Checkpoints of a run: orbax steps holding the state pytree and JSON metadata.
 
-All of it is generic: a training state is any pytree of arrays, a config any JSON-able mapping.
-A run directory holds
-
-    <run>/config.json        the config of the run (`write_json`)
-    <run>/metrics.jsonl      one JSON record a line (`MetricsLog`), each with a "step"
     <run>/checkpoints/<step>/state, meta
-                             orbax-checkpoint steps: the state pytree, and JSON metadata (the
-                             config, a SHA-256 digest of the state, whatever the trainer adds)
+                             the state pytree, and the config, a SHA-256 digest of the state
+                             and whatever the trainer adds
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a
 process killed while saving leaves the previous checkpoints as they were and no half-written step
 (the temporary directory is removed when the next `Checkpoints` opens the run). A step is never
 written twice. `restore` checks the digest, so a checkpoint corrupted afterwards is refused.
 
-A trainer uses them as
+    with Checkpoints(run_dir / "checkpoints") as checkpoints:
+        start = checkpoints.resume_or_start(config, resume, ignore=("out",))  # None: fresh
+        state = init() if start is None else checkpoints.restore(abstract_state, start)[0]
+        ...
+        checkpoints.save(step, state, config)
 
-    checkpoints = Checkpoints(run_dir / "checkpoints")
-    start = checkpoints.resume_or_start(config, resume, ignore=("out",))  # None: fresh
-    with Interrupt() as interrupt, MetricsLog(run_dir / "metrics.jsonl") as log:
-        for step ...:
-            ...
-            if step % every == 0 or interrupt.requested:
-                checkpoints.save(step, state, config)
-            if interrupt.requested:
-                return "interrupted"
+The run directory's other files are `train.run_dir`'s; the trainer loop is `train.loop`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import signal
-import sys
-import threading
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import FrameType, TracebackType
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
 
-__all__ = ["CheckpointError", "Checkpoints", "Interrupt", "MetricsLog", "Throughput",
-           "prepare_run_dir", "progress_bar", "state_digest", "write_json"]
+__all__ = ["CheckpointError", "Checkpoints", "state_digest"]
 
 PyTree = Any
 
@@ -196,149 +180,3 @@ class Checkpoints:
         reason = " ".join(str(error).split())[:300]
         return CheckpointError(f"checkpoint {self.directory / str(step)} is corrupt or does "
                                f"not fit this model: {type(error).__name__}: {reason}")
-
-
-class MetricsLog:
-    """Appends JSON records (each with an int "step") to a file, one a line.
-
-    Only process 0 writes, so a multi-host run keeps one log. `truncate(step)` drops the
-    records after `step`, so a resumed run's log equals an uninterrupted run's.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._file = None
-
-    def __enter__(self) -> MetricsLog:
-        if jax.process_index() == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a")  # noqa: SIM115 (closed in __exit__)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(dict(record)) + "\n")
-            self._file.flush()
-
-    def read(self) -> list[dict[str, Any]]:
-        """Every record, skipping a torn last line (a process killed while writing)."""
-        if not self.path.exists():
-            return []
-        records = []
-        for line in self.path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return records
-
-    def truncate(self, step: int) -> None:
-        """Keeps the records with "step" <= `step` (records start at step 1)."""
-        if jax.process_index() != 0 or not self.path.exists():
-            return
-        kept = [r for r in self.read() if r.get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
-
-
-class Interrupt:
-    """A context in which SIGINT and SIGTERM set `requested` instead of killing the process.
-
-    The loop checks `requested` after each step, saves a checkpoint and returns. A second
-    signal of either kind restores the default handlers and is re-raised, so a stuck run can
-    still be stopped. Outside the main thread it does nothing (signals cannot be caught there).
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested is not None:
-            self._restore()
-            signal.raise_signal(signum)
-            return
-        self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested}: saving a checkpoint and stopping (send it again to stop "
-              "at once)", file=sys.stderr, flush=True)
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def __enter__(self) -> Interrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, exc_type: type | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self._restore()
-
-
-class Throughput:
-    """Examples per second between marks; `mark(report=False)` starts a window without
-    reporting (after the first step, whose window holds the compilation, or an evaluation).
-    `rates` holds every rate reported."""
-
-    def __init__(self) -> None:
-        self._start: float | None = None
-        self._images = 0
-        self.rates: list[float] = []
-
-    @property
-    def started(self) -> bool:
-        return self._start is not None
-
-    def add(self, images: int) -> None:
-        self._images += images
-
-    def mark(self, report: bool = True) -> float | None:
-        now, rate = time.perf_counter(), None
-        if report and self._start is not None and self._images:
-            rate = self._images / (now - self._start)
-            self.rates.append(rate)
-        self._start, self._images = now, 0
-        return rate
-
-
-def progress_bar(total: int, initial: int = 0, enabled: bool = True,
-                 description: str = "train") -> tqdm:
-    """A tqdm bar over steps (on stderr; only on process 0). Set its postfix with
-    `bar.set_postfix(loss=..., img_s=...)` and advance it with `bar.update(n)`."""
-    return tqdm(total=total, initial=initial, desc=description, unit="step",
-                disable=not enabled or jax.process_index() != 0, dynamic_ncols=True,
-                leave=False)
-
-
-def prepare_run_dir(out: str) -> Path:
-    """Creates the run directory `out`; ValueError if it cannot be written."""
-    path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"cannot write to the out dir {out}: {error.strerror or error}") from None
-    return path
-
-
-def write_json(path: str | Path, record: Mapping[str, Any]) -> None:
-    """Writes `record` to `path` atomically (temporary file, then rename); process 0 only."""
-    if jax.process_index() != 0:
-        return
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(dict(record), indent=2) + "\n")
-    tmp.replace(path)
-

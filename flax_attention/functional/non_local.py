@@ -15,11 +15,12 @@ from jax import lax
 
 from flax_attention._checks import check_choice, check_rank, check_same
 from flax_attention.functional.blockwise import (
+    IMPLEMENTATIONS,
     attention_logits,
     attention_weights,
     blockwise_attention,
 )
-from flax_attention.kernels._dispatch import use_pallas
+from flax_attention.kernels._common import pick_implementation
 
 __all__ = ["MODES", "SOFTMAX_MODES", "non_local", "non_local_weights"]
 
@@ -125,8 +126,8 @@ def non_local(
 
     The softmax modes ("gaussian", "embedded") go through `blockwise.blockwise_attention`: the
     whole `[B, Lq, Lk]` map up to `chunk_size` queries, blocks of `chunk_size` queries above
-    (memory O(Lq); reverse-mode differentiation only), cuDNN or the Pallas flash kernel on a GPU
-    by default. The modes "dot" and "concatenate" build the whole map in XLA.
+    (memory O(Lq); reverse-mode differentiation only), or cuDNN or the Pallas flash kernel when
+    asked for. The modes "dot" and "concatenate" build the whole map in XLA.
 
     Args:
       theta: `[B, Lq, Ck]`.
@@ -135,8 +136,8 @@ def non_local(
       mode, concat_weights, use_scale: as in `non_local_weights`.
       precision: of the matrix products.
       chunk_size: softmax modes: queries per block; None for `blockwise.DEFAULT_CHUNK_SIZE`.
-      implementation: None, "xla" or "pallas" as in `blockwise_attention`; "pallas" is for the
-        softmax modes only.
+      implementation: "xla", "pallas", "cudnn" or None as in `blockwise_attention`; "pallas"
+        and "cudnn" are for the softmax modes only.
 
     Returns:
       `[B, Lq, Cg]` in g's dtype (the weights are computed in float32).
@@ -154,6 +155,8 @@ def non_local(
                                   chunk_size=chunk_size, implementation=implementation,
                                   precision=precision)
         return out.astype(g.dtype)
-    use_pallas(implementation, f"mode {mode!r} has no Pallas kernel")
+    pick_implementation("non_local", implementation, IMPLEMENTATIONS,
+                        {"pallas": f"mode {mode!r} has no Pallas kernel",
+                         "cudnn": f"mode {mode!r} has no cuDNN kernel"})
     weights = _weights(theta, phi, mode, concat_weights, use_scale, precision)
     return jnp.einsum("bqk,bkc->bqc", weights.astype(g.dtype), g, precision=precision)

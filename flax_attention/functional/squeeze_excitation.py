@@ -38,9 +38,10 @@ def _check_gate_inputs(x: jax.Array, w1: jax.Array, w2: jax.Array) -> None:
 
 
 def squeeze_excitation_gates(
-    x: jax.Array, w1: jax.Array, w2: jax.Array, precision: lax.PrecisionLike = None
+    x: jax.Array, w1: jax.Array, w2: jax.Array, precision: lax.PrecisionLike = None,
+    b1: jax.Array | None = None, b2: jax.Array | None = None,
 ) -> jax.Array:
-    """The excitation gates: `sigmoid(relu(mean(x) @ w1) @ w2)`.
+    """The excitation gates: `sigmoid(relu(mean(x) @ w1 + b1) @ w2 + b2)`.
 
     The squeeze (global average over every spatial axis) and both bias-free fully connected
     layers run in float32 (float64 for float64 inputs) whatever the input dtype; they cost
@@ -51,6 +52,7 @@ def squeeze_excitation_gates(
       w1: `[C, R]`, the reduction layer (torch `fc.0.weight` transposed).
       w2: `[R, C]`, the expansion layer (torch `fc.2.weight` transposed).
       precision: of both matrix products.
+      b1, b2: `[R]`, `[C]` biases of the two layers (timm's `SEModule`); None for none.
 
     Returns:
       `[B, C]` gates in (0, 1), in x's dtype.
@@ -58,8 +60,10 @@ def squeeze_excitation_gates(
     _check_gate_inputs(x, w1, w2)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     squeezed = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), dtype=dtype)
-    hidden = jax.nn.relu(jnp.dot(squeezed, w1.astype(dtype), precision=precision))
-    gates = jax.nn.sigmoid(jnp.dot(hidden, w2.astype(dtype), precision=precision))
+    hidden = jnp.dot(squeezed, w1.astype(dtype), precision=precision)
+    hidden = jax.nn.relu(hidden if b1 is None else hidden + b1.astype(dtype))
+    logits = jnp.dot(hidden, w2.astype(dtype), precision=precision)
+    gates = jax.nn.sigmoid(logits if b2 is None else logits + b2.astype(dtype))
     return gates.astype(x.dtype)
 
 

@@ -1,0 +1,91 @@
+"""Pure functions of the Recurrent Attention Model (Mnih et al., "Recurrent Models of Visual
+Attention", NeurIPS 2014): the log-density of the Gaussian location policy and the hybrid loss
+(classification, baseline regression and the REINFORCE surrogate) that
+`flax_attention.train.reinforce` minimises.
+
+Axis legend: B batch, L the number of glimpses, K classes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+__all__ = ["gaussian_log_prob", "hybrid_loss", "reinforce_surrogate"]
+
+
+def gaussian_log_prob(x: jax.Array, mean: jax.Array, std: float | jax.Array) -> jax.Array:
+    """Log-density of an isotropic Gaussian, summed over the last axis: `[..., D]` -> `[...]`.
+
+    `sum_d -(x_d - mean_d)^2 / (2 std^2) - log(std) - log(2 pi) / 2`, in at least float32.
+    """
+    dtype = jnp.promote_types(jnp.result_type(x, mean), jnp.float32)
+    z = (x.astype(dtype) - mean.astype(dtype)) / std
+    per_dim = -0.5 * z**2 - jnp.log(jnp.asarray(std, dtype)) - 0.5 * math.log(2 * math.pi)
+    return per_dim.sum(-1)
+
+
+def reinforce_surrogate(log_probs: jax.Array, rewards: jax.Array,
+                        baselines: jax.Array | None = None) -> jax.Array:
+    """The REINFORCE surrogate loss, whose gradient estimates -grad E[R].
+
+    `-mean_B sum_L log pi(l_t) * stop_grad(R - b_t)`; the advantage carries no gradient, so the
+    baselines are trained only by their own loss.
+
+    Args:
+      log_probs: `[B, L]` log pi(l_t), differentiable w.r.t. the policy.
+      rewards: `[B]` or `[B, L]` R.
+      baselines: `[B, L]` b_t, or None for none.
+
+    Returns:
+      A scalar.
+    """
+    rewards = jnp.broadcast_to(rewards[:, None] if rewards.ndim == 1 else rewards,
+                               log_probs.shape)
+    advantage = rewards if baselines is None else rewards - baselines
+    return -jnp.mean(jnp.sum(log_probs * lax.stop_gradient(advantage), axis=1))
+
+
+def hybrid_loss(output: Any, labels: jax.Array, reinforce_weight: float = 1.0,
+                step_rewards: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The hybrid loss of RAM and its parts, averaged over the batch:
+
+        CE + mean_t (b_t - R_t)^2 - w sum_t log pi(l_t) stop_grad(R_t - b_t)
+
+    By default (the paper's) CE is that of the final logits and the return R_t = r, the reward
+    r = 1 for a correct final classification, 0 otherwise, for every t. With `step_rewards`,
+    the classification after every glimpse is rewarded, r_t = 1 when `step_logits[:, t]` is
+    right, l_t earns the return R_t = sum_{s >= t} r_s (so a location is credited as soon as it
+    helps), and CE is the mean over the steps.
+
+    Args:
+      output: the model's output for a batch (`models.ram.RamOutput`: `logits` `[B, K]`,
+        `log_probs` and `baselines` `[B, L]`, `step_logits` `[B, L, K]` or None).
+      labels: `[B]` int.
+      reinforce_weight: w.
+      step_rewards: reward every step (needs `output.step_logits`).
+
+    Returns:
+      The scalar loss and the metrics "loss", "ce", "baseline_mse", "reinforce", "accuracy"
+      (the fraction of final classifications that are right).
+
+    Raises:
+      ValueError: `step_rewards` without `output.step_logits`.
+    """
+    if step_rewards and output.step_logits is None:
+        raise ValueError("step_rewards needs output.step_logits [B, L, K], got None")
+    logits = output.step_logits if step_rewards else output.logits[:, None]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[:, None]).mean()
+    correct = (jnp.argmax(logits, -1) == labels[:, None]).astype(jnp.float32)
+    reward = jnp.cumsum(correct[:, ::-1], axis=1)[:, ::-1] if step_rewards else correct
+    baseline_mse = jnp.mean((output.baselines - reward) ** 2)
+    reinforce = reinforce_surrogate(output.log_probs, reward, output.baselines)
+    loss = ce + baseline_mse + reinforce_weight * reinforce
+    metrics = {"loss": loss, "ce": ce, "baseline_mse": baseline_mse, "reinforce": reinforce,
+               "accuracy": correct[:, -1].mean()}
+    return loss, metrics
