@@ -6,9 +6,31 @@ expected and what was given (STYLE.md, item 5).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
+
+# The dtype rule of the whole library: integer and boolean inputs of the functional ops are
+# promoted to this dtype on entry, as `jax.nn` does; floating inputs keep their dtype.
+DEFAULT_FLOAT = jnp.float32
+
+
+def as_float(x):
+    """`x` as an array of a floating dtype: integer/bool -> float32; floating `x` (and None) as is.
+
+    Called first by every public functional op on its array inputs (not on boolean masks), so
+    `position_attention(q, q, q)` with an integer `q` equals the same with `q * 1.0` instead of
+    truncating the attention weights to zero.
+    """
+    if x is None:
+        return None
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.inexact):
+        return x
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(DEFAULT_FLOAT)
 
 
 def check_rank(name: str, x: jax.Array, rank: int, layout: str) -> None:
@@ -46,3 +68,28 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_nonempty(name: str, x: jax.Array, layout: str) -> None:
+    """Raises ValueError if a dimension of `x` is zero; `layout` names them ("[B, H, W, C]")."""
+    if 0 in x.shape:
+        raise ValueError(
+            f"{name} must not be empty: every dimension of {layout} must be at least 1, "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+def check_positive(name: str, value, minimum: int = 1) -> None:
+    """Raises ValueError unless the integer setting `value` is at least `minimum`."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if isinstance(value, bool) or number is None or number < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_probability(name: str, value) -> None:
+    """Raises ValueError unless `value` is a rate in [0, 1] (e.g. a dropout rate)."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def demo_row(row, key: jax.Array) -> tuple[jax.Array, int, float]:
     module = row.build()
     inputs = [jax.random.normal(jax.random.fold_in(key, i), s) for i, s in
               enumerate(row.demo_shapes)]
-    variables = module.init(key, *inputs, **row.call_kwargs)
+    variables = jax.jit(functools.partial(module.init, **row.call_kwargs))(key, *inputs)
     apply = jax.jit(functools.partial(module.apply, **row.call_kwargs))
     jax.block_until_ready(apply(variables, *inputs))  # compile
     start = time.perf_counter()
@@ -89,8 +90,7 @@ def list_all(args: argparse.Namespace) -> int:
     from flax_attention.models.classifiers import list_classifiers
 
     sections = {
-        "mechanisms (name, short name: paper)": [
-            f"{m.name} ({m.short}): {m.paper}" for m in mechanisms.MECHANISMS],
+        "mechanisms": mechanisms.names(),
         "models (train --model)": [*list_classifiers(), RAM],
         "registry models (train --model takes the classifiers)": registry.list_models(),
         "data sets (train --dataset; the *mnist ones need --data-dir)": list(list_datasets()),
@@ -260,12 +260,21 @@ def _number(kind: type, low: float, strict: bool) -> Callable[[str], float]:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < low or (strict and value == low):
             bound = f"> {low}" if strict else f">= {low}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
 
     return parse
+
+
+def directory(text: str) -> str:
+    """A run or output directory: any path but the empty string (which would mean the cwd)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a directory path, got {text!r}")
+    return text
 
 
 positive_int, natural, positive_float = (_number(int, 1, False), _number(int, 0, False),
@@ -281,7 +290,7 @@ def _add_train(sub) -> None:
     p.add_argument("--model", help="a name of `flax-attention list` (default stn-cnn)")
     p.add_argument("--dataset", choices=list_datasets(), help="default distorted-digits")
     p.add_argument("--epochs", type=positive_int)
-    p.add_argument("--out", help="run directory (default runs/<model>-<dataset>)")
+    p.add_argument("--out", type=directory, help="run directory (default runs/<model>-<dataset>)")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue from the run's last checkpoint")
     p.add_argument("--batch-size", dest="batch_size", type=positive_int)
@@ -322,7 +331,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=evaluate)
     p = sub.add_parser("visualize", help="PNGs of what a run's last checkpoint attends to")
     p.add_argument("--run", required=True, help="the run directory (train --out)")
-    p.add_argument("--out", default=None, help="where the PNGs go (default <run>/pictures)")
+    p.add_argument("--out", type=directory, default=None,
+                   help="where the PNGs go (default <run>/pictures)")
     p.add_argument("--num-images", dest="num_images", type=positive_int, default=6)
     p.add_argument("--seed", type=natural, default=0, help="which test images")
     p.add_argument("--data-dir", dest="data_dir", default=None)

@@ -20,7 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attention._checks import check_divisible, check_rank
+from flax_attention._checks import (
+    check_divisible,
+    check_nonempty,
+    check_positive,
+    check_probability,
+    check_rank,
+)
 from flax_attention.functional.criss_cross import criss_cross_attention, criss_cross_weights
 from flax_attention.interop.torch import (
     Converter,
@@ -77,6 +83,7 @@ class CrissCrossAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
         check_rank("x", x, 4, "[B, H, W, C]")
+        check_nonempty("x", x, "[B, H, W, C]")
         check_divisible("channels of x", x.shape[-1], self.reduction, "reduction")
         q, k, v = query_key_value(self, x, self.reduction)
         if self.is_mutable_collection("intermediates"):
@@ -119,7 +126,11 @@ class RCCAModule(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False, deterministic: bool = True):
         """`[B, H, W, C]` -> `[B, H, W, num_classes or out_channels]`."""
         check_rank("x", x, 4, "[B, H, W, C]")
+        check_nonempty("x", x, "[B, H, W, C]")
         check_divisible("channels of x", x.shape[-1], 4 * self.reduction, "4 * reduction")
+        check_positive("out_channels", self.out_channels)
+        check_positive("recurrence", self.recurrence, minimum=0)
+        check_probability("dropout", self.dropout)
         inter = x.shape[-1] // 4
         conv_bn = functools.partial(ConvBN, activation=self.activation, **numerics(self))
         out = conv_bn(inter, name="conva")(x, train)

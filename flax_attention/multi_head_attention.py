@@ -18,7 +18,13 @@ from flax.linen.dtypes import promote_dtype
 from flax.typing import PrecisionLike
 
 from flax_attention import layers
-from flax_attention._checks import check_choice, check_divisible, check_rank, check_same
+from flax_attention._checks import (
+    check_choice,
+    check_divisible,
+    check_nonempty,
+    check_rank,
+    check_same,
+)
 from flax_attention.functional.attention import (
     IMPLEMENTATIONS,
     combine_masks,
@@ -64,6 +70,8 @@ def _check_attention_inputs(num_heads, query, key, value, query_pos, key_pos,
     check_rank("query", query, 3, "[B, T, C]")
     check_rank("key", key, 3, "[B, S, C]")
     check_same_shape("value", value, "key", key)
+    check_nonempty("query", query, "[B, T, C]")
+    check_nonempty("key", key, "[B, S, C]")
     check_same(("query", "key"), ((query.shape[0], query.shape[2]), (key.shape[0], key.shape[2])),
                "batch and channels ([B, _, C])", (query.shape, key.shape))
     check_divisible("channels", query.shape[-1], num_heads, "num_heads")

@@ -21,7 +21,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_choice, check_rank
+from flax_attention._checks import check_choice, check_nonempty, check_rank
 from flax_attention.functional.non_local import MODES, non_local, non_local_weights
 from flax_attention.interop.torch import (
     Converter,
@@ -96,6 +96,7 @@ class _NonLocalND(nn.Module):
     def _check(self, x: jax.Array) -> int:
         """Checks `x` and the fields; returns the inter channels."""
         check_rank("x", x, self.spatial_dims + 2, _LAYOUTS[self.spatial_dims])
+        check_nonempty("x", x, _LAYOUTS[self.spatial_dims])
         check_choice("mode", self.mode, MODES)
         if self.use_scale and self.mode != "embedded":
             raise ValueError(f"use_scale applies to mode 'embedded' only, got mode {self.mode!r}")

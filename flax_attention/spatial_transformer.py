@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_choice, check_rank
+from flax_attention._checks import check_choice, check_nonempty, check_rank
 from flax_attention.functional import spatial as F
 from flax_attention.interop.torch import Converter, Rules, Shapes, conv, dense, register
 
@@ -113,10 +113,25 @@ class LocalizationNet(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
 
+    def _check(self, x: jax.Array) -> None:
+        """Raises ValueError for an empty `x`, mismatched fields, or an image too small."""
+        check_rank("x", x, 4, "[B, H, W, C]")
+        check_nonempty("x", x, "[B, H, W, C]")
+        if len(self.features) != len(self.kernel_sizes):
+            raise ValueError(f"features {self.features} and kernel_sizes {self.kernel_sizes} "
+                             "must have the same length")
+        size = min(x.shape[1:3])
+        for kernel in self.kernel_sizes:
+            size = (size - kernel + 1) // 2
+        if size < 1:
+            raise ValueError(f"x is too small for the localisation net: each conv (kernel_sizes "
+                             f"{self.kernel_sizes}, no padding) and 2x2 max-pool leaves no pixel "
+                             f"of shape {tuple(x.shape)}")
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, hidden]`."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        self._check(x)
         for i, (features, kernel) in enumerate(zip(self.features, self.kernel_sizes, strict=True)):
             x = nn.Conv(features, (kernel, kernel), padding="VALID", name=f"conv_{3 * i}",
                         **layers.numerics(self))(x)

@@ -19,7 +19,14 @@ import jax.numpy as jnp
 from flax.typing import PrecisionLike
 
 from flax_attention import layers
-from flax_attention._checks import check_choice, check_divisible, check_rank, check_same
+from flax_attention._checks import (
+    check_choice,
+    check_divisible,
+    check_positive,
+    check_probability,
+    check_rank,
+    check_same,
+)
 from flax_attention.interop.torch import (
     Converter,
     Rules,
@@ -66,6 +73,13 @@ class _LayerBase(nn.Module):
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: PrecisionLike = None
+
+    def _check_fields(self) -> None:
+        """Raises ValueError naming the field for a bad layer setting, before any computation."""
+        check_positive("dim_feedforward", self.dim_feedforward)
+        check_positive("nhead", self.nhead)
+        check_probability("dropout", self.dropout)
+        check_choice("activation", self.activation, _ACTIVATIONS)
 
     def _layer_fields(self) -> dict:
         """The layer hyper-parameters of this module, to build the layers of a stack."""
@@ -114,7 +128,7 @@ class TransformerEncoderLayer(_LayerBase):
                  key_padding_mask: jax.Array | None = None, attn_mask: jax.Array | None = None,
                  deterministic: bool = True) -> jax.Array:
         """`src`, `pos` `[B, L, C]`; `key_padding_mask` `[B, L]` True = padded -> `[B, L, C]`."""
-        check_choice("activation", self.activation, _ACTIVATIONS)
+        self._check_fields()
         attn = self._attention("self_attn")
         src = self._sublayer(
             src, "norm1",
@@ -143,7 +157,7 @@ class TransformerDecoderLayer(_LayerBase):
         Key padding masks are True where padded: `memory_key_padding_mask` `[B, S]`,
         `tgt_key_padding_mask` `[B, Q]`; attention masks as in `MultiHeadAttention`.
         """
-        check_choice("activation", self.activation, _ACTIVATIONS)
+        self._check_fields()
         self_attn, cross_attn = self._attention("self_attn"), self._attention("multihead_attn")
         tgt = self._sublayer(
             tgt, "norm1",
@@ -173,6 +187,8 @@ class TransformerEncoder(_LayerBase):
                  key_padding_mask: jax.Array | None = None, attn_mask: jax.Array | None = None,
                  deterministic: bool = True) -> jax.Array:
         """`src`, `pos` `[B, L, C]`; `key_padding_mask` `[B, L]` True = padded -> `[B, L, C]`."""
+        check_positive("num_layers", self.num_layers, minimum=0)
+        self._check_fields()
         for i in range(self.num_layers):
             layer = TransformerEncoderLayer(**self._layer_fields(), name=f"layers_{i}")
             src = layer(src, pos, key_padding_mask, attn_mask, deterministic)
@@ -197,6 +213,8 @@ class TransformerDecoder(_LayerBase):
 
         L is `num_layers` with `return_intermediate`, else 1.
         """
+        check_positive("num_layers", self.num_layers)
+        self._check_fields()
         norm, outputs = self._norm("norm"), []
         for i in range(self.num_layers):
             layer = TransformerDecoderLayer(**self._layer_fields(), name=f"layers_{i}")
@@ -274,6 +292,10 @@ class Transformer(nn.Module):
                              f"got shape {tuple(src.shape)}")
         check_divisible("d_model", self.d_model, self.nhead, "nhead")
         check_choice("activation", self.activation, _ACTIVATIONS)
+        check_positive("num_encoder_layers", self.num_encoder_layers, minimum=0)
+        check_positive("num_decoder_layers", self.num_decoder_layers)
+        check_positive("dim_feedforward", self.dim_feedforward)
+        check_probability("dropout", self.dropout)
         check_same_shape("pos_embed", pos_embed, "src", src)
         check_rank("query_embed", query_embed, 2, "[Q, C]")
         check_same(("query_embed", "src"), (query_embed.shape[-1], src.shape[-1]), "channels",

@@ -53,7 +53,14 @@ def _init(model, shape=SMALL, seed=0):
 IDENTITY_AT_INIT = ("stn-cnn", "cca-cnn", "nl-cnn")
 
 
-@pytest.mark.parametrize("name", list_classifiers())
+# The first classifiers run by default; the others (the timm family's, each also covered by the
+# mechanism table's test and its own bf16 test) with -m slow.
+_DEFAULT_CLASSIFIERS = ("cnn", "stn-cnn", "se-cnn", "cca-cnn", "nl-cnn", "pam-cnn")
+
+
+@pytest.mark.parametrize("name", [
+    name if name in _DEFAULT_CLASSIFIERS else pytest.param(name, marks=pytest.mark.slow)
+    for name in list_classifiers()])
 def test_classifier_logits_and_bf16(name):
     """Logits `[B, 10]`, finite, close in bf16; a fresh STN, CCA or non-local variant computes
     the plain CNN with the same conv and dense weights."""

@@ -12,7 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention._checks import check_rank, check_same
+from flax_attention._checks import (
+    as_float,
+    check_nonempty,
+    check_positive,
+    check_rank,
+    check_same,
+)
 from flax_attention.kernels._common import pick_implementation
 
 __all__ = [
@@ -53,6 +59,8 @@ def _check_qk(q: jax.Array, k: jax.Array) -> None:
         "batch, heads and head dimension ([B, _, N, D])",
         (q.shape, k.shape),
     )
+    check_nonempty("q", q, "[B, T, N, D]")
+    check_nonempty("k", k, "[B, S, N, D]")
 
 
 def _check_dtypes(**arrays: jax.Array) -> None:
@@ -111,8 +119,10 @@ def dot_product_attention(
         computed explicitly by `dot_product_attention_weights`.
 
     Returns:
-      `[B, T, N, D]` in the dtype of `q`.
+      `[B, T, N, D]` in the dtype of `q` (float32 for integer or boolean `q`, `k`, `v`, which
+      are promoted first, as `jax.nn` does).
     """
+    q, k, v, bias = map(as_float, (q, k, v, bias))
     _check_qk(q, k)
     check_same(("k", "v"), (k.shape, v.shape), "shape", (k.shape, v.shape))
     _check_dtypes(q=q, k=k, v=v)
@@ -147,6 +157,7 @@ def dot_product_attention_weights(
     Returns:
       float32 weights `[B, N, T, S]`, each row summing to one (uniform where fully masked).
     """
+    q, k, bias = map(as_float, (q, k, bias))
     _check_qk(q, k)
     _check_dtypes(q=q, k=k)
     _check_mask_bias(q, k, mask, bias)
@@ -159,6 +170,23 @@ def dot_product_attention_weights(
     if mask is not None:
         logits = jnp.where(mask, logits, large_negative())
     return jax.nn.softmax(logits, axis=-1)
+
+
+def _check_masks(key_padding_mask, attn_mask) -> None:
+    """`combine_masks`' checks: ranks and dtypes of the two torch-style masks."""
+    if key_padding_mask is not None:
+        check_rank("key_padding_mask", key_padding_mask, 2, "[B, S]")
+        if key_padding_mask.dtype != jnp.bool_:
+            raise TypeError("key_padding_mask must be boolean (True = padded key), got dtype "
+                            f"{key_padding_mask.dtype}")
+    if attn_mask is None:
+        return
+    if attn_mask.ndim not in (2, 4):
+        raise ValueError("attn_mask must have rank 2 ([T, S]) or 4 ([B, N, T, S]), got shape "
+                         f"{tuple(attn_mask.shape)} (rank {attn_mask.ndim})")
+    if attn_mask.dtype != jnp.bool_ and not jnp.issubdtype(attn_mask.dtype, jnp.floating):
+        raise TypeError("attn_mask must be boolean (True = attend) or floating (added to the "
+                        f"logits), got dtype {attn_mask.dtype}")
 
 
 def combine_masks(
@@ -174,7 +202,12 @@ def combine_masks(
     Returns:
       `(mask, bias)`: boolean mask broadcastable to `[B, N, T, S]`, True = attend, and additive
       bias broadcastable to `[B, N, T, S]`; either is None when absent.
+
+    Raises:
+      ValueError: `key_padding_mask` not of rank 2, or `attn_mask` not of rank 2 or 4.
+      TypeError: `key_padding_mask` not boolean, or `attn_mask` neither boolean nor floating.
     """
+    _check_masks(key_padding_mask, attn_mask)
     mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
     if attn_mask is None:
         return mask, None
@@ -210,7 +243,7 @@ def sine_position_embedding(
     Args:
       mask: boolean `[B, H, W]`, True where padded (DETR's convention).
       num_pos_feats: F, channels per coordinate (even).
-      temperature: T.
+      temperature: T, positive.
       normalize: normalise positions to [0, scale].
       scale: only with `normalize`; defaults to 2 pi.
 
@@ -224,6 +257,8 @@ def sine_position_embedding(
         raise ValueError(f"num_pos_feats must be a positive even number, got {num_pos_feats}")
     if scale is not None and not normalize:
         raise ValueError(f"scale ({scale}) is only used with normalize=True")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     scale = 2 * math.pi if scale is None else scale
     not_mask = jnp.logical_not(mask)
     y = jnp.cumsum(not_mask, axis=1, dtype=jnp.float32)
@@ -252,6 +287,8 @@ def learned_position_embedding(
     """
     check_rank("row_embed", row_embed, 2, "[R, F]")
     check_rank("col_embed", col_embed, 2, "[R, F]")
+    for name, size in (("batch", batch), ("height", height), ("width", width)):
+        check_positive(name, size, minimum=0)
     for name, table, size, dim in (("row_embed", row_embed, height, "height"),
                                    ("col_embed", col_embed, width, "width")):
         if size > table.shape[0]:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import check_rank, check_same
+from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
 from flax_attention.kernels import flash
 from flax_attention.kernels._common import on_gpu, pick_implementation
 
@@ -139,6 +139,8 @@ def _check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int | No
                "batch and channels", (q.shape, k.shape))
     check_same(("k", "v"), (k.shape[:2], v.shape[:2]), "batch and key positions",
                (k.shape, v.shape))
+    for name, x, layout in (("q", q, "[B, Lq, Ck]"), ("v", v, "[B, Lk, Cv]")):
+        check_nonempty(name, x, layout)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
 
@@ -175,13 +177,15 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       precision: of the matrix products.
 
     Returns:
-      `[B, Lq, Cv]` in the dtype of `q`, `k` and `v` promoted together.
+      `[B, Lq, Cv]` in the dtype of `q`, `k` and `v` promoted together (integer and boolean
+      inputs are promoted to float32 first).
 
     Raises:
       ValueError: wrong ranks, q and k differ in batch or channels, k and v in batch or key
-        positions, a non-positive `chunk_size`, an unknown `implementation`, or "pallas" or
-        "cudnn" for inputs they do not take.
+        positions, a zero-size dimension, a non-positive `chunk_size`, an unknown
+        `implementation`, or "pallas" or "cudnn" for inputs they do not take.
     """
+    q, k, v = map(as_float, (q, k, v))
     _check_inputs(q, k, v, chunk_size)
     dtype = jnp.result_type(q, k, v)
     q, k, v = (a.astype(dtype) for a in (q, k, v))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "box_cxcywh_to_xyxy",
@@ -37,6 +38,15 @@ def _check_pair(boxes1: jax.Array, boxes2: jax.Array, pairwise: bool) -> None:
     rank = 2 if pairwise else None
     _check_boxes("boxes1", boxes1, rank)
     _check_boxes("boxes2", boxes2, rank)
+    if pairwise:
+        return
+    try:
+        np.broadcast_shapes(boxes1.shape[:-1], boxes2.shape[:-1])
+    except ValueError:
+        raise ValueError(
+            f"boxes1 and boxes2 must be broadcastable against each other ([..., 4], box by "
+            f"box), got shapes {tuple(boxes1.shape)} and {tuple(boxes2.shape)}"
+        ) from None
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -138,7 +148,7 @@ def generalized_box_iou_loss(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
       `[...]` in [0, 2].
 
     Raises:
-      ValueError: if either last dimension is not 4.
+      ValueError: if either last dimension is not 4, or the boxes do not broadcast.
     """
     _check_pair(boxes1, boxes2, pairwise=False)
     return 1 - _giou(boxes1, boxes2)

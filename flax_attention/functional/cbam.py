@@ -16,7 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from flax_attention._checks import check_rank, check_same
+from flax_attention._checks import as_float, check_rank, check_same
 from flax_attention.functional.squeeze_excitation import excite
 
 __all__ = [
@@ -49,6 +49,7 @@ def cbam_channel_gates(x: jax.Array, mlp: ArrayFn, gate: ArrayFn = jax.nn.sigmoi
     Returns:
       `[B, C]` gates in float32 (float64 for float64 inputs).
     """
+    x = as_float(x)
     check_rank("x", x, 4, "[B, H, W, C]")
     dtype = _stats_dtype(x)
     avg = jnp.mean(x, axis=(1, 2), dtype=dtype)
@@ -73,6 +74,7 @@ def cbam_spatial_pool(x: jax.Array, light: bool = False) -> jax.Array:
       `[B, H, W, 2]` (mean first), or `[B, H, W, 1]` when `light`; in x's dtype, the mean
       accumulated in float32.
     """
+    x = as_float(x)
     check_rank("x", x, 4, "[B, H, W, C]")
     avg = jnp.mean(x, axis=-1, keepdims=True, dtype=_stats_dtype(x)).astype(x.dtype)
     peak = jnp.max(x, axis=-1, keepdims=True)
@@ -91,6 +93,7 @@ def spatial_excite(x: jax.Array, gates: jax.Array) -> jax.Array:
     Returns:
       `[B, H, W, C]` in x's dtype.
     """
+    x, gates = map(as_float, (x, gates))
     check_rank("x", x, 4, "[B, H, W, C]")
     check_rank("gates", gates, 3, "[B, H, W]")
     check_same(("x", "gates"), (x.shape[:3], gates.shape), "batch and spatial dimensions",
@@ -117,6 +120,7 @@ def cbam(x: jax.Array, mlp: ArrayFn, spatial_conv: ArrayFn, gate: ArrayFn = jax.
       `out` `[B, H, W, C]` in x's dtype, the channel gates `[B, C]` and the spatial gates
       `[B, H, W]` (both float32, float64 for float64 inputs).
     """
+    x = as_float(x)
     gates_c = cbam_channel_gates(x, mlp, gate, light)
     y = excite(x, gates_c.astype(x.dtype))
     logits = spatial_conv(cbam_spatial_pool(y, light))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import check_rank, check_same
+from flax_attention._checks import as_float, check_rank, check_same
 
 __all__ = ["coordinate_attention_map", "coordinate_excite", "coordinate_pool"]
 
@@ -30,6 +30,7 @@ def coordinate_pool(x: jax.Array) -> jax.Array:
       `[B, H + W, C]` in x's dtype: rows `0..H-1` hold the mean over W of every row, rows
       `H..H+W-1` the mean over H of every column.
     """
+    x = as_float(x)
     check_rank("x", x, 4, "[B, H, W, C]")
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     rows = jnp.mean(x, axis=2, dtype=dtype)
@@ -60,6 +61,7 @@ def coordinate_excite(x: jax.Array, gate_h: jax.Array, gate_w: jax.Array) -> jax
     Returns:
       `[B, H, W, C]`, in the promoted dtype of the three.
     """
+    x, gate_h, gate_w = map(as_float, (x, gate_h, gate_w))
     check_rank("x", x, 4, "[B, H, W, C]")
     _check_gates(x.shape, gate_h, gate_w)
     return x * gate_w[:, None, :, :] * gate_h[:, :, None, :]
@@ -77,6 +79,7 @@ def coordinate_attention_map(gate_h: jax.Array, gate_w: jax.Array,
     Returns:
       `[B, H, W]` float32 (float64 for float64 input).
     """
+    gate_h, gate_w = map(as_float, (gate_h, gate_w))
     _check_gates(None, gate_h, gate_w)
     dtype = jnp.promote_types(jnp.result_type(gate_h, gate_w), jnp.float32)
     products = jnp.einsum("bhc,bwc->bhw", gate_h.astype(dtype), gate_w.astype(dtype),

@@ -24,7 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from flax_attention._checks import check_rank, check_same
+from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
 from flax_attention.kernels import criss_cross as kernel
 from flax_attention.kernels._common import MASK_VALUE, on_gpu, pick_implementation
 
@@ -45,6 +45,7 @@ def _check_qk(q: jax.Array, k: jax.Array) -> None:
     check_rank("q", q, 4, _LAYOUT)
     check_rank("k", k, 4, _LAYOUT)
     check_same(("q", "k"), (q.shape, k.shape), "shape", (q.shape, k.shape))
+    check_nonempty("q", q, _LAYOUT)
 
 
 def _check_spatial(names: tuple[str, str], a: jax.Array, b: jax.Array) -> None:
@@ -122,6 +123,7 @@ def criss_cross_weights(q: jax.Array, k: jax.Array, precision: Precision = None)
       the last axis: the W entries of the position's row (left to right, itself included),
       then the H - 1 entries of its column (top to bottom, itself excluded).
     """
+    q, k = map(as_float, (q, k))
     _check_qk(q, k)
     a_row, a_col = _weights(q, k, precision)
     return jnp.concatenate([a_row, _swap(_drop_self(a_col))], axis=-1)
@@ -139,8 +141,10 @@ def criss_cross_aggregate(weights: jax.Array, v: jax.Array, precision: Precision
       `[B, H, W, C]` in v's dtype: for each position, the weighted sum of the values of its row
       and column.
     """
+    weights, v = map(as_float, (weights, v))
     check_rank("weights", weights, 4, "[B, H, W, H+W-1]")
     check_rank("v", v, 4, _LAYOUT)
+    check_nonempty("v", v, _LAYOUT)
     _check_spatial(("weights", "v"), weights, v)
     _, height, width, _ = v.shape
     check_same(("weights", "v"), (weights.shape[-1], height + width - 1),
@@ -165,14 +169,16 @@ def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, precision: P
       implementation: "xla", "pallas" (interpreted off the GPU), or None (XLA).
 
     Returns:
-      `[B, H, W, C']` in v's dtype.
+      `[B, H, W, C']` in v's dtype (float32 for integer or boolean inputs, which are promoted).
 
     Raises:
       ValueError: bad shapes, an unknown `implementation`, or "pallas" for inputs the kernels
         do not support (e.g. float64, lines longer than `kernel.BlockSizes.max_line`).
     """
+    q, k, v = map(as_float, (q, k, v))
     _check_qk(q, k)
     check_rank("v", v, 4, _LAYOUT)
+    check_nonempty("v", v, _LAYOUT)
     _check_spatial(("q", "v"), q, v)
     reasons = {"pallas": kernel.unsupported(q, k, v)}
     if pick_implementation("criss_cross_attention", implementation, IMPLEMENTATIONS,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 from jax import lax
 
-from flax_attention._checks import check_rank, check_same
+from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
 from flax_attention.functional.blockwise import (
     DEFAULT_CHUNK_SIZE,
     accumulated_einsum,
@@ -36,6 +36,7 @@ def _check_qk(q: jax.Array, k: jax.Array) -> None:
     check_rank("q", q, 4, "[B, H, W, C]")
     check_rank("k", k, 4, "[B, H, W, C]")
     check_same(("q", "k"), (q.shape, k.shape), "shape", (q.shape, k.shape))
+    check_nonempty("q", q, "[B, H, W, C]")
 
 
 def _check_position_inputs(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
@@ -43,6 +44,7 @@ def _check_position_inputs(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     check_rank("v", v, 4, "[B, H, W, C]")
     check_same(("q", "v"), (q.shape[:3], v.shape[:3]), "batch and spatial dimensions",
                (q.shape, v.shape))
+    check_nonempty("v", v, "[B, H, W, Cv]")
 
 
 def position_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -66,12 +68,15 @@ def position_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       precision: of the two matrix products.
 
     Returns:
-      `[B, H, W, Cv]` in the dtype of `q`, `k` and `v` promoted together.
+      `[B, H, W, Cv]` in the dtype of `q`, `k` and `v` promoted together (integer and boolean
+      inputs are promoted to float32 first).
 
     Raises:
       ValueError: wrong ranks, `q` and `k` shapes differ, `v` differs from `q` in batch or
-        spatial size, a non-positive `chunk_size` or a bad `implementation`.
+        spatial size, a zero-size dimension, a non-positive `chunk_size` or a bad
+        `implementation`.
     """
+    q, k, v = map(as_float, (q, k, v))
     _check_position_inputs(q, k, v)
     out = blockwise_attention(_flatten(q), _flatten(k), _flatten(v), chunk_size=chunk_size,
                               implementation=implementation, precision=precision)
@@ -90,6 +95,7 @@ def position_attention_weights(q: jax.Array, k: jax.Array, *,
     Returns:
       `[B, L, L]`: row i (query position i, row-major over H, W) sums to 1 over the keys.
     """
+    q, k = map(as_float, (q, k))
     _check_qk(q, k)
     return attention_weights(_flatten(q), _flatten(k), precision=precision)
 
@@ -101,7 +107,9 @@ def channel_attention_weights(x: jax.Array, *, precision: _Precision = None) -> 
     `rowmax(energy) - energy`, and a softmax over the last axis. A softmax ignores a constant per
     row, so this is softmax(-energy): channels attend most to the channels least like them.
     """
+    x = as_float(x)
     check_rank("x", x, 4, "[B, H, W, C]")
+    check_nonempty("x", x, "[B, H, W, C]")
     xf = _flatten(x)
     energy = accumulated_einsum("blc,bld->bcd", xf, xf, precision)
     # The row maximum only shifts each row; its gradient through the softmax is zero.
@@ -120,8 +128,9 @@ def channel_attention(x: jax.Array, *, precision: _Precision = None) -> jax.Arra
       `[B, H, W, C]` in the dtype of `x`; `att` is `channel_attention_weights(x)` `[B, C, C]`.
 
     Raises:
-      ValueError: if `x` is not of rank 4.
+      ValueError: if `x` is not of rank 4 or has a zero-size dimension.
     """
+    x = as_float(x)
     att = channel_attention_weights(x, precision=precision).astype(x.dtype)
     out = accumulated_einsum("bcd,bld->blc", att, _flatten(x), precision)
     return out.astype(x.dtype).reshape(x.shape)

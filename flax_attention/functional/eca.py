@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import check_rank, check_same
+from flax_attention._checks import as_float, check_rank, check_same
 from flax_attention.functional.effective_se import Gate, channel_squeeze, gate_function
 from flax_attention.functional.squeeze_excitation import excite
 
@@ -77,6 +77,7 @@ def channel_conv(
     Returns:
       `[B, C, O]` in y's dtype.
     """
+    y, kernel, bias = map(as_float, (y, kernel, bias))
     check_rank("y", y, 3, "[B, C, I]")
     check_rank("kernel", kernel, 3, "[K, I, O]")
     check_same(("y", "kernel"), (y.shape[-1], kernel.shape[1]), "input features (y[-1], "
@@ -113,6 +114,7 @@ def eca_gates(
     Returns:
       `[B, C]` gates in float32 (float64 for float64 inputs).
     """
+    x, kernel, bias = map(as_float, (x, kernel, bias))
     check_rank("x", x, 4, "[B, H, W, C]")
     check_rank("kernel", kernel, 1, "[K]")
     gate_fn = gate_function(gate)
@@ -148,6 +150,7 @@ def eca_mlp_gates(
     Returns:
       `[B, C]` gates in float32 (float64 for float64 inputs).
     """
+    x, kernel1, bias1, kernel2, bias2 = map(as_float, (x, kernel1, bias1, kernel2, bias2))
     check_rank("x", x, 4, "[B, H, W, C]")
     check_rank("kernel1", kernel1, 1, "[R]")
     check_rank("kernel2", kernel2, 2, "[K, R]")
@@ -178,5 +181,6 @@ def eca(
     Returns:
       `[B, H, W, C]` in x's dtype.
     """
+    x, kernel, bias = map(as_float, (x, kernel, bias))
     gates = eca_gates(x, kernel, bias, circular=circular, gate=gate, precision=precision)
     return excite(x, gates.astype(x.dtype))

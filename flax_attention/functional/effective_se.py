@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import check_choice, check_rank, check_same
+from flax_attention._checks import as_float, check_choice, check_rank, check_same
 from flax_attention.functional.squeeze_excitation import excite
 
 __all__ = [
@@ -65,6 +65,7 @@ def channel_squeeze(x: jax.Array, add_maxpool: bool = False) -> jax.Array:
     Returns:
       `[B, C]` in float32 (float64 for float64 inputs).
     """
+    x = as_float(x)
     check_rank("x", x, 4, "[B, H, W, C]")
     dtype = stat_dtype(x)
     squeezed = jnp.mean(x, axis=(1, 2), dtype=dtype)
@@ -95,6 +96,7 @@ def effective_se_gates(
     Returns:
       `[B, C]` gates in float32 (float64 for float64 inputs).
     """
+    x, kernel, bias = map(as_float, (x, kernel, bias))
     check_rank("x", x, 4, "[B, H, W, C]")
     check_rank("kernel", kernel, 2, "[C, C]")
     check_rank("bias", bias, 1, "[C]")
@@ -127,6 +129,7 @@ def effective_se(
     Returns:
       `[B, H, W, C]` in x's dtype.
     """
+    x, kernel, bias = map(as_float, (x, kernel, bias))
     gates = effective_se_gates(x, kernel, bias, add_maxpool=add_maxpool, gate=gate,
                                precision=precision)
     return excite(x, gates.astype(x.dtype))

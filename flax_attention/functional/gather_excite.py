@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from flax_attention._checks import check_rank, check_same
+from flax_attention._checks import as_float, check_rank, check_same
 from flax_attention.functional.effective_se import (
     Gate,
     channel_squeeze,
@@ -67,6 +67,7 @@ def gather(x: jax.Array, extent: int = 0, add_maxpool: bool = False) -> jax.Arra
     Returns:
       `[B, h, w, C]` in float32 (float64 for float64 inputs); `[B, 1, 1, C]` for extent 0.
     """
+    x = as_float(x)
     check_rank("x", x, 4, "[B, H, W, C]")
     check_extent(extent)
     if extent == 0:
@@ -109,6 +110,7 @@ def conv_mlp(
     Returns:
       `[B, h, w, C]`.
     """
+    y, w1, b1, w2, b2 = map(as_float, (y, w1, b1, w2, b2))
     check_rank("w1", w1, 2, "[C, R]")
     check_rank("w2", w2, 2, "[R, C]")
     check_same(("y", "w1"), (y.shape[-1], w1.shape[0]), "channels (y[-1], w1[0])",
@@ -148,6 +150,7 @@ def depthwise_conv3x3_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Returns:
       `[B, ceil(H / 2), ceil(W / 2), C]` in x's dtype.
     """
+    x, kernel = map(as_float, (x, kernel))
     check_rank("x", x, 4, "[B, H, W, C]")
     check_rank("kernel", kernel, 4, "[3, 3, 1, C]")
     check_same(("x", "kernel"), ((x.shape[-1], 3, 3, 1), (kernel.shape[-1], *kernel.shape[:3])),
@@ -171,6 +174,7 @@ def excite_spatial(x: jax.Array, gates: jax.Array) -> jax.Array:
     Returns:
       `[B, H, W, C]` in x's dtype.
     """
+    x, gates = map(as_float, (x, gates))
     check_rank("x", x, 4, "[B, H, W, C]")
     check_rank("gates", gates, 4, "[B, h, w, C]")
     check_same(("x", "gates"), ((x.shape[0], x.shape[-1]), (gates.shape[0], gates.shape[-1])),
@@ -221,6 +225,7 @@ def gather_excite_gates(
     Returns:
       `[B, h, w, C]` gates in float32 (float64 for float64 inputs).
     """
+    x, w1, b1, w2, b2 = map(as_float, (x, w1, b1, w2, b2))
     gate_fn = gate_function(gate)
     gathered = gather(x, extent, add_maxpool)
     if w1 is None:
@@ -252,6 +257,7 @@ def gather_excite(
     Returns:
       `[B, H, W, C]` in x's dtype.
     """
+    x, w1, b1, w2, b2 = map(as_float, (x, w1, b1, w2, b2))
     gates = gather_excite_gates(x, w1, b1, w2, b2, extent=extent, add_maxpool=add_maxpool,
                                 act=act, gate=gate, precision=precision)
     return excite_spatial(x, gates)

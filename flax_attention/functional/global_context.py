@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import check_rank, check_same
+from flax_attention._checks import as_float, check_rank, check_same
 
 __all__ = [
     "fuse_context",
@@ -42,6 +42,7 @@ def global_context_weights(logits: jax.Array) -> jax.Array:
     Returns:
       `[B, H, W]` in float32 (float64 for float64 logits), summing to 1 per sample.
     """
+    logits = as_float(logits)
     check_rank("logits", logits, 3, "[B, H, W]")
     b, h, w = logits.shape
     flat = logits.reshape(b, h * w).astype(_stats_dtype(logits))
@@ -60,6 +61,7 @@ def global_context_pool(x: jax.Array, weights: jax.Array,
     Returns:
       `[B, C]` in float32 (float64 for float64 inputs).
     """
+    x, weights = map(as_float, (x, weights))
     check_rank("x", x, 4, "[B, H, W, C]")
     check_rank("weights", weights, 3, "[B, H, W]")
     check_same(("x", "weights"), (x.shape[:3], weights.shape), "batch and spatial dimensions",
@@ -81,6 +83,7 @@ def fuse_context(x: jax.Array, scale: jax.Array | None = None,
     Returns:
       `[B, H, W, C]` in x's dtype.
     """
+    x, scale, add = map(as_float, (x, scale, add))
     check_rank("x", x, 4, "[B, H, W, C]")
     for name, v in (("scale", scale), ("add", add)):
         if v is not None:
@@ -120,6 +123,7 @@ def global_context(
     Returns:
       `out` `[B, H, W, C]` in x's dtype, and the context weights `[B, H, W]` (float32) or None.
     """
+    x, logits = map(as_float, (x, logits))
     check_rank("x", x, 4, "[B, H, W, C]")
     if logits is None:
         weights = None

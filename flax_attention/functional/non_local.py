@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import check_choice, check_rank, check_same
+from flax_attention._checks import as_float, check_choice, check_nonempty, check_rank, check_same
 from flax_attention.functional.blockwise import (
     IMPLEMENTATIONS,
+    accumulated_einsum,
     attention_logits,
     attention_weights,
     blockwise_attention,
@@ -38,6 +39,8 @@ def _check_weights_inputs(theta: jax.Array, phi: jax.Array, mode: str,
     check_rank("phi", phi, 3, "[B, Lk, Ck]")
     check_same(("theta", "phi"), ((theta.shape[0], theta.shape[2]), (phi.shape[0], phi.shape[2])),
                "batch and channels", (theta.shape, phi.shape))
+    check_nonempty("theta", theta, "[B, Lq, Ck]")
+    check_nonempty("phi", phi, "[B, Lk, Ck]")
     if use_scale and mode != "embedded":
         raise ValueError(f"use_scale applies to mode 'embedded' only, got mode {mode!r}")
     if mode != "concatenate":
@@ -106,6 +109,7 @@ def non_local_weights(
     Returns:
       `[B, Lq, Lk]` weights, float32 (float64 for float64 inputs).
     """
+    theta, phi, concat_weights = map(as_float, (theta, phi, concat_weights))
     _check_weights_inputs(theta, phi, mode, concat_weights, use_scale)
     return _weights(theta, phi, mode, concat_weights, use_scale, precision)
 
@@ -140,14 +144,17 @@ def non_local(
         and "cudnn" are for the softmax modes only.
 
     Returns:
-      `[B, Lq, Cg]` in g's dtype (the weights are computed in float32).
+      `[B, Lq, Cg]` in g's dtype (the weights and their product with g are computed in
+      float32; integer and boolean inputs are promoted to float32 first).
 
     Raises:
       ValueError: bad shapes, mode or arguments (see `non_local_weights`), or "pallas" for a
         mode without a kernel.
     """
+    theta, phi, g, concat_weights = map(as_float, (theta, phi, g, concat_weights))
     _check_weights_inputs(theta, phi, mode, concat_weights, use_scale)
     check_rank("g", g, 3, "[B, Lk, Cg]")
+    check_nonempty("g", g, "[B, Lk, Cg]")
     check_same(("phi", "g"), (phi.shape[:2], g.shape[:2]), "batch and key positions",
                (phi.shape, g.shape))
     if mode in SOFTMAX_MODES:
@@ -158,5 +165,6 @@ def non_local(
     pick_implementation("non_local", implementation, IMPLEMENTATIONS,
                         {"pallas": f"mode {mode!r} has no Pallas kernel",
                          "cudnn": f"mode {mode!r} has no cuDNN kernel"})
+    # The weights stay float32: cast to float16 first, `theta . phi / Lk` can overflow.
     weights = _weights(theta, phi, mode, concat_weights, use_scale, precision)
-    return jnp.einsum("bqk,bkc->bqc", weights.astype(g.dtype), g, precision=precision)
+    return accumulated_einsum("bqk,bkc->bqc", weights, g, precision).astype(g.dtype)

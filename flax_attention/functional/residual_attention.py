@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention._checks import check_rank
+from flax_attention._checks import as_float, check_nonempty, check_rank
 
 __all__ = ["attention_residual", "interpolate_bilinear"]
 
@@ -52,7 +52,9 @@ def interpolate_bilinear(x: jax.Array, size: tuple[int, int],
     Returns:
       `[B, H', W', C]` in the dtype of `x`.
     """
+    x = as_float(x)
     check_rank("x", x, 4, _LAYOUT)
+    check_nonempty("x", x, _LAYOUT)
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"size must be two positive ints (H', W'), got {tuple(size)}")
     rows = jnp.asarray(_interpolation_matrix(size[0], x.shape[1]), x.dtype)
@@ -71,6 +73,7 @@ def attention_residual(trunk: jax.Array, mask: jax.Array) -> jax.Array:
     Returns:
       `[B, H, W, C]`: T where the mask is 0, up to 2 T where it is 1.
     """
+    trunk, mask = as_float(trunk), as_float(mask)
     check_rank("trunk", trunk, 4, _LAYOUT)
     if mask.shape != trunk.shape:
         raise ValueError(

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import check_divisible, check_rank, check_same
+from flax_attention._checks import as_float, check_divisible, check_rank, check_same
 from flax_attention.kernels._common import check_implementation
 
 __all__ = [
@@ -39,6 +39,7 @@ def selective_kernel_split(x: jax.Array, num_paths: int) -> list[jax.Array]:
     Returns:
       P arrays `[B, H, W, C / P]`, channels `[p C / P, (p + 1) C / P)` each.
     """
+    x = as_float(x)
     check_rank("x", x, 4, "[B, H, W, C]")
     check_divisible("x channels", x.shape[-1], num_paths, "num_paths")
     return jnp.split(x, num_paths, axis=-1)
@@ -57,6 +58,7 @@ def selective_kernel_fuse(paths: jax.Array) -> jax.Array:
     Returns:
       `[B, C]` float32 (float64 for float64 input): `mean_{h, w} sum_p paths[b, p, h, w, c]`.
     """
+    paths = as_float(paths)
     _check_paths(paths)
     dtype = jnp.promote_types(paths.dtype, jnp.float32)
     return jnp.mean(jnp.sum(paths, axis=1, dtype=dtype), axis=(1, 2))
@@ -73,6 +75,7 @@ def selective_kernel_weights(logits: jax.Array, num_paths: int) -> jax.Array:
     Returns:
       `[B, P, C]` float32 (float64 for float64 input) weights summing to 1 over P.
     """
+    logits = as_float(logits)
     check_rank("logits", logits, 2, "[B, P * C]")
     check_divisible("logits features", logits.shape[-1], num_paths, "num_paths")
     dtype = jnp.promote_types(logits.dtype, jnp.float32)
@@ -90,6 +93,7 @@ def selective_kernel_select(paths: jax.Array, weights: jax.Array) -> jax.Array:
     Returns:
       `[B, H, W, C]` in paths' dtype.
     """
+    paths, weights = map(as_float, (paths, weights))
     _check_paths(paths)
     check_rank("weights", weights, 3, "[B, P, C]")
     check_same(("paths", "weights"), (paths.shape[:2] + paths.shape[-1:], weights.shape),
@@ -162,6 +166,7 @@ def branch_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, dilation: i
     Returns:
       `[B, H', W', O]`, H' = (H + 2 padding - dilation (K - 1) - 1) // stride + 1, likewise W'.
     """
+    x, kernel = map(as_float, (x, kernel))
     check_rank("x", x, 4, "[B, H, W, C]")
     check_rank("kernel", kernel, 4, "[K, K, C / groups, O]")
     check_same(("x", "kernel"), (x.shape[-1], kernel.shape[2] * groups),

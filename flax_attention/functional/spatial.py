@@ -26,7 +26,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import check_choice, check_rank, check_same
+from flax_attention._checks import (
+    as_float,
+    check_choice,
+    check_nonempty,
+    check_rank,
+    check_same,
+)
 from flax_attention.kernels import bilinear as kernel
 from flax_attention.kernels._common import on_gpu, pick_implementation
 
@@ -79,8 +85,9 @@ def affine_grid(theta: jax.Array, out_hw: tuple[int, int], align_corners: bool =
 
     Returns:
       `[B, h, w, 2]` normalised (x, y) source coordinates, in theta's dtype (computed in at
-      least float32).
+      least float32; float32 for an integer theta).
     """
+    theta = as_float(theta)
     check_rank("theta", theta, 3, "[B, 2, 3]")
     if theta.shape[1:] != (2, 3):
         raise ValueError(f"theta must have shape [B, 2, 3], got shape {tuple(theta.shape)}")
@@ -109,6 +116,7 @@ def affine_matrix(params: jax.Array, transform: str = "affine") -> jax.Array:
     Returns:
       theta `[B, 2, 3]` for `affine_grid`, in params' dtype.
     """
+    params = as_float(params)
     check_choice("transform", transform, TRANSFORMS)
     check_rank("params", params, 2, "[B, P]")
     count = len(TRANSFORMS[transform])
@@ -356,9 +364,15 @@ def bilinear_sample(image: jax.Array, grid: jax.Array, padding_mode: str = "zero
         off the GPU) or None (XLA: the kernels have not been timed on a GPU yet).
 
     Returns:
-      `[B, h, w, C]` in image's dtype.
+      `[B, h, w, C]` in image's dtype (float32 for an integer or boolean image).
+
+    Raises:
+      ValueError: wrong ranks or batch sizes, an empty `image`, an unknown `padding_mode` or
+        `implementation`.
     """
+    image, grid = as_float(image), as_float(grid)
     check_rank("image", image, 4, "[B, H, W, C]")
+    check_nonempty("image", image, "[B, H, W, C]")
     check_rank("grid", grid, 4, "[B, h, w, 2]")
     if grid.shape[-1] != 2:
         raise ValueError(f"grid must have shape [B, h, w, 2] (x, y), got {tuple(grid.shape)}")

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import check_rank, check_same
+from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
 
 __all__ = ["squeeze_excitation", "squeeze_excitation_gates", "excite"]
 
@@ -27,6 +27,7 @@ def check_spatial_input(name: str, x: jax.Array) -> None:
 
 def _check_gate_inputs(x: jax.Array, w1: jax.Array, w2: jax.Array) -> None:
     check_spatial_input("x", x)
+    check_nonempty("x", x, "[B, *S, C]")
     check_rank("w1", w1, 2, "[C, R]")
     check_rank("w2", w2, 2, "[R, C]")
     check_same(("x", "w1"), (x.shape[-1], w1.shape[0]), "channels (x[-1], w1[0])",
@@ -55,8 +56,12 @@ def squeeze_excitation_gates(
       b1, b2: `[R]`, `[C]` biases of the two layers (timm's `SEModule`); None for none.
 
     Returns:
-      `[B, C]` gates in (0, 1), in x's dtype.
+      `[B, C]` gates in (0, 1), in x's dtype (float32 for an integer or boolean x).
+
+    Raises:
+      ValueError: bad ranks, mismatched channels or hidden units, or a zero-size `x`.
     """
+    x, w1, w2, b1, b2 = map(as_float, (x, w1, w2, b1, b2))
     _check_gate_inputs(x, w1, w2)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     squeezed = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), dtype=dtype)
@@ -77,6 +82,7 @@ def excite(x: jax.Array, gates: jax.Array) -> jax.Array:
     Returns:
       `[B, *S, C]`.
     """
+    x, gates = as_float(x), as_float(gates)
     check_spatial_input("x", x)
     check_rank("gates", gates, 2, "[B, C]")
     check_same(("x", "gates"), ((x.shape[0], x.shape[-1]), gates.shape),
@@ -98,4 +104,5 @@ def squeeze_excitation(
     Returns:
       `[B, *S, C]`, `x * squeeze_excitation_gates(x, w1, w2)`.
     """
+    x = as_float(x)
     return excite(x, squeeze_excitation_gates(x, w1, w2, precision))

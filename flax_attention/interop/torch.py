@@ -45,6 +45,21 @@ def dense_kernel(a: np.ndarray) -> np.ndarray:
     return a.T
 
 
+def _torch_layout(transform: Callable, flax_shape: tuple[int, ...]) -> str:
+    """How a variable of `flax_shape` must look in the torch state_dict, for error messages:
+    empty where the layouts agree."""
+    if transform is conv_kernel and len(flax_shape) >= 3:
+        kernel = ", ".join(f"k{i}" for i in range(len(flax_shape) - 2))
+        torch_shape = (flax_shape[-1], flax_shape[-2], *flax_shape[:-2])
+        return f" (Flax layout; the state_dict needs torch's [O, I, {kernel}] = {torch_shape})"
+    if transform is dense_kernel and len(flax_shape) == 2:
+        return f" (Flax layout; the state_dict needs torch's [O, I] = {flax_shape[::-1]})"
+    if transform is identity:
+        return ""
+    layout = (transform.__doc__ or "").split("\n")[0].strip()
+    return f" (Flax layout, after {transform.__name__}: {layout})"
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """Where one Flax variable comes from: a torch key and the layout change to apply."""
@@ -189,7 +204,10 @@ def _converter_for(module: nn.Module) -> Converter:
 def _to_numpy(value: Any) -> np.ndarray:
     """A copy, so later in-place changes of the torch tensor do not reach the Flax variables."""
     if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16: exact in float32
+            value = value.float()
+        value = value.numpy()
     return np.array(value, copy=True)
 
 
@@ -210,15 +228,31 @@ def _convert(rules: Rules, arrays: Mapping[str, np.ndarray], expected: Mapping) 
         want = tuple(expected[path].shape)
         try:
             value = rule.transform(arrays[rule.key])
-        except ValueError:  # the transform itself did not fit (e.g. a 2-D kernel for a conv)
-            value = arrays[rule.key]
-        if tuple(value.shape) != want:
-            misshaped.append(f"{rule.key}: expected {want}, got {tuple(arrays[rule.key].shape)}")
+        except (ValueError, IndexError):  # the transform did not fit (a 2-D kernel for a conv)
+            value = None
+        if value is None or tuple(value.shape) != want:
+            got = tuple(arrays[rule.key].shape)
+            misshaped.append(f"{rule.key}: expected {want}, got {got}"
+                             f"{_torch_layout(rule.transform, want)}")
         else:
             converted[path] = jnp.asarray(value, dtype=expected[path].dtype)
     if misshaped:
         raise ValueError(f"state_dict has misshaped keys (shape after layout change): {misshaped}")
     return converted
+
+
+def _example_inputs(converter: Converter, module: nn.Module,
+                    arrays: Mapping[str, np.ndarray]) -> tuple:
+    """The converter's example inputs; a ValueError naming the keys too short to read sizes
+    from (a scalar bias, a 1-D weight) instead of an IndexError."""
+    shapes = {k: a.shape for k, a in arrays.items()}
+    try:
+        return converter.example_inputs(module, shapes)
+    except IndexError:
+        short = [f"{k}: shape {s}" for k, s in shapes.items()
+                 if len(s) == 0 or (len(s) == 1 and k.endswith("weight"))]
+        raise ValueError(f"state_dict has misshaped keys (too few dimensions to read the "
+                         f"module's sizes from): {short}") from None
 
 
 def from_torch(module: nn.Module, state_dict: Mapping[str, Any]) -> dict:
@@ -235,13 +269,16 @@ def from_torch(module: nn.Module, state_dict: Mapping[str, Any]) -> dict:
 
     Raises:
       ValueError: listing every missing, unexpected and misshaped key.
-      TypeError: if the module type has no converter.
+      TypeError: if the module type has no converter, or `state_dict` is not a mapping.
     """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError("state_dict must be a mapping of parameter names to tensors (a torch "
+                        f"state_dict()), got {type(state_dict).__name__}")
     converter = _converter_for(module)
     arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
     rules = converter.rules(module)
     _check_keys(rules, arrays)
-    inputs = converter.example_inputs(module, {k: a.shape for k, a in arrays.items()})
+    inputs = _example_inputs(converter, module, arrays)
     shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)
     expected = traverse_util.flatten_dict(shapes)
     if set(expected) != set(rules):  # a converter bug, not a user error

@@ -18,6 +18,7 @@ from types import MappingProxyType
 
 import flax.linen as nn
 
+from flax_attention._checks import check_positive
 from flax_attention.models import (
     byobnet,
     detr,
@@ -87,14 +88,19 @@ def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
       The (unbound) Flax module.
 
     Raises:
-      ValueError: if `name` is not registered (the message lists the known names).
-      TypeError: if an override is not a field of the model.
+      ValueError: if `name` is not registered (the message lists the known names), or
+        `num_classes` is not a positive integer.
+      TypeError: if `name` is not a string, or an override is not a field of the model.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a model name (a str, one of list_models()), got "
+                        f"{name!r} of type {type(name).__name__}")
     if name not in _MODELS:
         close = difflib.get_close_matches(name, _MODELS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(f"unknown model name {name!r}{hint}; known names: "
                          f"{', '.join(list_models())}")
     if num_classes is not None:
+        check_positive("num_classes", num_classes)
         overrides["num_classes"] = num_classes
     return _MODELS[name](**overrides)
