@@ -45,13 +45,16 @@ def _count(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 
 
-def demo_row(row, key: jax.Array) -> tuple[jax.Array, int, float]:
+def demo_row(row, key: jax.Array, variables: dict | None = None
+             ) -> tuple[jax.Array, int, float]:
     """Builds the mechanism table `row`'s module, applies it jitted to random inputs of its demo
-    shapes, and returns the first output, the parameter count and the milliseconds of a call."""
+    shapes (with `variables`, or freshly initialised ones), and returns the first output, the
+    parameter count and the milliseconds of a call."""
     module = row.build()
     inputs = [jax.random.normal(jax.random.fold_in(key, i), s) for i, s in
               enumerate(row.demo_shapes)]
-    variables = jax.jit(functools.partial(module.init, **row.call_kwargs))(key, *inputs)
+    if variables is None:
+        variables = jax.jit(functools.partial(module.init, **row.call_kwargs))(key, *inputs)
     apply = jax.jit(functools.partial(module.apply, **row.call_kwargs))
     jax.block_until_ready(apply(variables, *inputs))  # compile
     start = time.perf_counter()

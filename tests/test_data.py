@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from flax_attention import data
+from flax_attention import data, data_files
 
 EMBEDDED = ("distorted-digits", "cluttered-digits")
 SIDES = {"distorted-digits": 42, "cluttered-digits": 60}
@@ -201,7 +201,7 @@ def _write_idx(directory, gz: bool) -> dict:
 def test_mnist_idx(tmp_path, gz):
     arrays = _write_idx(tmp_path, gz)
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        ds = data.load_mnist(tmp_path, split)
+        ds = data_files.load_mnist(tmp_path, split)
         images, labels = arrays[prefix]
         assert ds.images.shape == (len(labels), 28, 28, 1) and ds.images.dtype == np.float32
         np.testing.assert_array_equal(ds.images[..., 0], images / np.float32(255))
@@ -213,19 +213,19 @@ def test_mnist_npz(tmp_path):
     np.savez(tmp_path / "mnist.npz", x_train=x_train, y_train=y_train, x_test=x_test,
              y_test=y_test)
     for path in (tmp_path, tmp_path / "mnist.npz"):
-        ds = data.load_mnist(path, "test")
+        ds = data_files.load_mnist(path, "test")
         np.testing.assert_array_equal(ds.images[..., 0], x_test / np.float32(255))
         np.testing.assert_array_equal(ds.labels, y_test)
 
 
 def test_mnist_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=_named(tmp_path / "absent")):
-        data.load_mnist(tmp_path / "absent")
+        data_files.load_mnist(tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match=_named(tmp_path) + ".*neither"):
-        data.load_mnist(tmp_path)
+        data_files.load_mnist(tmp_path)
     (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx(_mnist(0, 2)[0]))
     with pytest.raises(FileNotFoundError, match="train-labels-idx1-ubyte"):
-        data.load_mnist(tmp_path)
+        data_files.load_mnist(tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "magic", "gzip", "count"])
@@ -239,18 +239,18 @@ def test_mnist_malformed_idx(tmp_path, damage):
                                                                   else 4]))
     named = tmp_path if damage == "count" else tmp_path / name
     with pytest.raises(ValueError, match=_named(named)):
-        data.load_mnist(tmp_path)
+        data_files.load_mnist(tmp_path)
 
 
 def test_mnist_malformed_npz(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not an archive")
     with pytest.raises(ValueError, match=_named(bad)):
-        data.load_mnist(bad)
+        data_files.load_mnist(bad)
     partial = tmp_path / "partial.npz"
     np.savez(partial, x_test=_mnist(0, 2)[0])
     with pytest.raises(ValueError, match=_named(partial) + ".*y_test"):
-        data.load_mnist(partial, "test")
+        data_files.load_mnist(partial, "test")
 
 
 def test_cluttered_and_distorted_mnist(tmp_path):
@@ -284,7 +284,7 @@ def _folder(root) -> dict:
 
 def test_image_folder(tmp_path):
     pixels = _folder(tmp_path)
-    ds = data.load_image_folder(tmp_path)
+    ds = data_files.load_image_folder(tmp_path)
     assert ds.class_names == ("cat", "dog") and ds.num_classes == 2
     np.testing.assert_array_equal(ds.labels, [0, 0, 1])
     assert ds.images.shape == (3, 6, 5, 3)  # grey images repeated into RGB
@@ -292,7 +292,7 @@ def test_image_folder(tmp_path):
     np.testing.assert_array_equal(ds.images[0], gray / np.float32(255))
     np.testing.assert_array_equal(ds.images[1, ..., 1], pixels["array"] / np.float32(255))
     np.testing.assert_array_equal(ds.images[2], pixels["rgb"] / np.float32(255))
-    grey = data.load_image_folder(tmp_path, channels=1)
+    grey = data_files.load_image_folder(tmp_path, channels=1)
     luma = np.asarray(Image.fromarray(pixels["rgb"]).convert("L")) / 255
     np.testing.assert_allclose(grey.images[2, ..., 0], luma, atol=1 / 255)
 
@@ -301,29 +301,29 @@ def test_image_folder_sizes(tmp_path):
     _folder(tmp_path)
     Image.fromarray(np.full((12, 10), 255, np.uint8)).save(tmp_path / "dog" / "d.png")
     with pytest.raises(ValueError, match="differ in size.*d.png"):
-        data.load_image_folder(tmp_path)
-    ds = data.load_image_folder(tmp_path, size=(6, 5))
+        data_files.load_image_folder(tmp_path)
+    ds = data_files.load_image_folder(tmp_path, size=(6, 5))
     assert ds.images.shape == (4, 6, 5, 3)
     np.testing.assert_allclose(ds.images[3], 1.0, atol=1e-6)  # edges repeated, not darkened
     (tmp_path / "dog" / "d.png").unlink()
-    unresized = data.load_image_folder(tmp_path).images
+    unresized = data_files.load_image_folder(tmp_path).images
     np.testing.assert_allclose(ds.images[:3], unresized, atol=1e-6)  # already (6, 5)
 
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=_named(tmp_path / "absent")):
-        data.load_image_folder(tmp_path / "absent")
+        data_files.load_image_folder(tmp_path / "absent")
     with pytest.raises(ValueError, match="no class sub-folders"):
-        data.load_image_folder(tmp_path)
+        data_files.load_image_folder(tmp_path)
     _folder(tmp_path)
     (tmp_path / "emu").mkdir()
     with pytest.raises(ValueError, match=_named(tmp_path / "emu") + ".*no images"):
-        data.load_image_folder(tmp_path)
+        data_files.load_image_folder(tmp_path)
     (tmp_path / "emu" / "e.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=_named(tmp_path / "emu" / "e.png")):
-        data.load_image_folder(tmp_path)
+        data_files.load_image_folder(tmp_path)
     with pytest.raises(ValueError, match="channels"):
-        data.load_image_folder(tmp_path, channels=2)
+        data_files.load_image_folder(tmp_path, channels=2)
 
 
 # --- batching ----------------------------------------------------------------------------------

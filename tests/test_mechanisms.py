@@ -41,9 +41,10 @@ def _imported(row: mechanisms.Mechanism) -> dict:
 
 
 @pytest.mark.parametrize("name", ROWS)
-def test_row_loads_its_torch_references_weights_applies_and_is_drawn(name):
+def test_row_loads_its_torch_references_weights_applies_is_drawn_and_demoed(name):
     """`from_torch` fills every variable of the row's module; the module applied (jitted, as
-    `visualize` applies it) gives finite outputs and sows a map that `visualize` draws."""
+    `visualize` applies it) gives finite outputs and sows a map that `visualize` draws; `demo`
+    runs it with those weights."""
     row = ROWS[name]
     module, inputs = row.build(), _inputs(row)
     variables = _imported(row)
@@ -58,11 +59,7 @@ def test_row_loads_its_torch_references_weights_applies_and_is_drawn(name):
     labels = np.arange(len(images)) % 2
     for record in records:
         assert draw(record, images, labels, ["a", "b"], ["zero", "one"]).axes
-
-
-@pytest.mark.parametrize("name", ROWS)
-def test_row_runs_in_demo(name):
-    first, count, ms = demo_row(ROWS[name], jax.random.key(0))
+    first, count, ms = demo_row(row, jax.random.key(0), variables)
     assert bool(jnp.all(jnp.isfinite(first))) and count > 0 and ms >= 0
 
 
