@@ -361,5 +361,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STOPPED
 
 
+def entry_point() -> NoReturn:
+    """The `flax-attention` command: `main`, then exit with its status. A run stopped by a
+    signal leaves with `os._exit` once its checkpoint is saved (`main` waits for that) and the
+    output is flushed: a normal interpreter shutdown with XLA's and the data prefetch threads
+    still alive can abort (SIGABRT, "terminate called after throwing...") instead of exiting
+    with the documented status."""
+    code = main()
+    if code in (EXIT_INTERRUPTED, EXIT_STOPPED):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()
