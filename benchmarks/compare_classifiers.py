@@ -16,7 +16,9 @@ import jax
 
 from flax_attention.train import TrainConfig, train
 
-MODELS = ("cnn", "stn-cnn", "se-cnn", "cca-cnn", "nl-cnn")
+from flax_attention.models.classifiers import list_classifiers
+
+MODELS = tuple(list_classifiers())
 
 
 def _run(model: str, seed: int, args: argparse.Namespace) -> dict:
@@ -51,7 +53,8 @@ def _params(model: str, dataset: str) -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=["cnn", "stn-cnn", "se-cnn", "cca-cnn",
+                                                         "nl-cnn"], choices=MODELS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)

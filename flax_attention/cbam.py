@@ -19,7 +19,6 @@ from jax import lax
 
 from flax_attention._checks import check_rank
 from flax_attention.functional.cbam import cbam
-from flax_attention.functional.eca import make_divisible
 from flax_attention.interop.torch import (
     Converter,
     Rules,
@@ -29,7 +28,7 @@ from flax_attention.interop.torch import (
     image_input,
     register,
 )
-from flax_attention.layers import ConvBN, PointwiseConv, numerics
+from flax_attention.layers import ConvBN, PointwiseConv, make_divisible, numerics
 
 __all__ = ["CbamModule", "LightCbamModule"]
 

@@ -30,7 +30,6 @@ from jax import lax
 from flax_attention import layers
 from flax_attention._checks import check_choice, check_rank
 from flax_attention.functional import coord_attention as F
-from flax_attention.functional.eca import make_divisible
 from flax_attention.interop.torch import (
     Converter,
     Rules,
@@ -40,6 +39,7 @@ from flax_attention.interop.torch import (
     image_input,
     register,
 )
+from flax_attention.layers import make_divisible
 
 __all__ = ["CoordAttention"]
 

@@ -24,6 +24,7 @@ from flax_attention.functional import eca as F
 from flax_attention.functional.effective_se import Gate
 from flax_attention.functional.squeeze_excitation import excite
 from flax_attention.interop.torch import Converter, Rules, Shapes, conv, register
+from flax_attention.layers import make_divisible
 
 __all__ = ["CecaModule", "ConvParams", "EcaModule"]
 
@@ -106,7 +107,7 @@ class EcaModule(_AdaptiveKernel, nn.Module):
         """R of the MLP mode."""
         if self.rd_channels is not None:
             return self.rd_channels
-        return F.make_divisible(channels * self.rd_ratio, self.rd_divisor)
+        return make_divisible(channels * self.rd_ratio, self.rd_divisor)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -24,7 +24,6 @@ from flax_attention import layers
 from flax_attention._checks import check_rank
 from flax_attention.eca import ConvParams
 from flax_attention.functional import gather_excite as F
-from flax_attention.functional.eca import make_divisible
 from flax_attention.functional.effective_se import Gate, gate_function, stat_dtype
 from flax_attention.interop.torch import (
     Converter,
@@ -34,6 +33,7 @@ from flax_attention.interop.torch import (
     conv,
     register,
 )
+from flax_attention.layers import make_divisible
 
 __all__ = ["GatherExcite"]
 

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention._checks import check_rank
-from flax_attention.functional.eca import make_divisible
 from flax_attention.functional.global_context import global_context
 from flax_attention.interop.torch import (
     Converter,
@@ -28,7 +27,7 @@ from flax_attention.interop.torch import (
     nested,
     register,
 )
-from flax_attention.layers import PointwiseConv, numerics
+from flax_attention.layers import PointwiseConv, make_divisible, numerics
 
 __all__ = ["GlobalContext"]
 

@@ -33,6 +33,18 @@ Activation = Callable[[jax.Array], jax.Array] | None
 AttentionFn = Callable[..., jax.Array]
 
 
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None,
+                   round_limit: float = 0.9) -> int:
+    """timm's channel rounding (`timm.layers.helpers.make_divisible`).
+
+    `max(min_value, int(v + divisor / 2) // divisor * divisor)`, plus `divisor` if that is below
+    `round_limit * v`; `min_value` defaults to `divisor`.
+    """
+    min_value = min_value or divisor
+    rounded = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < round_limit * v else rounded
+
+
 def numerics(module: nn.Module) -> dict[str, Any]:
     """The `dtype`, `param_dtype` and `precision` of `module`, to build a submodule with:
     `nn.Dense(features, **layers.numerics(self))`."""

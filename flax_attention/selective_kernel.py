@@ -24,7 +24,6 @@ from jax import lax
 from flax_attention import layers
 from flax_attention._checks import check_divisible, check_rank
 from flax_attention.functional import selective_kernel as F
-from flax_attention.functional.eca import make_divisible
 from flax_attention.interop.torch import (
     Converter,
     Rule,
@@ -35,6 +34,7 @@ from flax_attention.interop.torch import (
     nested,
     register,
 )
+from flax_attention.layers import make_divisible
 
 __all__ = ["SelectiveKernel", "SelectiveKernelAttn"]
 

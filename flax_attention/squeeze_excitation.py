@@ -17,7 +17,6 @@ from jax import lax
 from flax_attention import layers
 from flax_attention._checks import check_divisible, check_rank
 from flax_attention.eca import ConvParams
-from flax_attention.functional.eca import make_divisible
 from flax_attention.functional.squeeze_excitation import (
     check_spatial_input,
     excite,
@@ -33,6 +32,7 @@ from flax_attention.interop.torch import (
     param,
     register,
 )
+from flax_attention.layers import make_divisible
 from flax_attention.resnet_blocks import BasicBlock, Bottleneck
 
 __all__ = ["SELayer", "SEBasicBlock", "SEBottleneck", "SEModule"]

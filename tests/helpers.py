@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
+
+from flax_attention.interop.torch import from_torch
 
 
 def nhwc_to_torch(x) -> torch.Tensor:
@@ -86,3 +91,51 @@ def train_step_losses(model, variables, x, labels, tx=None) -> tuple[float, floa
     params, stats, opt_state, before = step(params, stats, tx.init(params))
     after = step(params, stats, opt_state)[3]
     return float(jnp.asarray(before)), float(jnp.asarray(after))
+
+
+def check_matches_torch(module, torch_module, x: np.ndarray, seed: int = 0, scale: float = 0.5,
+                        **call_kwargs):
+    """Loads the torch weights randomized at `scale`; compares outputs and input gradients
+    (the same cotangent through `jax.vjp` and torch autograd) of a block whose output has its
+    input's shape. Returns the "intermediates"."""
+    variables = from_torch(module, state_dict(randomize_(torch_module, seed, scale)))
+
+    @jax.jit
+    def run(x, cotangent):
+        def apply(x):
+            return module.apply(variables, x, mutable=["intermediates"], **call_kwargs)
+
+        out, vjp, state = jax.vjp(apply, x, has_aux=True)
+        return out, vjp(cotangent)[0], state
+
+    cotangent = random_nhwc(x.shape, seed + 1)
+    out, grad, state = run(jnp.asarray(x), jnp.asarray(cotangent))
+    x_torch = nhwc_to_torch(x).requires_grad_(True)
+    out_torch = torch_module(x_torch)
+    out_torch.backward(nhwc_to_torch(cotangent))
+    assert_close(out, torch_to_nhwc(out_torch))
+    assert_close(grad, torch_to_nhwc(x_torch.grad))
+    return state["intermediates"]
+
+
+def check_bfloat16_close(module, x, variables=None, rtol: float = 2e-2,
+                         sown: bool = True) -> None:
+    """Under bfloat16 the output of `module` on `x` (an array, or a shape to fill) is bfloat16,
+    finite and within `rtol` of float32's; the sown "attention" (when `sown`) stays float32."""
+    x = random_nhwc(x, seed=4) if isinstance(x, tuple) else np.asarray(x)
+    if variables is None:
+        variables = jax.jit(module.init)(jax.random.key(1), x)
+    expected = jax.jit(module.apply)(variables, x)
+    bf16 = functools.partial(module.clone(dtype=jnp.bfloat16).apply, mutable=["intermediates"])
+    out, state = jax.jit(bf16)(variables, x.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    if sown:
+        assert state["intermediates"]["attention"][0].dtype == jnp.float32
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert_close(np.asarray(out, np.float32), expected, rtol=rtol)
+
+
+def torch_gates(torch_module, x: np.ndarray) -> np.ndarray:
+    """The `[B, C]` gates of a torch reference that has a `gates` method."""
+    with torch.no_grad():
+        return torch_module.gates(nhwc_to_torch(x)).numpy()

@@ -17,6 +17,7 @@ from flax_attention.interop.torch import from_torch, rules_for
 from flax_attention.resnet_blocks import BasicBlock
 from tests.helpers import (
     assert_close,
+    check_bfloat16_close,
     nhwc_to_torch,
     random_nhwc,
     randomize_,
@@ -159,14 +160,7 @@ def test_jit_vmap_and_grad():
 @pytest.mark.parametrize("kind", MODULES)
 def test_bfloat16_is_finite_and_close(kind):
     module, variables, _ = _pair(kind, 10)
-    x = random_nhwc(SHAPE, 11)
-    expected = _run(module, variables, x)
-    out, state = _run(module.clone(dtype=jnp.bfloat16), variables, x.astype(jnp.bfloat16),
-                      mutable=["intermediates"])
-    assert out.dtype == jnp.bfloat16
-    assert state["intermediates"]["attention"][0].dtype == jnp.float32
-    assert np.isfinite(np.asarray(out, np.float32)).all()
-    assert_close(np.asarray(out, np.float32), expected, rtol=3e-2)
+    check_bfloat16_close(module, random_nhwc(SHAPE, 11), variables, rtol=3e-2)
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from flax_attention.interop.torch import from_torch
 from flax_attention.resnet_blocks import BasicBlock
 from tests.helpers import (
     assert_close,
+    check_bfloat16_close,
     nhwc_to_torch,
     random_nhwc,
     randomize_,
@@ -184,14 +185,7 @@ def test_jit_vmap_grad():
 
 def test_bfloat16_is_finite_and_close():
     module, variables, _ = _timm(seed=11, channels=16)
-    x = random_nhwc((2, 5, 6, 16), seed=12)
-    expected = module.apply(variables, x)
-    out, state = module.clone(dtype=jnp.bfloat16).apply(
-        variables, x.astype(jnp.bfloat16), mutable=["intermediates"])
-    assert out.dtype == jnp.bfloat16
-    assert state["intermediates"]["attention"][0].dtype == jnp.float32
-    assert np.isfinite(np.asarray(out, np.float32)).all()
-    assert_close(np.asarray(out, np.float32), expected, rtol=3e-2)
+    check_bfloat16_close(module, random_nhwc((2, 5, 6, 16), seed=12), variables, rtol=3e-2)
 
 
 # --- bad input ------------------------------------------------------------------------------------

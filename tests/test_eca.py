@@ -18,43 +18,13 @@ from flax_attention.interop.torch import from_torch
 from flax_attention.resnet_blocks import BasicBlock
 from tests.helpers import (
     assert_close,
-    nhwc_to_torch,
+    check_bfloat16_close,
+    check_matches_torch,
     random_nhwc,
-    randomize_,
     state_dict,
-    torch_to_nhwc,
+    torch_gates,
 )
 from tests.reference import eca as ref
-
-
-def check_matches_torch(module, torch_module, x: np.ndarray, seed: int = 0, scale: float = 0.5,
-                        **call_kwargs):
-    """Loads the torch weights randomized at `scale`; compares outputs and input gradients
-    (the same cotangent through `jax.vjp` and torch autograd). Returns the "intermediates"."""
-    variables = from_torch(module, state_dict(randomize_(torch_module, seed, scale)))
-
-    @jax.jit
-    def run(x, cotangent):
-        def apply(x):
-            return module.apply(variables, x, mutable=["intermediates"], **call_kwargs)
-
-        out, vjp, state = jax.vjp(apply, x, has_aux=True)
-        return out, vjp(cotangent)[0], state
-
-    cotangent = random_nhwc(x.shape, seed + 1)  # the output has x's shape
-    out, grad, state = run(jnp.asarray(x), jnp.asarray(cotangent))
-    x_torch = nhwc_to_torch(x).requires_grad_(True)
-    out_torch = torch_module(x_torch)
-    out_torch.backward(nhwc_to_torch(cotangent))
-    assert_close(out, torch_to_nhwc(out_torch))
-    assert_close(grad, torch_to_nhwc(x_torch.grad))
-    return state["intermediates"]
-
-
-def torch_gates(torch_module, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return torch_module.gates(nhwc_to_torch(x)).numpy()
-
 
 # --- hand-checkable values ------------------------------------------------------------------------
 
@@ -161,20 +131,6 @@ def test_jit_and_vmap_equal_eager():
     batched = jax.vmap(fn, in_axes=(0, None))(xs, kernel)
     looped = np.stack([fn(x, kernel) for x in xs])
     chex.assert_trees_all_close(batched, looped, atol=1e-6)
-
-
-def check_bfloat16_close(module, shape: tuple[int, ...]) -> None:
-    """Under bfloat16 the output is bfloat16, finite and close to float32's; the sown gates
-    stay float32."""
-    x = random_nhwc(shape, seed=4)
-    variables = jax.jit(module.init)(jax.random.key(1), x)
-    expected = jax.jit(module.apply)(variables, x)
-    bf16 = functools.partial(module.clone(dtype=jnp.bfloat16).apply, mutable=["intermediates"])
-    out, state = jax.jit(bf16)(variables, x.astype(jnp.bfloat16))
-    assert out.dtype == jnp.bfloat16
-    assert state["intermediates"]["attention"][0].dtype == jnp.float32
-    assert np.isfinite(np.asarray(out, np.float32)).all()
-    assert_close(np.asarray(out, np.float32), expected, rtol=2e-2)
 
 
 @pytest.mark.parametrize("module", [EcaModule(), CecaModule()], ids=["eca", "ceca"])

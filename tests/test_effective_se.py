@@ -14,9 +14,15 @@ from flax_attention.effective_se import EffectiveSEModule
 from flax_attention.functional import effective_se as F
 from flax_attention.interop.torch import from_torch
 from flax_attention.resnet_blocks import Bottleneck
-from tests.helpers import assert_close, random_nhwc, state_dict
+from tests.helpers import (
+    assert_close,
+    check_bfloat16_close,
+    check_matches_torch,
+    random_nhwc,
+    state_dict,
+    torch_gates,
+)
 from tests.reference import effective_se as ref
-from tests.test_eca import check_bfloat16_close, check_matches_torch, torch_gates
 
 # --- hand-checkable values ------------------------------------------------------------------------
 

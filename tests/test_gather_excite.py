@@ -16,6 +16,8 @@ from flax_attention.interop.torch import from_torch
 from flax_attention.resnet_blocks import BasicBlock
 from tests.helpers import (
     assert_close,
+    check_bfloat16_close,
+    check_matches_torch,
     nhwc_to_torch,
     random_nhwc,
     randomize_,
@@ -23,7 +25,6 @@ from tests.helpers import (
     torch_to_nhwc,
 )
 from tests.reference import gather_excite as ref
-from tests.test_eca import check_bfloat16_close, check_matches_torch
 
 # --- hand-checkable values ------------------------------------------------------------------------
 

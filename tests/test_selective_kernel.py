@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from flax_attention.functional import selective_kernel as F
-from flax_attention.functional.eca import make_divisible
 from flax_attention.interop.torch import from_torch
+from flax_attention.layers import make_divisible
 from flax_attention.resnet_blocks import BasicBlock
 from flax_attention.selective_kernel import SelectiveKernel, SelectiveKernelAttn
 from tests.helpers import (
     assert_close,
+    check_bfloat16_close,
     nhwc_to_torch,
     random_nhwc,
     randomize_,
@@ -186,14 +187,7 @@ def test_jit_vmap_grad():
 
 def test_bfloat16_is_finite_and_close():
     module, variables, _ = _pair(seed=12, in_channels=16)
-    x = random_nhwc((2, 5, 6, 16), seed=13)
-    expected = module.apply(variables, x)
-    out, state = module.clone(dtype=jnp.bfloat16).apply(
-        variables, x.astype(jnp.bfloat16), mutable=["intermediates"])
-    assert out.dtype == jnp.bfloat16
-    assert state["intermediates"]["attention"][0].dtype == jnp.float32
-    assert np.isfinite(np.asarray(out, np.float32)).all()
-    assert_close(np.asarray(out, np.float32), expected, rtol=5e-2)
+    check_bfloat16_close(module, random_nhwc((2, 5, 6, 16), seed=13), variables, rtol=5e-2)
 
 
 # --- bad input ------------------------------------------------------------------------------------

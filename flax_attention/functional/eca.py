@@ -26,20 +26,7 @@ __all__ = [
     "eca_gates",
     "eca_kernel_size",
     "eca_mlp_gates",
-    "make_divisible",
 ]
-
-
-def make_divisible(v: float, divisor: int = 8, min_value: int | None = None,
-                   round_limit: float = 0.9) -> int:
-    """timm's channel rounding (`timm.layers.helpers.make_divisible`).
-
-    `max(min_value, int(v + divisor / 2) // divisor * divisor)`, plus `divisor` if that is below
-    `round_limit * v`; `min_value` defaults to `divisor`.
-    """
-    min_value = min_value or divisor
-    rounded = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < round_limit * v else rounded
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:

@@ -22,7 +22,6 @@ from jax import lax
 
 from flax_attention import layers
 from flax_attention._checks import check_rank
-from flax_attention.functional.eca import make_divisible
 from flax_attention.global_context import GlobalContext
 from flax_attention.interop.torch import (
     Converter,
@@ -36,6 +35,7 @@ from flax_attention.interop.torch import (
     register,
     rules_for,
 )
+from flax_attention.layers import make_divisible
 from flax_attention.resnet_blocks import AttentionFactory, call_attention
 
 __all__ = ["ByobBottleneck", "ByobNet", "gcresnet50t"]
