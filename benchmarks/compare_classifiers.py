@@ -14,9 +14,8 @@ import statistics
 
 import jax
 
-from flax_attention.train import TrainConfig, train
-
 from flax_attention.models.classifiers import list_classifiers
+from flax_attention.train import TrainConfig, train
 
 MODELS = tuple(list_classifiers())
 

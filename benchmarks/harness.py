@@ -171,15 +171,74 @@ def warm_median_ms(thunk: Thunk) -> float:
     return median_ms(thunk)
 
 
+LEGEND = ("speedup: torch ms / jax ms of the same step (above 1: JAX is faster); goal: the "
+          "speedup the issue asked for (- none); MiB: peak memory growth over one call")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine_name() -> str:
+    """A file name for this machine's results: its CPU model and count, e.g. "amd-epyc-2cpu"
+    (without touching an accelerator: the workers own it)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1] for line in f if line.startswith("model name")),
+                         model)
+    except OSError:
+        pass
+    slug = "-".join("".join(c if c.isalnum() else " " for c in model.lower()).split())
+    return f"{slug}-{os.cpu_count()}cpu"
+
+
+def result_records(case: Case, jax_r: dict, torch_r: dict) -> list[dict]:
+    """The JSON records of one case: one per mode, with both sides' times, memory and the
+    speedup, or the error."""
+    error = jax_r.get("error") or torch_r.get("error")
+    if error:
+        return [{"case": case.name, "error": error}]
+    records = []
+    for mode in MODES:
+        j, t = jax_r.get(mode), torch_r.get(mode)
+        if j is not None and t is not None:
+            records.append({"case": case.name, "mode": mode, "jax_ms": j["ms"],
+                            "torch_ms": t["ms"], "speedup": t["ms"] / j["ms"], "goal": case.goal,
+                            "jax_peak_mib": j["peak_mib"], "torch_peak_mib": t["peak_mib"]})
+    return records
+
+
+def write_results(path: str, records: list[dict]) -> None:
+    """Merges `records` into the JSON file `path` (the cases run replace their old records)."""
+    old = {"records": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    ran = {r["case"] for r in records}
+    kept = [r for r in old.get("records", []) if r["case"] not in ran]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"machine": machine_name(), "python": platform.python_version(),
+                   "jax_platforms": os.environ.get("JAX_PLATFORMS", "cpu"),
+                   "date": time.strftime("%Y-%m-%d"), "records": kept + records}, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
 def main(cases: list[Case], module: str, description: str | None,
          gpu_main: Callable[[float | None], None] | None = None, argv=None,
          matches: Callable[[Case, str], bool] | None = None) -> None:
     """The command line of a benchmark module: each case's JAX and torch sides timed in their
-    own processes; `--gpu` runs `gpu_main(peak_gbs)` instead. `--only X` runs the cases whose
-    name contains X, or for which `matches(case, X)` holds; none is a usage error."""
+    own processes, a progress line a case (stderr), a short table and the full results as JSON
+    (`--json`, default `benchmarks/results/<machine>.json`); `--list` names the cases;
+    `--gpu` runs `gpu_main(peak_gbs)` instead. `--only X` runs the cases for which
+    `matches(case, X)` holds (e.g. X names their mechanism), else those whose name contains X;
+    none is a usage error."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="run the cases whose name contains this")
+    parser.add_argument("--only", default="", help="run the cases whose name contains this (or "
+                        "of a mechanism of `flax-attention list`, where the module allows)")
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--json", default=os.path.join(RESULTS, machine_name() + ".json"),
+                        help="where the full results go (default %(default)s)")
     parser.add_argument("--worker", nargs=2, metavar=("INDEX", "SIDE"), help=argparse.SUPPRESS)
     if gpu_main is not None:
         parser.add_argument("--gpu", action="store_true", help="the GPU comparison instead")
@@ -192,12 +251,22 @@ def main(cases: list[Case], module: str, description: str | None,
         gpu_main(args.peak_gbs)
         return
     chosen = [i for i, case in enumerate(cases)
-              if args.only in case.name or (matches is not None and matches(case, args.only))]
+              if args.only and matches is not None and matches(case, args.only)]
+    chosen = chosen or [i for i, case in enumerate(cases) if args.only in case.name]
     if not chosen:
         parser.error(f"--only {args.only!r} matches no benchmark case")
+    if args.list:
+        print("\n".join(cases[i].name for i in chosen))
+        return
     print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}")
-    print(HEADER)
-    for i in chosen:
+    print(f"# {LEGEND}")
+    print(HEADER, flush=True)
+    records = []
+    for n, i in enumerate(chosen, 1):
+        print(f"[{n}/{len(chosen)}] {cases[i].name} ...", file=sys.stderr, flush=True)
         jax_r, torch_r = measure(i, "jax", module), measure(i, "torch", module)
         for mode in MODES:
             print(format_row(cases[i], mode, jax_r, torch_r), flush=True)
+        records += result_records(cases[i], jax_r, torch_r)
+    write_results(args.json, records)
+    print(f"# full results: {args.json}")

@@ -11,6 +11,8 @@ from flax_attention.cbam import CbamModule, LightCbamModule
 from flax_attention.coord_attention import CoordAttention
 from flax_attention.criss_cross import CrissCrossAttention, RCCAModule
 from flax_attention.danet import ChannelAttention, DANetHead, PositionAttention
+from flax_attention.deform_conv import DeformConv2d
+from flax_attention.deformable_attention import MSDeformAttn
 from flax_attention.eca import CecaModule, EcaModule
 from flax_attention.effective_se import EffectiveSEModule
 from flax_attention.functional import (
@@ -29,6 +31,7 @@ from flax_attention.functional import (
     criss_cross_aggregate,
     criss_cross_attention,
     criss_cross_weights,
+    deform_conv2d,
     dot_product_attention,
     dot_product_attention_weights,
     excite,
@@ -38,6 +41,7 @@ from flax_attention.functional import (
     hybrid_loss,
     interpolate_bilinear,
     learned_position_embedding,
+    ms_deform_attn,
     non_local_weights,
     position_attention,
     position_attention_weights,
@@ -95,6 +99,7 @@ __all__ = [
     "criss_cross_aggregate",
     "criss_cross_attention",
     "criss_cross_weights",
+    "deform_conv2d",
     "dot_product_attention",
     "dot_product_attention_weights",
     "excite",
@@ -106,6 +111,7 @@ __all__ = [
     "generalized_box_iou_loss",
     "interpolate_bilinear",
     "learned_position_embedding",
+    "ms_deform_attn",
     "non_local_weights",
     "position_attention",
     "position_attention_weights",
@@ -115,7 +121,9 @@ __all__ = [
     "GlimpseSensor",
     "CrissCrossAttention",
     "DANetHead",
+    "DeformConv2d",
     "LocalizationNet",
+    "MSDeformAttn",
     "MultiHeadAttention",
     "NonLocal1D",
     "NonLocal2D",

@@ -4,11 +4,13 @@
                          [--out DIR] [--resume] [--batch-size B] [--lr LR] [--seed S] ...
     flax-attention train --model ram [--dataset cluttered-digits] [--steps N | --epochs N]
                          [--glimpses G] [--random-glimpses] ...
-    flax-attention eval --run DIR
+    flax-attention eval --run DIR | --weights DIR --dataset NAME
     flax-attention visualize --run DIR [--out DIR] [--num-images N] [--seed S]
     flax-attention list
     flax-attention bench [--only NAME]
     flax-attention demo
+    flax-attention convert CHECKPOINT --model NAME [--num-classes N] --out DIR
+    flax-attention export --model NAME [--weights DIR] --input-shape B,H,W,C --out FILE
 
 A bare `flax-attention train` is the main job: an STN-CNN on the embedded distorted digits,
 a few minutes on a 2-core CPU, ending with its test accuracy. SIGINT/SIGTERM save a checkpoint
@@ -89,13 +91,14 @@ def _model_names() -> list[str]:
 def list_all(args: argparse.Namespace) -> int:
     from flax_attention import mechanisms
     from flax_attention.data import list_datasets
-    from flax_attention.models import registry
-    from flax_attention.models.classifiers import list_classifiers
+    from flax_attention.train.supervised import list_trainable
 
+    trainable, others = list_trainable()
     sections = {
         "mechanisms": mechanisms.names(),
-        "models (train --model)": [*list_classifiers(), RAM],
-        "registry models (train --model takes the classifiers)": registry.list_models(),
+        "models that train takes (train --model; the registry's classifiers need images "
+        "that fit them)": [*trainable, RAM],
+        "other networks (models.create, from_torch; not trained by train)": others,
         "data sets (train --dataset; the *mnist ones need --data-dir)": list(list_datasets()),
     }
     for title, names in sections.items():
@@ -192,28 +195,45 @@ def _scores(m: dict) -> str:
 
 def train(args: argparse.Namespace) -> int:
     from flax_attention.train.loop import trainer_class
-    from flax_attention.train.run_dir import prepare_run_dir
+    from flax_attention.train.parallel import describe_devices
+    from flax_attention.train.run_dir import pick_run_dir, prepare_run_dir
 
     kind = _trainer_kind(args)
     config = _ram_config(args) if kind == "reinforce" else _train_config(args)
     if kind == "supervised" and config.model not in _model_names():
         raise ValueError(f"unknown model {config.model!r}; known: {', '.join(_model_names())}")
+    resume, action = args.resume, None
+    if not resume and "out" not in vars(args):  # the default out dir: resume or a new one
+        config, resume, action = pick_run_dir(config)
     trainer = trainer_class(kind)(config)  # refuses a bad config or model: nothing written
     prepare_run_dir(config.out)
-    print(f"training {_title(config)} on {config.dataset} for {config.length()} -> "
-          f"{config.out}", flush=True)
-    result = trainer.fit(args.resume, step_delay=args.step_delay)
+    say = print if jax.process_index() == 0 else _silent  # one log for a multi-host run
+    if action:
+        say(action, flush=True)
+    say(f"training {_title(config)} on {config.dataset} for {config.length()} -> "
+        f"{config.out}\n{describe_devices(trainer.mesh)}", flush=True)
+    result = trainer.fit(resume, step_delay=args.step_delay)
     m = result.metrics
-    print(f"{result.status} at step {m['step']} ({m['wall_s']:.0f} s){_scores(m)}", flush=True)
+    say(f"{result.status} at step {m['step']} ({m['wall_s']:.0f} s){_scores(m)}", flush=True)
     if result.status == "interrupted":
-        print(f"resume with: flax-attention train --out {config.out} --resume", file=sys.stderr)
+        say(f"resume with: flax-attention train --out {config.out} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 
 
+def _silent(*args, **kwargs) -> None:
+    """`print` on the processes other than 0."""
+
+
 def evaluate(args: argparse.Namespace) -> int:
+    from flax_attention.convert import evaluate_weights, is_weights_directory
     from flax_attention.train.loop import evaluate_run
 
+    if is_weights_directory(args.run):
+        m = evaluate_weights(args.run, args.dataset, args.data_dir)
+        print(f"{args.run}: {args.dataset} test accuracy {100 * m['test_accuracy']:.2f}%, "
+              f"test loss {m['test_loss']:.4f}")
+        return 0
     m = evaluate_run(args.run, data_dir=args.data_dir)
     if m["trainer"] == "reinforce":
         print(f"{args.run}: step {m['step']}: test accuracy {m['test_accuracy']:.2%} "
@@ -248,6 +268,22 @@ def bench(args: argparse.Namespace) -> int:
                          "bench` in a source checkout (the folder holding benchmarks/)")
     command = [sys.executable, "-m", "benchmarks.run", *args.args]
     return subprocess.run(command, cwd=root, check=False).returncode
+
+
+def export(args: argparse.Namespace) -> int:
+    from flax_attention.export import export_to_file, parse_shape
+
+    result = export_to_file(args.model, parse_shape(args.input_shape), args.out, args.weights,
+                            args.dtype, args.num_classes, args.seed)
+    batch = "any" if result.polymorphic else result.note
+    print(f"{args.out}: {args.model} on {args.input_shape} {args.dtype}, batch: {batch}")
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from flax_attention.convert import command
+
+    return command(args)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -286,27 +322,45 @@ positive_int, natural, positive_float = (_number(int, 1, False), _number(int, 0,
 
 def _add_train(sub) -> None:
     from flax_attention.data import list_datasets
+    from flax_attention.train.reinforce import RamConfig
+    from flax_attention.train.supervised import DTYPES, OPTIMIZERS, TrainConfig
 
+    c, r = TrainConfig, RamConfig
     p = sub.add_parser("train", help="train a classifier (default: the STN-CNN main job) "
-                       "or RAM (--model ram)",
-                       argument_default=argparse.SUPPRESS)
-    p.add_argument("--model", help="a name of `flax-attention list` (default stn-cnn)")
-    p.add_argument("--dataset", choices=list_datasets(), help="default distorted-digits")
-    p.add_argument("--epochs", type=positive_int)
+                       "or RAM (--model ram)", argument_default=argparse.SUPPRESS,
+                       description="Train a classifier (default: the STN-CNN main job) or RAM "
+                       "(--model ram). Options left out take the defaults shown (with "
+                       "--resume: the run's saved values). Without --out, a run of the same "
+                       "config in the default directory is resumed, else a new one is made.")
+    p.add_argument("--model", help=f"a name of `flax-attention list` (default {c.model})")
+    p.add_argument("--dataset", choices=list_datasets(),
+                   help=f"default {c.dataset}; {r.dataset} for ram")
+    p.add_argument("--epochs", type=positive_int,
+                   help=f"passes over the training set (default {c.epochs}; ram: --steps)")
     p.add_argument("--out", type=directory, help="run directory (default runs/<model>-<dataset>)")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue from the run's last checkpoint")
-    p.add_argument("--batch-size", dest="batch_size", type=positive_int)
-    p.add_argument("--lr", type=positive_float)
-    p.add_argument("--seed", type=natural)
-    p.add_argument("--optimizer", choices=("adam", "sgd"))
-    p.add_argument("--dtype", choices=("float32", "bfloat16"))
+    p.add_argument("--batch-size", dest="batch_size", type=positive_int,
+                   help=f"global batch, a multiple of the device count (default {c.batch_size})")
+    p.add_argument("--lr", type=positive_float,
+                   help=f"peak learning rate (default {c.lr}; ram {r.lr})")
+    p.add_argument("--seed", type=natural,
+                   help=f"initialisation, data order and dropout (default {c.seed})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help=f"AdamW or Nesterov SGD, warmup and cosine decay (default {c.optimizer})")
+    p.add_argument("--dtype", choices=tuple(DTYPES),
+                   help=f"computation dtype; parameters stay float32 (default {c.dtype})")
+    p.add_argument("--skip-nonfinite", dest="skip_nonfinite", action="store_true",
+                   help="skip steps whose loss or gradient is NaN/Inf (default: such a step "
+                   "stops the run, the last checkpoint finite)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=positive_int,
                    help="steps between checkpoints")
+    p.add_argument("--init-from", dest="init_from", type=directory,
+                   help="fine-tune: start from a weights directory (`convert --out`)")
     p.add_argument("--data-dir", dest="data_dir", help="where MNIST lies (*mnist data sets)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--steps", type=positive_int,
-                   help="optimiser steps, instead of --epochs (the default of --model ram)")
+                   help=f"optimiser steps, instead of --epochs (ram: default {r.steps})")
     p.add_argument("--glimpses", type=positive_int, help="glimpses per image (--model ram)")
     p.add_argument("--random-glimpses", dest="random_glimpses", action="store_true",
                    help="glimpse at random places instead of the learned policy (--model ram)")
@@ -328,8 +382,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the mechanisms, models and data sets").set_defaults(
         func=list_all)
     _add_train(sub)
-    p = sub.add_parser("eval", help="test accuracy of a run's last checkpoint")
-    p.add_argument("--run", required=True, help="the run directory (train --out)")
+    p = sub.add_parser("eval", help="test accuracy of a run's last checkpoint or of weights")
+    p.add_argument("--run", "--weights", dest="run", required=True,
+                   help="a run directory (train --out) or a weights directory (convert --out, "
+                   "with --dataset)")
+    p.add_argument("--dataset", default=None, help="the data set of a weights directory")
     p.add_argument("--data-dir", dest="data_dir", default=None)
     p.set_defaults(func=evaluate)
     p = sub.add_parser("visualize", help="PNGs of what a run's last checkpoint attends to")
@@ -342,6 +399,27 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=visualize)
     p = sub.add_parser("bench", help="python -m benchmarks.run (in a source checkout)")
     p.set_defaults(func=bench, args=[])  # the unknown options, e.g. --only SELayer
+    p = sub.add_parser("convert", help="a reference repository's checkpoint -> weights for "
+                       "models.create(name, weights=DIR), eval --weights, train --init-from")
+    p.add_argument("checkpoint", help=".pth, .pth.tar, .pt, .pkl (torch) or .safetensors")
+    p.add_argument("--model", required=True, help="a model of `flax-attention list`")
+    p.add_argument("--num-classes", dest="num_classes", type=positive_int, default=None,
+                   help="re-initialise the classifier head for N classes (default: the "
+                   "checkpoint's)")
+    p.add_argument("--seed", type=natural, default=0, help="of a re-initialised head")
+    p.add_argument("--out", type=directory, required=True, help="the weights directory made")
+    p.set_defaults(func=convert)
+    p = sub.add_parser("export", help="the model's inference as a jax.export (StableHLO) file")
+    p.add_argument("--model", required=True, help="a model of `flax-attention list`")
+    p.add_argument("--weights", type=directory, default=None,
+                   help="a weights directory (convert --out) or a run directory (train "
+                   "--out); default: freshly initialised weights")
+    p.add_argument("--input-shape", dest="input_shape", required=True, metavar="B,H,W,C")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--num-classes", dest="num_classes", type=positive_int, default=None)
+    p.add_argument("--seed", type=natural, default=0, help="of the fresh weights")
+    p.add_argument("--out", type=directory, required=True, help="the file written")
+    p.set_defaults(func=export)
     return parser
 
 

@@ -19,6 +19,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax_attention._checks import (
     check_divisible,
@@ -149,7 +150,8 @@ class RCCAModule(nn.Module):
 
 
 # --- PyTorch weights (`interop.torch.from_torch`) ----------------------------------------
-# `CrissCrossAttention`: `query_conv`, `key_conv`, `value_conv` (1x1 convs with bias), `gamma`.
+# `CrissCrossAttention`: `query_conv`, `key_conv`, `value_conv` (1x1 convs with bias), `gamma`
+# (CCNet's, shape (1,)) or `gamma.scale` (mmcv/mmseg's `Scale`, 0-d).
 # `RCCAModule`: `conva.0` (conv) / `conva.1` (InPlaceABN: BatchNorm keys), `cca.*`, `convb.0/1`,
 # `bottleneck.0` (conv), `bottleneck.1` (BatchNorm), `bottleneck.3` (classifier conv, with bias,
 # only when `num_classes` is set).
@@ -158,8 +160,13 @@ def _nhwc(channels: int) -> tuple[jnp.ndarray]:
     return (jnp.zeros((1, 1, 1, channels), jnp.float32),)
 
 
+def _gamma_vector(a: np.ndarray) -> np.ndarray:
+    """mmcv's 0-d `gamma.scale` -> shape (1,); CCNet's `gamma` as it is."""
+    return a.reshape(1) if a.ndim == 0 else a
+
+
 def _cca_rules(module: CrissCrossAttention) -> Rules:
-    rules = param(("gamma",), "gamma")
+    rules = param(("gamma",), "gamma", _gamma_vector, aliases=("gamma.scale",))
     for name in ("query_conv", "key_conv", "value_conv"):
         rules |= conv((name,), name)
     return rules

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from flax_attention._checks import check_positive
+
 Activation = Callable[[jax.Array], jax.Array] | None
 # `attention_fn(q, k, v, *, precision, implementation) -> out`; see the module docstring.
 AttentionFn = Callable[..., jax.Array]
@@ -108,6 +110,8 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H', W', features]`."""
+        for name in ("features", "kernel_size", "strides", "dilation"):
+            check_positive(name, getattr(self, name))
         pad = self.dilation * (self.kernel_size - 1) // 2
         x = nn.Conv(
             self.features,
@@ -144,6 +148,8 @@ class PointwiseConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, *S, C]` -> `[B, *ceil(S / strides), features]`."""
+        check_positive("features", self.features)
+        check_positive("strides", self.strides)
         if self.strides != 1:
             x = x[(slice(None), *(slice(None, None, self.strides),) * self.spatial_dims)]
         shape = (*(1,) * self.spatial_dims, x.shape[-1], self.features)

@@ -28,8 +28,11 @@ from flax_attention.cbam import CbamModule, LightCbamModule
 from flax_attention.coord_attention import CoordAttention
 from flax_attention.criss_cross import CrissCrossAttention, RCCAModule
 from flax_attention.danet import ChannelAttention, DANetHead, PositionAttention
+from flax_attention.deform_conv import DeformConv2d
+from flax_attention.deformable_attention import MSDeformAttn
 from flax_attention.eca import CecaModule, EcaModule
 from flax_attention.effective_se import EffectiveSEModule
+from flax_attention.functional.deformable_attention import SpatialShapes
 from flax_attention.gather_excite import GatherExcite
 from flax_attention.global_context import GlobalContext
 from flax_attention.multi_head_attention import MultiHeadAttention
@@ -49,6 +52,7 @@ PICTURES = (
     "criss_cross",  # criss-cross weights [B, H, W, H+W-1]
     "dense",        # full query-key maps [B, H*W, L]
     "matrix",       # a weight matrix [B, ..., T, S] (channels x channels, heads' tokens)
+    "points",       # sampling points [B, Q, N, 2], normalised (x, y) in [0, 1] of the image
 )
 
 
@@ -194,6 +198,21 @@ MECHANISMS: tuple[Mechanism, ...] = _resolve((
               ("coord_attention.CoordAttn", {"channels": _C}), "Hou et al. 2021",
               "spatial", classifier="block", takes_train=True,
               benchmarks=("benchmarks.coord_attention",)),
+    # Deformable DETR: 10 queries over two levels of 8 x 8 and 4 x 4 pixels (S = 80).
+    Mechanism("MSDeformAttn", "msda", _p(MSDeformAttn, d_model=_C, n_levels=2, n_points=3),
+              ((2, 10, _C), (2, 10, 2, 2), (2, 80, _C)),
+              ("deformable_attention.MSDeformAttn", {"d_model": _C, "n_levels": 2,
+                                                     "n_points": 3}),
+              "Zhu et al. 2021", "points",
+              call_kwargs={"spatial_shapes": SpatialShapes(((8, 8), (4, 4)))},
+              benchmarks=("benchmarks.deformable_attention",),
+              kernels=("deformable_attention",)),
+    # DCNv2 (mmcv's ModulatedDeformConv2dPack): a 3x3 deformable convolution C -> C.
+    Mechanism("DeformConv2d", "deform", _p(DeformConv2d, features=_C, padding=1, modulated=True),
+              _IMAGE, ("deform_conv.ModulatedDeformConv2dPack",
+                       {"in_channels": _C, "out_channels": _C, "kernel_size": 3, "padding": 1}),
+              "Dai et al. 2017; Zhu et al. 2019", "points", classifier="block",
+              benchmarks=("benchmarks.deform_conv",)),
 ))
 _BY_NAME = {**{m.name: m for m in MECHANISMS}, **{m.short: m for m in MECHANISMS}}
 

@@ -144,10 +144,14 @@ class ResidualAttentionModule(nn.Module):
             m = self._units(m, self.r, f"up_{level}", train)
         if self.levels:
             m = interpolate_bilinear(m, x.shape[1:3], self.precision)
+        return self._mask_head(m, train)
+
+    def _mask_head(self, m: jax.Array, train: bool) -> jax.Array:
+        """BN-ReLU-1x1conv-BN-ReLU-1x1conv-sigmoid: `[B, H, W, C]` -> `[B, H, W, C]`."""
         bn = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
         pointwise = functools.partial(PointwiseConv, use_bias=False, **numerics(self))
-        m = pointwise(x.shape[-1], name="mask_conv1")(nn.relu(bn(name="mask_bn1")(m)))
-        m = pointwise(x.shape[-1], name="mask_conv2")(nn.relu(bn(name="mask_bn2")(m)))
+        m = pointwise(m.shape[-1], name="mask_conv1")(nn.relu(bn(name="mask_bn1")(m)))
+        m = pointwise(m.shape[-1], name="mask_conv2")(nn.relu(bn(name="mask_bn2")(m)))
         return jax.nn.sigmoid(m.astype(jnp.float32)).astype(m.dtype)
 
     @nn.compact

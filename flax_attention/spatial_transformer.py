@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_choice, check_nonempty, check_rank
+from flax_attention._checks import check_choice, check_nonempty, check_positive, check_rank
 from flax_attention.functional import spatial as F
 from flax_attention.interop.torch import Converter, Rules, Shapes, conv, dense, register
 
@@ -120,6 +120,8 @@ class LocalizationNet(nn.Module):
         if len(self.features) != len(self.kernel_sizes):
             raise ValueError(f"features {self.features} and kernel_sizes {self.kernel_sizes} "
                              "must have the same length")
+        for i, features in enumerate(self.features):
+            check_positive(f"features[{i}]", features)
         size = min(x.shape[1:3])
         for kernel in self.kernel_sizes:
             size = (size - kernel + 1) // 2

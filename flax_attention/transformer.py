@@ -22,6 +22,7 @@ from flax_attention import layers
 from flax_attention._checks import (
     check_choice,
     check_divisible,
+    check_nonempty,
     check_positive,
     check_probability,
     check_rank,
@@ -298,6 +299,7 @@ class Transformer(nn.Module):
         check_probability("dropout", self.dropout)
         check_same_shape("pos_embed", pos_embed, "src", src)
         check_rank("query_embed", query_embed, 2, "[Q, C]")
+        check_nonempty("query_embed", query_embed, "[Q, C]")
         check_same(("query_embed", "src"), (query_embed.shape[-1], src.shape[-1]), "channels",
                    (query_embed.shape, src.shape))
         if mask is not None and (mask.shape != src.shape[:3] or mask.dtype != jnp.bool_):

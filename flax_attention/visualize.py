@@ -19,7 +19,9 @@ of its input) and sows the `SpatialTransformer`'s output as its "attention". The
   input image, upsampled from the feature grid to the image size (the grid is taken to cover
   the image; the pixels the convolutions' flooring drops are ignored);
 - "spatial": `spatial_figure`, one map per image over it; "matrix": `matrix_figure`, the
-  weight matrix of each example.
+  weight matrix of each example;
+- "points": `points_figure`, the sampling points of a few queries (deformable attention) over
+  each image, one colour a query.
 
 RAM runs (their `config.json` has `num_glimpses`) are drawn by
 `flax_attention.train.reinforce.visualize_run` (the glimpse path of each step).
@@ -45,7 +47,8 @@ from flax_attention.mechanisms import MECHANISMS, Mechanism
 from flax_attention.non_local import NonLocal2D
 
 __all__ = ["Record", "attention_figure", "choose_queries", "criss_cross_maps", "dense_maps",
-           "draw", "gates_figure", "matrix_figure", "read_attention", "spatial_figure",
+           "draw", "gates_figure", "matrix_figure", "points_figure", "read_attention",
+           "spatial_figure",
            "stn_figure", "upsample", "visualize_run"]
 
 DPI = 100
@@ -67,7 +70,8 @@ class Record:
       value: what the module sowed as "attention", by its row's picture: "stn": the
         transformed images `[B, h, w, C]`; "gates": `[B, C]` (or `[B, P, C]`); "spatial":
         `[B, H, W]` (or `[B, H, W, C]`); "criss_cross": `[B, H, W, H+W-1]`; "dense":
-        `[B, H*W, L]`; "matrix": `[B, ..., T, S]`.
+        `[B, H*W, L]`; "matrix": `[B, ..., T, S]`; "points": `[B, Q, N, 2]` normalised (x, y)
+        in [0, 1].
       query_hw: (H, W) of the module's input (the query grid).
       key_hw: the grid of the L keys: (H // 2, W // 2) for a sub-sampled non-local block,
         (H, W) otherwise.
@@ -238,10 +242,18 @@ def gates_figure(gates: np.ndarray, labels: np.ndarray, class_names: Sequence[st
     return fig
 
 
+def _colour_bar(fig: Figure, shown, axes, label: str) -> None:
+    """One colour bar beside `axes` for the image `shown` (whose range they all share)."""
+    bar = fig.colorbar(shown, ax=axes, shrink=0.8, pad=0.02)
+    bar.set_label(label, fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+
+
 def attention_figure(images: np.ndarray, maps: np.ndarray, points: np.ndarray,
                      titles: Sequence[str] | None = None,
                      columns: Sequence[str] = QUERY_NAMES) -> Figure:
-    """Attention maps over images: one row per image, one column per query.
+    """Attention maps over images: one row per image, one column per query, a colour bar per
+    row (the maps of a row share its range, from 0).
 
     Args:
       images: `[B, H, W, C]` in [0, 1].
@@ -257,10 +269,11 @@ def attention_figure(images: np.ndarray, maps: np.ndarray, points: np.ndarray,
         for j in range(q):
             ax = axes[i, j]
             _show(ax, np.clip(images[i], 0, 1))
-            ax.imshow(maps[i, j], cmap="inferno", alpha=0.6, vmin=0, vmax=maps[i, j].max())
+            shown = ax.imshow(maps[i, j], cmap="inferno", alpha=0.6, vmin=0, vmax=maps[i].max())
             ax.plot(*points[i, j], "x", color="cyan", markersize=7, markeredgewidth=2)
             if i == 0:
                 ax.set_title(columns[j], fontsize=8)
+        _colour_bar(fig, shown, axes[i], "weight")
         if titles is not None:
             axes[i, 0].set_ylabel(titles[i], fontsize=7)
     return fig
@@ -270,32 +283,59 @@ def spatial_figure(images: np.ndarray, maps: np.ndarray,
                    titles: Sequence[str] | None = None) -> Figure:
     """Spatial attention `[B, h, w]` (CBAM's spatial gate, GC's context weights, a residual
     attention mask averaged over channels) over the images `[B, H, W, C]` in [0, 1], one
-    column each, the maps upsampled to the image size."""
+    column each, the maps upsampled to the image size, one colour bar for their shared range."""
     b = len(images)
     maps = np.asarray(upsample(jnp.asarray(maps, jnp.float32)[:, None], images.shape[1:3]))[:, 0]
     fig = Figure(figsize=(PANEL * b, PANEL + 0.4), dpi=DPI, layout="compressed")
     axes = fig.subplots(1, b, squeeze=False)[0]
     for i, ax in enumerate(axes):
         _show(ax, np.clip(images[i], 0, 1))
-        ax.imshow(maps[i], cmap="inferno", alpha=0.6, vmin=maps[i].min(), vmax=maps[i].max())
+        shown = ax.imshow(maps[i], cmap="inferno", alpha=0.6, vmin=maps.min(), vmax=maps.max())
         if titles is not None:
             ax.set_title(titles[i], fontsize=7)
+    _colour_bar(fig, shown, axes, "attention")
     return fig
 
 
 def matrix_figure(weights: np.ndarray, titles: Sequence[str] | None = None) -> Figure:
     """Attention matrices `[B, ..., T, S]` (DANet's channel x channel map, multi-head token
-    weights averaged over the heads): one heat map per example, queries down, keys across."""
+    weights averaged over the heads): one heat map per example, queries down, keys across, one
+    colour bar for their shared range."""
     weights = weights.reshape(len(weights), -1, *weights.shape[-2:]).mean(1)
     b = len(weights)
     fig = Figure(figsize=(PANEL * b, PANEL + 0.4), dpi=DPI, layout="compressed")
     axes = fig.subplots(1, b, squeeze=False)[0]
     for i, ax in enumerate(axes):
-        ax.imshow(weights[i], cmap="viridis", aspect="auto", interpolation="nearest")
+        shown = ax.imshow(weights[i], cmap="viridis", aspect="auto", interpolation="nearest",
+                          vmin=weights.min(), vmax=weights.max())
         ax.set_xlabel("key", fontsize=7)
         ax.set_ylabel("query", fontsize=7)
         if titles is not None:
             ax.set_title(titles[i], fontsize=7)
+    _colour_bar(fig, shown, axes, "weight")
+    return fig
+
+
+def points_figure(images: np.ndarray, points: np.ndarray, titles: Sequence[str] | None = None,
+                  queries: int = 3) -> Figure:
+    """Sampling points over the images `[B, H, W, C]` in [0, 1], one panel each: the N points
+    `[B, Q, N, 2]` (normalised (x, y) in [0, 1], as `grid_sample` without aligned corners) of
+    `queries` queries spread over the Q (first, ..., last), one colour a query."""
+    b, q = points.shape[:2]
+    chosen = np.unique(np.linspace(0, q - 1, min(queries, q)).round().astype(int))
+    size = np.asarray(images.shape[2:0:-1], np.float32)  # (W, H)
+    fig = Figure(figsize=(PANEL * b, PANEL + 0.4), dpi=DPI, layout="compressed")
+    axes = fig.subplots(1, b, squeeze=False)[0]
+    for i, ax in enumerate(axes):
+        _show(ax, np.clip(images[i], 0, 1))
+        for colour, j in enumerate(chosen):
+            x, y = (points[i, j] * size - 0.5).T
+            ax.scatter(x, y, s=8, color=f"C{colour}", label=f"query {j}")
+        ax.set_xlim(-0.5, size[0] - 0.5)
+        ax.set_ylim(size[1] - 0.5, -0.5)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    axes[0].legend(fontsize=6, loc="upper right")
     return fig
 
 
@@ -316,6 +356,8 @@ def draw(record: Record, images: np.ndarray, labels: np.ndarray, titles: Sequenc
         return spatial_figure(images[:n], value[:n], titles)
     if picture == "matrix":
         return matrix_figure(record.value[:n], titles)
+    if picture == "points":
+        return points_figure(images[:n], record.value[:n], titles)
     queries = choose_queries(jnp.asarray(images[:n]), record.query_hw)
     weights = jnp.asarray(record.value[:n])
     maps = (criss_cross_maps(weights, queries) if picture == "criss_cross"

@@ -7,6 +7,8 @@ and a plain `<op>_reference` (the XLA math the kernel must equal):
     criss_cross.py  BlockSizes, criss_cross_attention, criss_cross_reference
     bilinear.py     BlockSizes, bilinear_gather (gather, corner_dots, scatter),
                     bilinear_gather_reference
+    deformable_attention.py  BlockSizes, deformable_gather (forward; the backward runs
+                    bilinear's scatter and corner_dots), deformable_gather_reference
     flash.py        BlockSizes, flash_attention (flash_attention_forward,
                     flash_attention_backward), flash_attention_reference
 

@@ -178,6 +178,10 @@ def test_bad_input_raises():
         F.cbam(x, jnp.tanh, lambda p: p[..., 0])
     with pytest.raises(ValueError, match=r"x and gates must agree in batch and spatial"):
         jax.eval_shape(CbamModule(spatial_kernel_size=4).init, jax.random.key(0), x)  # H - 1
+    with pytest.raises(ValueError, match=r"x must not be empty.*\(2, 0, 9, 32\)"):
+        F.cbam_channel_gates(x[:, :0], jnp.tanh)  # no position to pool
+    with pytest.raises(ValueError, match=r"x must not be empty.*\(2, 8, 9, 0\)"):
+        F.cbam_spatial_pool(x[..., :0])  # no channel to pool
 
 
 def test_from_torch_rejects_bad_state_dicts():

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from flax_attention import cli
 from flax_attention.data import list_datasets
 from flax_attention.models.classifiers import list_classifiers
 from flax_attention.train import Checkpoints, TrainConfig, Trainer, TrainResult, write_json
-from flax_attention.train.run_dir import read_run_config
+from flax_attention.train.run_dir import pick_run_dir, read_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,13 +68,30 @@ def test_a_real_process_prints_no_traceback():
     assert done.stderr.count("\n") == 1 and done.stdout == ""
 
 
-def test_list_prints_mechanisms_models_and_data_sets(capsys):
+def _list_sections(capsys) -> dict[str, list[str]]:
+    """`flax-attention list`: the names under each section's title."""
     assert cli.main(["list"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    names = {line.strip() for line in out if line.startswith("  ")}
-    assert {"SELayer", "CrissCrossAttention", "resnet18"} <= names
-    assert set(list_classifiers()) <= names and set(list_datasets()) <= names
-    assert out[0] == "mechanisms:"
+    sections: dict[str, list[str]] = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  "):
+            sections[next(reversed(sections))].append(line.strip())
+        else:
+            sections[line] = []
+    return sections
+
+
+def test_list_separates_what_train_takes_from_the_other_networks(capsys):
+    sections = _list_sections(capsys)
+    titles = list(sections)
+    assert titles[0] == "mechanisms:" and {"SELayer", "CrissCrossAttention"} <= {
+        *sections[titles[0]]}
+    assert titles[1].startswith("models that train takes")
+    assert {*list_classifiers(), "ram", "resnet18"} <= {*sections[titles[1]]}
+    assert titles[2].startswith("other networks")
+    assert {"detr_resnet50", "danet_resnet50", "ccnet_resnet50", "ram_6_8x8_1"} <= {
+        *sections[titles[2]]}
+    assert not {*sections[titles[1]]} & {*sections[titles[2]]}
+    assert sections[titles[3]] == list(list_datasets())
 
 
 def test_bench_without_the_benchmarks_folder(capsys, monkeypatch):
@@ -90,6 +109,62 @@ def test_bench_passes_its_options_on(monkeypatch):
     assert calls == [([sys.executable, "-m", "benchmarks.run", "--only", "SELayer"], ROOT)]
 
 
+def _tiny_cases():
+    from benchmarks.harness import Case
+
+    def steps():
+        return {"fwd": lambda: sum(range(100)), "fwd+bwd": lambda: sum(range(200))}
+
+    return [Case("tiny sum 100", steps, steps, goal=2.0), Case("other", steps, steps)]
+
+
+def test_bench_progress_table_list_and_json(capsys, tmp_path, monkeypatch):
+    """The harness on tiny cases, the workers run in this process: --list names the cases;
+    a run prints a progress line a case on stderr, the legend and one row a mode, and writes
+    every record as JSON (merged with the file's other cases)."""
+    from benchmarks import harness
+
+    cases = _tiny_cases()
+    monkeypatch.setattr(harness, "measure",
+                        lambda i, side, module: harness.run_worker(cases[i], side))
+    harness.main(cases, "m", None, argv=["--list"])
+    assert capsys.readouterr().out == "tiny sum 100\nother\n"
+    path = tmp_path / "results" / "machine.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"records": [{"case": "old", "mode": "fwd"},
+                                            {"case": "tiny sum 100", "mode": "stale"}]}))
+    harness.main(cases, "m", None, argv=["--only", "tiny", "--json", str(path)])
+    captured = capsys.readouterr()
+    assert captured.err == "[1/1] tiny sum 100 ...\n"
+    lines = captured.out.splitlines()
+    assert lines[1].startswith("# speedup: torch ms / jax ms") and "goal" in lines[1]
+    assert lines[2].split()[:3] == ["case", "mode", "jax"]
+    assert [line.split()[3] for line in lines[3:5]] == ["fwd", "fwd+bwd"]
+    assert lines[5] == f"# full results: {path}"
+    saved = json.loads(path.read_text())
+    assert saved["machine"] == harness.machine_name()
+    records = saved["records"]
+    assert [(r["case"], r.get("mode")) for r in records] == [
+        ("old", "fwd"), ("tiny sum 100", "fwd"), ("tiny sum 100", "fwd+bwd")]
+    assert records[1]["goal"] == 2.0
+    assert records[1]["speedup"] == records[1]["torch_ms"] / records[1]["jax_ms"]
+    with pytest.raises(SystemExit):
+        harness.main(cases, "m", None, argv=["--only", "NoSuch"])
+    assert "--only 'NoSuch' matches no benchmark case" in capsys.readouterr().err
+
+
+def test_bench_only_takes_the_names_list_prints(capsys):
+    """`--only` with a mechanism's name or short name of `flax-attention list` picks that
+    mechanism's cases, not every case whose name contains the text."""
+    from benchmarks import run
+
+    run.main(["--list", "--only", "SELayer"])
+    by_name = capsys.readouterr().out.split("\n")
+    run.main(["--list", "--only", "se"])
+    assert capsys.readouterr().out.split("\n") == by_name
+    assert "se_layer 32x56x56x256" in by_name and not any("criss" in n for n in by_name)
+
+
 def _namespace(**given) -> argparse.Namespace:
     return argparse.Namespace(resume=given.pop("resume", False), step_delay=0.0, **given)
 
@@ -105,6 +180,27 @@ def test_resume_takes_the_options_left_out_from_the_run(tmp_path):
     assert fresh == TrainConfig(model="cnn", out=os.path.join("runs", "cnn-distorted-digits"))
 
 
+def test_the_main_command_twice_resumes_or_starts_a_new_run_dir(capsys, tmp_path, monkeypatch):
+    """Without --out, a second run of the same command resumes the finished run (and reports
+    its result); another config goes to a new numbered directory."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--model", "cnn", "--epochs", "1", "--limit", "16", "--batch-size", "8",
+            "--no-progress"]
+    out = os.path.join("runs", "cnn-distorted-digits")
+    assert cli.main(argv) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert first[0] == f"starting a new run in {out}"
+    assert cli.main(argv) == 0
+    second = capsys.readouterr().out.splitlines()
+    assert second[0] == f"{out} holds a run of this config: resuming it (--out DIR to start anew)"
+    assert second[-1].split(" (")[0] == first[-1].split(" (")[0] == "completed at step 2"
+    assert second[-1].split(": ")[1] == first[-1].split(": ")[1]  # the same test metrics
+    other = TrainConfig(model="cnn", epochs=1, limit=16, batch_size=8, seed=1, out=out)
+    config, resume, action = pick_run_dir(other)
+    assert (config.out, resume) == (f"{out}-2", False)
+    assert action == f"starting a new run in {out}-2 ({out} holds another one)"
+
+
 def test_eval_of_a_checkpoint_that_does_not_fit_is_one_line(capsys, tmp_path):
     config = TrainConfig(model="cnn", limit=64, batch_size=32, out=str(tmp_path))
     write_json(tmp_path / "config.json", config.to_dict())
@@ -112,6 +208,35 @@ def test_eval_of_a_checkpoint_that_does_not_fit_is_one_line(capsys, tmp_path):
         checkpoints.save(1, {"params": {"w": np.zeros(3)}}, config.to_dict())
     assert cli.main(["eval", "--run", str(tmp_path)]) == cli.EXIT_ERROR
     assert "is corrupt or does not fit this model" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(("config", "argv", "message"), [
+    ("null", [], "config.json is not a run config: not a JSON object"),
+    ('{"epochs": "3"}', [], "is not a valid TrainConfig: epochs must be int or None, got '3'"),
+    ('{"trainer": "reinforce", "num_glimpses": 2, "zoom": 3}', [],
+     "is not a valid RamConfig: not a RamConfig: unknown fields ['zoom']"),
+    ('{"trainer": "supervised", "model": "cnn"}', ["--model", "ram"],
+     "is a supervised run, not a reinforce one"),
+    ('{"trainer": "reinforce", "lr": true}', [], "lr must be float, got True"),
+])
+def test_a_broken_run_config_is_one_line(capsys, tmp_path, config, argv, message):
+    """A hand-edited config.json, and --model ram --resume on a CNN run: train --resume and
+    eval refuse them in one line."""
+    (tmp_path / "config.json").write_text(config)
+    assert cli.main(["train", "--out", str(tmp_path), "--resume", *argv]) == cli.EXIT_ERROR
+    assert message in _error_line(capsys)
+    if not argv:
+        assert cli.main(["eval", "--run", str(tmp_path)]) == cli.EXIT_ERROR
+        assert message in _error_line(capsys)
+
+
+def test_train_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in [("--epochs", "12"), ("--batch-size", "64"), ("--lr", "0.003"),
+                            ("--seed", "0"), ("--optimizer", "adam"), ("--dtype", "float32")]:
+        assert re.search(rf"{option} \S+ .*?\(default {default}", text), option
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -148,15 +273,9 @@ def test_train_eval_and_resume_ram(capsys, tmp_path):
 
 
 def _listed_models(capsys) -> list[str]:
-    """The names `flax-attention list` prints under its model sections."""
-    assert cli.main(["list"]) == 0
-    names, section = [], ""
-    for line in capsys.readouterr().out.splitlines():
-        if not line.startswith(" "):
-            section = line.lower()
-        elif "model" in section:
-            names.append(line.strip())
-    return names
+    """The names `flax-attention list` prints under its model and network sections."""
+    sections = list(_list_sections(capsys).values())
+    return [*sections[1], *sections[2]]
 
 
 def _expected_refusal(name: str) -> str | None:
@@ -165,6 +284,8 @@ def _expected_refusal(name: str) -> str | None:
         return f"{name} is a segmenter; train supports classifiers and ram"
     if name.startswith("detr_"):
         return f"{name} is a detector; train supports classifiers and ram"
+    if name.startswith("ram_"):
+        return f"{name} is a recurrent attention model (--model ram trains one with REINFORCE)"
     if name.startswith("residual_attention_"):  # a total stride of 32 or 4: not 42 x 42
         return f"model {name!r} does not fit the distorted-digits images (42, 42, 1)"
     return None

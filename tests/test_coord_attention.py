@@ -205,6 +205,10 @@ def test_bad_input_raises():
         F.coordinate_excite(jnp.zeros((2, 4, 5, 8)), jnp.zeros((2, 4, 8)), jnp.zeros((2, 6, 8)))
     with pytest.raises(ValueError, match=r"gate_w must have rank 3"):
         F.coordinate_excite(jnp.zeros((2, 4, 5, 8)), jnp.zeros((2, 4, 8)), jnp.zeros((2, 5)))
+    with pytest.raises(ValueError, match=r"x must not be empty.*\(2, 4, 0, 8\)"):
+        F.coordinate_pool(jnp.zeros((2, 4, 0, 8)))  # the column means would be over nothing
+    with pytest.raises(ValueError, match=r"gate_h must not be empty.*\(2, 4, 0\)"):
+        F.coordinate_attention_map(jnp.zeros((2, 4, 0)), jnp.zeros((2, 5, 0)))  # mean over C = 0
 
 
 def test_from_torch_rejects_bad_state_dicts():

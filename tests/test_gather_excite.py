@@ -156,6 +156,9 @@ def test_bad_input_raises():
         F.gather_excite(x, jnp.zeros((6, 2)), jnp.zeros(2), jnp.zeros((2, 8)), jnp.zeros(8))
     with pytest.raises(ValueError, match=r"x and gates must agree in batch and channels"):
         F.excite_spatial(x, jnp.zeros((2, 2, 2, 4)))
+    for extent in (0, 2):  # the means over an empty image
+        with pytest.raises(ValueError, match=r"x must not be empty.*\(2, 0, 4, 8\)"):
+            F.gather_excite_gates(x[:, :0], extent=extent)
 
 
 def test_from_torch_rejects_bad_state_dicts():

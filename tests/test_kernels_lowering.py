@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
-from flax_attention.kernels import bilinear, criss_cross, flash
+from flax_attention.kernels import bilinear, criss_cross, deformable_attention, flash
 
 _TRITON = "__gpu$xla.gpu.triton"
 
@@ -55,6 +55,22 @@ def test_bilinear_gather_lowers_to_triton(dtype):
     forward = _triton_calls(sample, image, rows, weights)
     assert forward >= 1
     assert _triton_calls(_grad(sample, (0, 2)), image, rows, weights) > forward
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_deformable_gather_lowers_to_triton(dtype):
+    """2 x 7 queries of 3 heads reading 2 levels x 3 points in 2 x 3 x 41 values of 5 channels;
+    the backward runs bilinear's scatter and corner dots."""
+    value = jax.ShapeDtypeStruct((2 * 3 * 41, 5), dtype)
+    rows = jax.ShapeDtypeStruct((4, 2 * 3, 2 * 7 * 3), jnp.int32)
+    weights = jax.ShapeDtypeStruct((4, 2 * 3, 2 * 7 * 3), jnp.float32)
+
+    def attend(value, rows, weights):
+        return deformable_attention.deformable_gather(value, rows, weights, 8,
+                                                      deformable_attention.BlockSizes(), False)
+
+    assert _triton_calls(attend, value, rows, weights) == 1
+    assert _triton_calls(_grad(attend, (0, 2)), value, rows, weights) == 2
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,13 @@ CLASSIFIERS = (
     "resnet50d", "seresnet18", "seresnet34", "seresnet50", "seresnet50t", "ecaresnet26t",
     "ecaresnet50d", "ecaresnet50t", "cbam_resnet50", "skresnet18", "skresnet34", "gcresnet50t",
 )
+# The reference repositories' own networks, loadable whole (tests/test_reference_networks.py).
+REFERENCE_NETWORKS = (
+    "ccnet_deep_resnet101", "danet_deep_resnet50", "danet_deep_resnet101", "se_resnet20",
+    "se_resnet32", "se_resnet56", "se_resnet110", "ram_6_8x8_1", "ram_6_8x8_2",
+    "residual_attention_56_port", "residual_attention_92_port",
+    "residual_attention_92_32input_update", "stn_tutorial_net",
+)
 # Small stand-ins for the training steps: the same modules on a ResNet-10 (one basic block per
 # stage) backbone.
 TINY_BACKBONE = functools.partial(resnet18, stage_sizes=(1, 1, 1, 1))
@@ -72,7 +79,8 @@ def _capture(model, names: tuple[str, ...]):
 
 
 def test_registry_lists_every_model():
-    assert registry.list_models() == sorted([*CLASSIFIERS, *SEGMENTERS, "detr_resnet50"])
+    assert registry.list_models() == sorted([*CLASSIFIERS, *SEGMENTERS, *REFERENCE_NETWORKS,
+                                             "detr_resnet50"])
 
 
 @pytest.mark.parametrize("name", registry.list_models())
@@ -80,14 +88,15 @@ def test_every_model_takes_num_classes_dtype_and_param_dtype(name):
     model = registry.create(name, num_classes=7, dtype=jnp.bfloat16, param_dtype=jnp.float16)
     assert (model.num_classes, model.dtype, model.param_dtype) == (7, jnp.bfloat16, jnp.float16)
     # ImageNet, CIFAR-10, Cityscapes, COCO's ids
-    default = {"cifar": 10, "danet": 19, "ccnet": 19, "detr": 91}
+    default = {"cifar": 10, "danet": 19, "ccnet": 19, "detr": 91, "ram_": 10, "stn_": 10,
+               "_port": 10, "32input": 10, **{f"se_resnet{n}": 10 for n in (20, 32, 56, 110)}}
     expected = next((v for k, v in default.items() if k in name), 1000)
     assert registry.create(name).num_classes == expected
 
 
 def test_registry_errors():
     with pytest.raises(ValueError, match=r"unknown model name 'se_resnet51' \(did you mean "
-                                         r"se_resnet50.*known names: .*detr_resnet50"):
+                                         r".*se_resnet50.*known names: .*detr_resnet50"):
         registry.create("se_resnet51")
     with pytest.raises(TypeError, match="no_such_field"):
         registry.create("resnet18", no_such_field=1)

@@ -10,7 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ("quickstart.ipynb", "stn.ipynb")
+NAMES = tuple(sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -216,6 +216,20 @@ def test_gaussian_log_prob_closed_form():
                                norm.logpdf(x, 0.0, 0.7).sum(-1), rtol=1e-5)
 
 
+def test_gaussian_log_prob_bad_input():
+    x = jnp.zeros((4, 2))
+    for std in (0.0, -0.5, jnp.asarray([0.5, 0.0])):
+        with pytest.raises(ValueError, match=r"std must be positive and finite"):
+            gaussian_log_prob(x, x, std)
+    with pytest.raises(ValueError, match=r"x, mean and std must broadcast.*mean \(3,\)"):
+        gaussian_log_prob(x, jnp.zeros(3), 0.5)
+    with pytest.raises(ValueError, match=r"x, mean and std must broadcast.*x \(\)"):
+        gaussian_log_prob(jnp.zeros(()), jnp.zeros(()), 0.5)
+    # a traced std is not checked (its values are unknown) and gives the same values
+    np.testing.assert_allclose(jax.jit(gaussian_log_prob)(x, x, jnp.asarray(0.5)),
+                               gaussian_log_prob(x, x, 0.5), rtol=1e-6)
+
+
 @pytest.mark.parametrize("core", ["rnn", "lstm"])
 def test_output_shapes_and_ranges(core):
     model, variables = _small(core=core)

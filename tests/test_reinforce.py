@@ -74,6 +74,21 @@ def test_advantage_carries_no_gradient():
     np.testing.assert_allclose(d_log_probs, -0.5 / 2)  # -(R - b) / B
 
 
+def test_surrogate_accumulates_in_float32_and_checks_shapes():
+    log_probs, rewards = jnp.full((2, 3), -3e4, jnp.float16), jnp.full((2,), 3e4, jnp.float16)
+    loss = reinforce_surrogate(log_probs, rewards)  # 2.7e9: beyond float16's range
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(loss, 3 * 9e8, rtol=1e-3)
+    with pytest.raises(ValueError, match=r"rewards must have shape \[B\] \(2,\).*got \(3,\)"):
+        reinforce_surrogate(jnp.zeros((2, 3)), jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"log_probs and baselines must agree in shape"):
+        reinforce_surrogate(jnp.zeros((2, 3)), jnp.zeros(2), jnp.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"log_probs must not be empty.*\(0, 3\)"):
+        reinforce_surrogate(jnp.zeros((0, 3)), jnp.zeros(0))  # the mean over no sample
+    with pytest.raises(ValueError, match=r"log_probs must have rank 2"):
+        reinforce_surrogate(jnp.zeros(2), jnp.zeros(2))
+
+
 def test_hybrid_loss_by_hand():
     """Example 0 is wrong (a tie goes to class 0), example 1 right: R = (0, 1)."""
     output = RamOutput(

@@ -9,17 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from flax_attention import cli, models
+from flax_attention import cli, layers, models
 from flax_attention import functional as F
 from flax_attention.criss_cross import CrissCrossAttention, RCCAModule
 from flax_attention.danet import ChannelAttention, DANetHead, PositionAttention
 from flax_attention.functional import cbam, eca, effective_se, gather_excite, global_context
 from flax_attention.functional.non_local import MODES
 from flax_attention.interop.torch import from_torch
+from flax_attention.models.classifiers import AttentionCNN
 from flax_attention.multi_head_attention import MultiHeadAttention
 from flax_attention.non_local import NonLocal1D, NonLocal2D, NonLocal3D
 from flax_attention.spatial_transformer import LocalizationNet
 from flax_attention.transformer import (
+    Transformer,
     TransformerDecoder,
     TransformerEncoder,
     TransformerEncoderLayer,
@@ -201,6 +203,24 @@ REFUSED = [
                                                 "out_proj.weight": torch.ones(16, 16),
                                                 "out_proj.bias": torch.tensor(1.0)}),
      ValueError, "out_proj.bias"),
+    # Zero widths, strides and queries in the networks' settings.
+    ("ConvBN features=0", _init(layers.ConvBN(0), jnp.ones((1, 8, 8, 3))), ValueError,
+     "features must be an integer >= 1, got 0"),
+    ("ConvBN strides=0", _init(layers.ConvBN(4, strides=0), jnp.ones((1, 8, 8, 3))),
+     ValueError, "strides must be an integer >= 1, got 0"),
+    ("PointwiseConv strides=0",
+     _init(layers.PointwiseConv(4, strides=0), jnp.ones((1, 8, 8, 3))), ValueError,
+     "strides must be an integer >= 1, got 0"),
+    ("AttentionCNN features=(16, 0, 8, 8)",
+     _init(AttentionCNN(features=(16, 0, 8, 8)), jnp.ones((1, 16, 16, 1))), ValueError,
+     "features[1] must be an integer >= 1, got 0"),
+    ("LocalizationNet features=(0, 10)",
+     _init(LocalizationNet(features=(0, 10)), jnp.ones((1, 28, 28, 1))), ValueError,
+     "features[0] must be an integer >= 1, got 0"),
+    ("Transformer with zero queries",
+     _init(Transformer(d_model=8, nhead=2, dim_feedforward=8), jnp.ones((1, 2, 2, 8)),
+                   None, jnp.ones((0, 8)), jnp.ones((1, 2, 2, 8))), ValueError,
+     "query_embed must not be empty"),
 ]
 
 

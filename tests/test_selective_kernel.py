@@ -50,6 +50,11 @@ def test_make_divisible_is_timms():
     assert make_divisible(512 / 24, 8, round_limit=0.0) == 24
 
 
+def test_weights_of_empty_logits_are_empty():
+    chex.assert_shape(F.selective_kernel_weights(jnp.zeros((0, 6)), 2), (0, 2, 3))
+    chex.assert_shape(F.selective_kernel_weights(jnp.zeros((2, 0)), 2), (2, 2, 0))
+
+
 def test_weights_by_hand():
     # logits of path 0 and path 1 for one channel: 0 and log 3 -> softmax [1/4, 3/4].
     logits = jnp.asarray([[0.0, 0.0, np.log(3.0), 0.0]])  # [B=1, P*C = 2*2], p-major
@@ -141,11 +146,12 @@ def test_attn_alone_matches_torch():
     assert_close(module.apply(variables, paths), expected.numpy())
 
 
-@pytest.mark.parametrize(("stride", "dilation", "padding", "groups"),
-                         [(1, 2, 2, 1), (2, 1, 1, 4), (3, 2, 3, 2)])
-def test_branch_conv_tap_gradients_equal_xlas(stride, dilation, padding, groups):
+@pytest.mark.parametrize(("stride", "dilation", "padding", "groups", "kernel_hw"),
+                         [(1, 2, 2, 1, (3, 3)), (2, 1, 1, 4, (3, 3)), (3, 2, 3, 2, (3, 3)),
+                          (1, 1, 1, 2, (3, 1))])
+def test_branch_conv_tap_gradients_equal_xlas(stride, dilation, padding, groups, kernel_hw):
     x = jnp.asarray(random_nhwc((2, 9, 11, 8), seed=14))
-    kernel = jnp.asarray(random_nhwc((3, 3, 8 // groups, 12), seed=15))
+    kernel = jnp.asarray(random_nhwc((*kernel_hw, 8 // groups, 12), seed=15))
 
     def grads(implementation):
         def loss(x, kernel):
@@ -213,6 +219,16 @@ def test_bad_input_raises():
         F.branch_conv(jnp.zeros((1, 4, 4, 8)), jnp.zeros((3, 3, 8, 8)), implementation="cudnn")
     with pytest.raises(ValueError, match=r"x and kernel must agree in input channels"):
         F.branch_conv(jnp.zeros((1, 4, 4, 8)), jnp.zeros((3, 3, 4, 8)))
+    with pytest.raises(ValueError, match=r"kernel must not be empty.*\(0, 0, 8, 8\)"):
+        F.branch_conv(jnp.zeros((1, 4, 4, 8)), jnp.zeros((0, 0, 8, 8)))
+    with pytest.raises(ValueError, match=r"x \(1, 4, 4, 8\) is too small for kernel \(5, 5,"):
+        F.branch_conv(jnp.zeros((1, 4, 4, 8)), jnp.zeros((5, 5, 8, 8)))
+    with pytest.raises(ValueError, match=r"stride must be an integer >= 1, got 0"):
+        F.branch_conv(jnp.zeros((1, 4, 4, 8)), jnp.zeros((3, 3, 8, 8)), stride=0)
+    with pytest.raises(ValueError, match=r"kernel output channels \(6\) must be divisible by gr"):
+        F.branch_conv(jnp.zeros((1, 4, 4, 8)), jnp.zeros((3, 3, 2, 6)), groups=4)
+    with pytest.raises(ValueError, match=r"num_paths must be an integer >= 1, got 0"):
+        F.selective_kernel_weights(jnp.zeros((2, 8)), 0)
     with pytest.raises(ValueError, match=r"paths must have num_paths \(2\) entries on axis 1"):
         SelectiveKernelAttn().init(key, jnp.zeros((1, 3, 2, 2, 8)))
 

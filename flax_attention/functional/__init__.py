@@ -40,6 +40,16 @@ from flax_attention.functional.danet import (
     position_attention,
     position_attention_weights,
 )
+from flax_attention.functional.deform_conv import (
+    deform_conv2d,
+    deform_conv2d_points,
+    deform_im2col,
+)
+from flax_attention.functional.deformable_attention import (
+    SpatialShapes,
+    get_reference_points,
+    ms_deform_attn,
+)
 from flax_attention.functional.eca import eca_gates, eca_kernel_size
 from flax_attention.functional.effective_se import effective_se_gates
 from flax_attention.functional.gather_excite import gather_excite_gates
@@ -67,6 +77,7 @@ from flax_attention.functional.squeeze_excitation import (
 )
 
 __all__ = [
+    "SpatialShapes",
     "affine_grid",
     "affine_matrix",
     "attention_residual",
@@ -88,6 +99,9 @@ __all__ = [
     "criss_cross_aggregate",
     "criss_cross_attention",
     "criss_cross_weights",
+    "deform_conv2d",
+    "deform_conv2d_points",
+    "deform_im2col",
     "dot_product_attention",
     "dot_product_attention_weights",
     "eca_gates",
@@ -99,11 +113,13 @@ __all__ = [
     "gaussian_log_prob",
     "generalized_box_iou",
     "generalized_box_iou_loss",
+    "get_reference_points",
     "global_context_pool",
     "global_context_weights",
     "hybrid_loss",
     "interpolate_bilinear",
     "learned_position_embedding",
+    "ms_deform_attn",
     "non_local",
     "non_local_weights",
     "position_attention",

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from flax_attention._checks import as_float, check_rank, check_same
+from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
 from flax_attention.functional.squeeze_excitation import excite
 
 __all__ = [
@@ -51,6 +51,7 @@ def cbam_channel_gates(x: jax.Array, mlp: ArrayFn, gate: ArrayFn = jax.nn.sigmoi
     """
     x = as_float(x)
     check_rank("x", x, 4, "[B, H, W, C]")
+    check_nonempty("x", x, "[B, H, W, C]")
     dtype = _stats_dtype(x)
     avg = jnp.mean(x, axis=(1, 2), dtype=dtype)
     peak = jnp.max(x, axis=(1, 2)).astype(dtype)
@@ -76,6 +77,7 @@ def cbam_spatial_pool(x: jax.Array, light: bool = False) -> jax.Array:
     """
     x = as_float(x)
     check_rank("x", x, 4, "[B, H, W, C]")
+    check_nonempty("x", x, "[B, H, W, C]")
     avg = jnp.mean(x, axis=-1, keepdims=True, dtype=_stats_dtype(x)).astype(x.dtype)
     peak = jnp.max(x, axis=-1, keepdims=True)
     if light:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import as_float, check_rank, check_same
+from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
 
 __all__ = ["coordinate_attention_map", "coordinate_excite", "coordinate_pool"]
 
@@ -32,6 +32,7 @@ def coordinate_pool(x: jax.Array) -> jax.Array:
     """
     x = as_float(x)
     check_rank("x", x, 4, "[B, H, W, C]")
+    check_nonempty("x", x, "[B, H, W, C]")
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     rows = jnp.mean(x, axis=2, dtype=dtype)
     cols = jnp.mean(x, axis=1, dtype=dtype)
@@ -81,6 +82,8 @@ def coordinate_attention_map(gate_h: jax.Array, gate_w: jax.Array,
     """
     gate_h, gate_w = map(as_float, (gate_h, gate_w))
     _check_gates(None, gate_h, gate_w)
+    check_nonempty("gate_h", gate_h, "[B, H, C]")
+    check_nonempty("gate_w", gate_w, "[B, W, C]")
     dtype = jnp.promote_types(jnp.result_type(gate_h, gate_w), jnp.float32)
     products = jnp.einsum("bhc,bwc->bhw", gate_h.astype(dtype), gate_w.astype(dtype),
                           precision=precision)

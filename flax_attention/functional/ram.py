@@ -13,8 +13,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
+
+from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
 
 __all__ = ["gaussian_log_prob", "hybrid_loss", "reinforce_surrogate"]
 
@@ -23,7 +26,35 @@ def gaussian_log_prob(x: jax.Array, mean: jax.Array, std: float | jax.Array) -> 
     """Log-density of an isotropic Gaussian, summed over the last axis: `[..., D]` -> `[...]`.
 
     `sum_d -(x_d - mean_d)^2 / (2 std^2) - log(std) - log(2 pi) / 2`, in at least float32.
+
+    Args:
+      x: `[..., D]` the samples.
+      mean: the means, broadcastable with x (e.g. `[..., D]` or `[D]`).
+      std: the standard deviation, positive and finite: a number, or an array broadcastable
+        with x.
+
+    Returns:
+      `[...]` (the broadcast shape of the three without its last axis), at least float32.
+
+    Raises:
+      ValueError: shapes that do not broadcast to a rank >= 1, or a std that is not positive
+        and finite (checked unless std is traced, e.g. an argument of a jitted function).
     """
+    x, mean = as_float(x), as_float(mean)
+    shapes = {"x": x.shape, "mean": mean.shape, "std": np.shape(std)}
+    try:
+        shape = np.broadcast_shapes(*shapes.values())
+    except ValueError:
+        shape = None
+    if not shape:
+        listing = ", ".join(f"{name} {tuple(s)}" for name, s in shapes.items())
+        raise ValueError(f"x, mean and std must broadcast to a shape [..., D] of rank >= 1; "
+                         f"got {listing}")
+    if not isinstance(std, jax.core.Tracer):
+        values = np.asarray(std)
+        if not np.all((values > 0) & np.isfinite(values)):
+            raise ValueError(f"std must be positive and finite, got a minimum of {values.min()} "
+                             f"(std of shape {values.shape})")
     dtype = jnp.promote_types(jnp.result_type(x, mean), jnp.float32)
     z = (x.astype(dtype) - mean.astype(dtype)) / std
     per_dim = -0.5 * z**2 - jnp.log(jnp.asarray(std, dtype)) - 0.5 * math.log(2 * math.pi)
@@ -39,16 +70,34 @@ def reinforce_surrogate(log_probs: jax.Array, rewards: jax.Array,
 
     Args:
       log_probs: `[B, L]` log pi(l_t), differentiable w.r.t. the policy.
-      rewards: `[B]` or `[B, L]` R.
+      rewards: `[B]`, `[B, 1]` (one return for every step) or `[B, L]` R.
       baselines: `[B, L]` b_t, or None for none.
 
     Returns:
-      A scalar.
+      A scalar, accumulated in float32 (float64 for float64 inputs) whatever the inputs' dtype.
+
+    Raises:
+      ValueError: an empty or misshaped log_probs, or rewards or baselines that do not match it.
     """
-    rewards = jnp.broadcast_to(rewards[:, None] if rewards.ndim == 1 else rewards,
-                               log_probs.shape)
-    advantage = rewards if baselines is None else rewards - baselines
-    return -jnp.mean(jnp.sum(log_probs * lax.stop_gradient(advantage), axis=1))
+    log_probs, rewards, baselines = map(as_float, (log_probs, rewards, baselines))
+    check_rank("log_probs", log_probs, 2, "[B, L]")
+    check_nonempty("log_probs", log_probs, "[B, L]")
+    b, steps = log_probs.shape
+    if rewards.shape not in ((b,), (b, 1), (b, steps)):
+        raise ValueError(f"rewards must have shape [B] {(b,)}, [B, 1] {(b, 1)} or [B, L] "
+                         f"{(b, steps)} for log_probs {tuple(log_probs.shape)}, got "
+                         f"{tuple(rewards.shape)}")
+    inputs = [log_probs, rewards]
+    if baselines is not None:
+        check_same(("log_probs", "baselines"), (log_probs.shape, baselines.shape),
+                   "shape [B, L]", (log_probs.shape, baselines.shape))
+        inputs.append(baselines)
+    dtype = jnp.promote_types(jnp.result_type(*inputs), jnp.float32)
+    rewards = rewards.astype(dtype)
+    if rewards.ndim == 1:
+        rewards = rewards[:, None]
+    advantage = rewards if baselines is None else rewards - baselines.astype(dtype)
+    return -jnp.mean(jnp.sum(log_probs.astype(dtype) * lax.stop_gradient(advantage), axis=1))
 
 
 def hybrid_loss(output: Any, labels: jax.Array, reinforce_weight: float = 1.0,

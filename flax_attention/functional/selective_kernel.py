@@ -17,7 +17,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import as_float, check_divisible, check_rank, check_same
+from flax_attention._checks import (
+    as_float,
+    check_divisible,
+    check_nonempty,
+    check_positive,
+    check_rank,
+    check_same,
+)
 from flax_attention.kernels._common import check_implementation
 
 __all__ = [
@@ -41,6 +48,7 @@ def selective_kernel_split(x: jax.Array, num_paths: int) -> list[jax.Array]:
     """
     x = as_float(x)
     check_rank("x", x, 4, "[B, H, W, C]")
+    check_positive("num_paths", num_paths)
     check_divisible("x channels", x.shape[-1], num_paths, "num_paths")
     return jnp.split(x, num_paths, axis=-1)
 
@@ -73,13 +81,16 @@ def selective_kernel_weights(logits: jax.Array, num_paths: int) -> jax.Array:
       num_paths: P.
 
     Returns:
-      `[B, P, C]` float32 (float64 for float64 input) weights summing to 1 over P.
+      `[B, P, C]` float32 (float64 for float64 input) weights summing to 1 over P (empty for
+      an empty batch or C = 0).
     """
     logits = as_float(logits)
     check_rank("logits", logits, 2, "[B, P * C]")
+    check_positive("num_paths", num_paths)
     check_divisible("logits features", logits.shape[-1], num_paths, "num_paths")
     dtype = jnp.promote_types(logits.dtype, jnp.float32)
-    logits = logits.reshape(logits.shape[0], num_paths, -1).astype(dtype)
+    b, features = logits.shape
+    logits = logits.reshape(b, num_paths, features // num_paths).astype(dtype)
     return jax.nn.softmax(logits, axis=1)
 
 
@@ -111,7 +122,7 @@ def _conv(x, kernel, stride, dilation, padding, groups, precision):
 
 def _kernel_grad(x, g, shape, stride, dilation, padding, groups, precision):
     """The kernel gradient as one matrix product per tap: `sum_{b,h,w} x_tap g`."""
-    k, out_h, out_w = shape[0], g.shape[1], g.shape[2]
+    out_h, out_w = g.shape[1], g.shape[2]
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     xg = xp.reshape(*xp.shape[:3], groups, -1)
     gg = g.reshape(*g.shape[:3], groups, -1)
@@ -122,7 +133,8 @@ def _kernel_grad(x, g, shape, stride, dilation, padding, groups, precision):
         grad = jnp.einsum("bhwgc,bhwgo->cgo", xg[:, rows, cols], gg, precision=precision)
         return grad.reshape(grad.shape[0], -1)
 
-    return jnp.stack([tap(i, j) for i in range(k) for j in range(k)]).reshape(shape)
+    return jnp.stack([tap(i, j) for i in range(shape[0]) for j in range(shape[1])]
+                     ).reshape(shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
@@ -158,19 +170,36 @@ def branch_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, dilation: i
 
     Args:
       x: `[B, H, W, C]`.
-      kernel: `[K, K, C / groups, O]`.
-      stride, dilation, padding, groups: as torch's `Conv2d`.
+      kernel: `[Kh, Kw, C / groups, O]`, O divisible by groups.
+      stride, dilation, padding, groups: as torch's `Conv2d` (integers: stride, dilation and
+        groups >= 1, padding >= 0).
       precision: of the convolutions and matrix products.
       implementation: None or "xla" (the library's one vocabulary; see `kernels._common`).
 
     Returns:
-      `[B, H', W', O]`, H' = (H + 2 padding - dilation (K - 1) - 1) // stride + 1, likewise W'.
+      `[B, H', W', O]`, H' = (H + 2 padding - dilation (Kh - 1) - 1) // stride + 1, likewise W'.
+
+    Raises:
+      ValueError: wrong ranks, an empty x or kernel, channels that disagree with groups, bad
+        settings, or an output of no positions (x smaller than the dilated kernel).
     """
     x, kernel = map(as_float, (x, kernel))
     check_rank("x", x, 4, "[B, H, W, C]")
-    check_rank("kernel", kernel, 4, "[K, K, C / groups, O]")
+    check_rank("kernel", kernel, 4, "[Kh, Kw, C / groups, O]")
+    check_nonempty("x", x, "[B, H, W, C]")
+    check_nonempty("kernel", kernel, "[Kh, Kw, C / groups, O]")
+    for name, value, minimum in (("stride", stride, 1), ("dilation", dilation, 1),
+                                 ("padding", padding, 0), ("groups", groups, 1)):
+        check_positive(name, value, minimum)
     check_same(("x", "kernel"), (x.shape[-1], kernel.shape[2] * groups),
                "input channels (x[-1], kernel[2] * groups)", (x.shape, kernel.shape))
+    check_divisible("kernel output channels", kernel.shape[3], groups, "groups")
+    out_hw = tuple((n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+                   for n, k in zip(x.shape[1:3], kernel.shape[:2], strict=True))
+    if min(out_hw) < 1:
+        raise ValueError(f"x {tuple(x.shape)} is too small for kernel {tuple(kernel.shape)} "
+                         f"with padding {padding} and dilation {dilation}: the output would "
+                         f"be {out_hw}")
     check_implementation("branch_conv", implementation, (None, "xla"))
     if implementation is None and jax.default_backend() == "cpu":
         return _tap_grad_conv(x, kernel, stride, dilation, padding, groups, precision)

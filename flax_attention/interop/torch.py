@@ -7,10 +7,12 @@ A converter for a module type is a pair of functions (see `Converter`):
 * `example_inputs(module, shapes)` builds inputs of the right channel count from the shapes of the
   state dict, so that `jax.eval_shape(module.init, ...)` tells the shape every variable must have.
 
-`from_torch` checks the state dict against both, and raises one `ValueError` that lists every
-missing, unexpected and misshaped key; nothing is silently dropped or half-loaded. Converters
-live beside the modules they convert, in each family's file, and register themselves with
-`register` when that file is imported: a module type that exists has its converter.
+`from_torch` takes a checkpoint as saved (`state_dict_of`: a `{"model": sd}` or
+`{"state_dict": sd}` wrapper, DataParallel's `module.` prefix), checks the state dict against
+both, and raises one `ValueError` that lists every missing, unexpected and misshaped key (and
+says when the keys are another architecture's); nothing is silently dropped or half-loaded.
+Converters live beside the modules they convert, in each family's file, and register themselves
+with `register` when that file is imported: a module type that exists has its converter.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ Path = tuple[str, ...]
 Shapes = Mapping[str, tuple[int, ...]]
 
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
+# Keys of the dicts that checkpoints wrap their state_dict in (DETR's "model", the ImageNet
+# example's and DANet's "state_dict", kevinzakka/recurrent-visual-attention's "model_state").
+WRAPPER_KEYS = ("model", "state_dict", "model_state", "model_state_dict")
+_DATA_PARALLEL_PREFIX = "module."
+_LISTED = 20  # offending keys listed in an error, then a count
+# From this many keys on, a state dict that has fewer than half of them is called another
+# architecture's (a block of a few keys is only told its missing and unexpected ones).
+_WHOLE_NETWORK = 8
 
 
 def identity(a: np.ndarray) -> np.ndarray:
@@ -62,10 +72,14 @@ def _torch_layout(transform: Callable, flax_shape: tuple[int, ...]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """Where one Flax variable comes from: a torch key and the layout change to apply."""
+    """Where one Flax variable comes from: a torch key and the layout change to apply.
+
+    `aliases` are the variable's keys in other reference layouts (mmcv's `gamma.scale` for
+    CCNet's `gamma`), used when `key` is not in the state dict."""
 
     key: str
     transform: Callable[[np.ndarray], np.ndarray] = identity
+    aliases: tuple[str, ...] = ()
 
 
 Rules = dict[Path, Rule]
@@ -114,9 +128,10 @@ def _key(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def param(path: Path, key: str, transform=identity) -> Rules:
-    """One parameter: `path` is the Flax path below "params", `key` the full torch key."""
-    return {("params", *path): Rule(key, transform)}
+def param(path: Path, key: str, transform=identity, aliases: tuple[str, ...] = ()) -> Rules:
+    """One parameter: `path` is the Flax path below "params", `key` the full torch key (and
+    `aliases` its keys in other layouts, see `Rule`)."""
+    return {("params", *path): Rule(key, transform, aliases)}
 
 
 def conv(path: Path, prefix: str, bias: bool = True) -> Rules:
@@ -181,7 +196,9 @@ def mirror_rules(module: nn.Module, *example_inputs: Any) -> Rules:
 def nested(rules: Rules, path: Path, prefix: str) -> Rules:
     """Moves the rules of a submodule under Flax `path` and torch `prefix`."""
     return {
-        (p[0], *path, *p[1:]): Rule(_key(prefix, r.key), r.transform) for p, r in rules.items()
+        (p[0], *path, *p[1:]): Rule(_key(prefix, r.key), r.transform,
+                                    tuple(_key(prefix, a) for a in r.aliases))
+        for p, r in rules.items()
     }
 
 
@@ -211,20 +228,52 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.array(value, copy=True)
 
 
-def _check_keys(rules: Rules, arrays: Mapping[str, np.ndarray]) -> None:
+def _listing(items: list[str]) -> str:
+    """At most `_LISTED` items, then how many more."""
+    shown = repr(items[:_LISTED])
+    return shown if len(items) <= _LISTED else f"{shown} and {len(items) - _LISTED} more"
+
+
+def _prefixes(keys: set[str]) -> str:
+    """The distinct first components of `keys`, for a wrong-architecture message."""
+    return ", ".join(sorted({k.split(".")[0] for k in keys})[:_LISTED])
+
+
+def _resolve_aliases(rules: Rules, arrays: Mapping[str, np.ndarray]) -> Rules:
+    """The rules with each key absent from `arrays` replaced by its first alias present."""
+    resolved = {}
+    for path, rule in rules.items():
+        present = [a for a in rule.aliases if a in arrays]
+        if rule.key not in arrays and present:
+            rule = dataclasses.replace(rule, key=present[0])
+        resolved[path] = rule
+    return resolved
+
+
+def _key_problems(name: str, rules: Rules, arrays: Mapping[str, np.ndarray]) -> list[str]:
+    """What `from_torch`'s ValueError says about missing and unexpected keys (empty: none)."""
     wanted = {r.key for r in rules.values()}
     given = {k for k in arrays if not k.endswith(_IGNORED_SUFFIXES)}
     missing, unexpected = sorted(wanted - given), sorted(given - wanted)
-    if missing or unexpected:
-        raise ValueError(
-            f"state_dict does not fit the module: missing keys {missing}, "
-            f"unexpected keys {unexpected}"
-        )
+    problems = []
+    if len(wanted) >= _WHOLE_NETWORK and len(wanted & given) < len(wanted) / 2:
+        problems.append(f"it looks like another architecture's: only {len(wanted & given)} of "
+                        f"the {len(wanted)} keys a {name} needs are there (its keys begin with "
+                        f"{_prefixes(given) or 'nothing'}; a {name}'s with {_prefixes(wanted)})")
+    if missing:
+        problems.append(f"missing keys {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_listing(unexpected)}")
+    return problems
 
 
-def _convert(rules: Rules, arrays: Mapping[str, np.ndarray], expected: Mapping) -> dict:
+def _convert(rules: Rules, arrays: Mapping[str, np.ndarray], expected: Mapping
+             ) -> tuple[dict, list[str]]:
+    """The converted variables of the rules whose key is in `arrays`, and the misshaped keys."""
     converted, misshaped = {}, []
     for path, rule in sorted(rules.items()):
+        if rule.key not in arrays:
+            continue
         want = tuple(expected[path].shape)
         try:
             value = rule.transform(arrays[rule.key])
@@ -236,16 +285,14 @@ def _convert(rules: Rules, arrays: Mapping[str, np.ndarray], expected: Mapping) 
                              f"{_torch_layout(rule.transform, want)}")
         else:
             converted[path] = jnp.asarray(value, dtype=expected[path].dtype)
-    if misshaped:
-        raise ValueError(f"state_dict has misshaped keys (shape after layout change): {misshaped}")
-    return converted
+    return converted, misshaped
 
 
 def _example_inputs(converter: Converter, module: nn.Module,
                     arrays: Mapping[str, np.ndarray]) -> tuple:
     """The converter's example inputs; a ValueError naming the keys too short to read sizes
     from (a scalar bias, a 1-D weight) instead of an IndexError."""
-    shapes = {k: a.shape for k, a in arrays.items()}
+    shapes = {k: np.shape(a) for k, a in arrays.items()}
     try:
         return converter.example_inputs(module, shapes)
     except IndexError:
@@ -255,36 +302,80 @@ def _example_inputs(converter: Converter, module: nn.Module,
                          f"module's sizes from): {short}") from None
 
 
-def from_torch(module: nn.Module, state_dict: Mapping[str, Any]) -> dict:
-    """Builds the Flax variables of `module` from a PyTorch `state_dict`.
+def state_dict_of(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The `state_dict` in a checkpoint as saved: taken out of its wrapper dicts (`WRAPPER_KEYS`,
+    e.g. `{"model": sd, "optimizer": ...}`), without DataParallel's `module.` key prefix."""
+    while wrapped := [k for k in WRAPPER_KEYS if isinstance(checkpoint.get(k), Mapping)]:
+        checkpoint = checkpoint[wrapped[0]]
+    prefix = _DATA_PARALLEL_PREFIX
+    if checkpoint and all(isinstance(k, str) and k.startswith(prefix) for k in checkpoint):
+        return {k.removeprefix(prefix): v for k, v in checkpoint.items()}
+    return dict(checkpoint)
 
-    Args:
-      module: an (unbound) Flax module of this library, e.g. `CrissCrossAttention()`.
-      state_dict: the reference implementation's `state_dict()` (torch tensors or numpy arrays),
-        keyed by the reference repository's parameter names (DESIGN.md).
 
-    Returns:
-      `{"params": ..., "batch_stats": ...}` (the collections the module has), in `param_dtype`,
-      ready for `module.apply`.
-
-    Raises:
-      ValueError: listing every missing, unexpected and misshaped key.
-      TypeError: if the module type has no converter, or `state_dict` is not a mapping.
-    """
-    if not isinstance(state_dict, Mapping):
-        raise TypeError("state_dict must be a mapping of parameter names to tensors (a torch "
-                        f"state_dict()), got {type(state_dict).__name__}")
-    converter = _converter_for(module)
-    arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
-    rules = converter.rules(module)
-    _check_keys(rules, arrays)
+def _expected_shapes(converter: Converter, module: nn.Module, rules: Rules,
+                     arrays: Mapping[str, np.ndarray]) -> dict[Path, jax.ShapeDtypeStruct]:
+    """Every variable's shape and dtype, for the sizes the state dict implies."""
     inputs = _example_inputs(converter, module, arrays)
-    shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)
-    expected = traverse_util.flatten_dict(shapes)
+    expected = traverse_util.flatten_dict(jax.eval_shape(module.init, jax.random.key(0), *inputs))
     if set(expected) != set(rules):  # a converter bug, not a user error
         raise RuntimeError(
             f"converter for {type(module).__name__} does not match the module: variables without "
             f"a rule {sorted(set(expected) - set(rules))}, rules without a variable "
             f"{sorted(set(rules) - set(expected))}"
         )
-    return traverse_util.unflatten_dict(_convert(rules, arrays, expected))
+    return expected
+
+
+def variable_shapes(module: nn.Module, state_dict: Mapping[str, Any]
+                    ) -> dict[Path, jax.ShapeDtypeStruct]:
+    """The shape and dtype of each variable of `module` (by flat path, e.g. `("params", "fc",
+    "kernel")`) for the sizes the state dict implies (input channels), whether or not the rest
+    of the state dict fits; a KeyError or ValueError when those sizes cannot be read."""
+    converter = _converter_for(module)
+    arrays = state_dict_of(state_dict)
+    return _expected_shapes(converter, module, converter.rules(module), arrays)
+
+
+def from_torch(module: nn.Module, state_dict: Mapping[str, Any]) -> dict:
+    """Builds the Flax variables of `module` from a PyTorch `state_dict`.
+
+    Args:
+      module: an (unbound) Flax module of this library, e.g. `CrissCrossAttention()`.
+      state_dict: the reference implementation's `state_dict()` (torch tensors or numpy arrays),
+        keyed by the reference repository's parameter names (DESIGN.md); or a checkpoint as
+        saved, the state dict wrapped in a dict (`{"model": sd, ...}`, `WRAPPER_KEYS`) and/or
+        with DataParallel's `module.` prefix (`state_dict_of`).
+
+    Returns:
+      `{"params": ..., "batch_stats": ...}` (the collections the module has), in `param_dtype`,
+      ready for `module.apply`.
+
+    Raises:
+      ValueError: one error that lists every missing, unexpected and misshaped key (the first
+        20 of each kind, then a count), and says when the state dict looks like another
+        architecture's.
+      TypeError: if the module type has no converter, or `state_dict` is not a mapping.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError("state_dict must be a mapping of parameter names to tensors (a torch "
+                        f"state_dict()), got {type(state_dict).__name__}")
+    converter = _converter_for(module)
+    arrays = {k: _to_numpy(v) for k, v in state_dict_of(state_dict).items()}
+    rules = _resolve_aliases(converter.rules(module), arrays)
+    name = type(module).__name__
+    problems = _key_problems(name, rules, arrays)
+    try:
+        expected = _expected_shapes(converter, module, rules, arrays)
+    except (KeyError, ValueError) as error:  # sizes unreadable from an incomplete state dict
+        if not problems:
+            raise
+        if isinstance(error, ValueError):
+            problems.append(str(error).removeprefix("state_dict has "))
+        raise ValueError(f"state_dict does not fit {name}: {', '.join(problems)}") from None
+    converted, misshaped = _convert(rules, arrays, expected)
+    if misshaped:
+        problems.append(f"misshaped keys (shape after layout change): {_listing(misshaped)}")
+    if problems:
+        raise ValueError(f"state_dict does not fit {name}: {', '.join(problems)}")
+    return traverse_util.unflatten_dict(converted)

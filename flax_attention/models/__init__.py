@@ -8,6 +8,13 @@ from flax_attention.models.byobnet import (
     ByobNet,
     gcresnet50t,
 )
+from flax_attention.models.cifar_resnet import (
+    CifarSEResNet,
+    se_resnet20,
+    se_resnet32,
+    se_resnet56,
+    se_resnet110,
+)
 from flax_attention.models.detr import (
     DETR,
     MLP,
@@ -17,6 +24,8 @@ from flax_attention.models.detr import (
 from flax_attention.models.ram import (
     RamOutput,
     RecurrentAttentionModel,
+    ram_6_8x8_1,
+    ram_6_8x8_2,
 )
 from flax_attention.models.registry import (
     create,
@@ -26,8 +35,11 @@ from flax_attention.models.residual_attention import (
     ResidualAttentionNetwork,
     residual_attention_56,
     residual_attention_56_cifar,
+    residual_attention_56_port,
     residual_attention_92,
+    residual_attention_92_32input_update,
     residual_attention_92_cifar,
+    residual_attention_92_port,
 )
 from flax_attention.models.resnet import (
     BasicBlock,
@@ -48,11 +60,15 @@ from flax_attention.models.resnet import (
 from flax_attention.models.segmentation import (
     CCNet,
     DANet,
+    ccnet_deep_resnet101,
     ccnet_resnet50,
     ccnet_resnet101,
+    danet_deep_resnet50,
+    danet_deep_resnet101,
     danet_resnet50,
     danet_resnet101,
 )
+from flax_attention.models.stn_tutorial import STNTutorialNet
 from flax_attention.models.timm_resnet import (
     SelectiveKernelBasic,
     cbam_resnet50,
@@ -83,6 +99,11 @@ __all__ = [
     "se_resnet34",
     "se_resnet50",
     "se_resnext50_32x4d",
+    "CifarSEResNet",
+    "se_resnet20",
+    "se_resnet32",
+    "se_resnet56",
+    "se_resnet110",
     "SelectiveKernelBasic",
     "ByobBottleneck",
     "ByobNet",
@@ -103,8 +124,14 @@ __all__ = [
     "residual_attention_56_cifar",
     "residual_attention_92",
     "residual_attention_92_cifar",
+    "residual_attention_56_port",
+    "residual_attention_92_port",
+    "residual_attention_92_32input_update",
     "CCNet",
     "DANet",
+    "ccnet_deep_resnet101",
+    "danet_deep_resnet50",
+    "danet_deep_resnet101",
     "ccnet_resnet101",
     "ccnet_resnet50",
     "danet_resnet101",
@@ -113,8 +140,11 @@ __all__ = [
     "MLP",
     "detr_resnet50",
     "downsample_mask",
+    "STNTutorialNet",
     "RamOutput",
     "RecurrentAttentionModel",
+    "ram_6_8x8_1",
+    "ram_6_8x8_2",
     "create",
     "list_models",
 ]

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers, mechanisms
-from flax_attention._checks import check_choice, check_rank
+from flax_attention._checks import check_choice, check_positive, check_rank
 from flax_attention.spatial_transformer import LocalizationNet, SpatialTransformer
 
 __all__ = ["AttentionCNN", "create_classifier", "list_classifiers"]
@@ -97,6 +97,8 @@ class AttentionCNN(nn.Module):
 
     def _check(self, x: jax.Array) -> None:
         check_rank("x", x, 4, "[B, H, W, C]")
+        for i, features in enumerate(self.features):
+            check_positive(f"features[{i}]", features)
         if self.attention is not None:
             check_choice("attention", self.attention, ATTENTIONS)
         if not 0 <= self.attention_after < len(self.features):

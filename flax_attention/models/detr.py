@@ -32,7 +32,19 @@ from jax import lax
 
 from flax_attention import layers
 from flax_attention._checks import check_rank
-from flax_attention.models.resnet import resnet50
+from flax_attention.interop.torch import (
+    Converter,
+    Rules,
+    Shapes,
+    conv,
+    dense,
+    image_input,
+    nested,
+    param,
+    register,
+    rules_for,
+)
+from flax_attention.models.resnet import first_conv_key, resnet50
 from flax_attention.position_encoding import PositionEmbeddingSine
 from flax_attention.transformer import Transformer
 
@@ -143,14 +155,6 @@ class DETR(nn.Module):
             raise ValueError(f"num_queries ({self.num_queries}) and num_decoder_layers "
                              f"({self.num_decoder_layers}) must be >= 1")
 
-    def _transformer(self) -> Transformer:
-        return Transformer(
-            d_model=self.hidden_dim, nhead=self.nheads, num_encoder_layers=self.num_encoder_layers,
-            num_decoder_layers=self.num_decoder_layers, dim_feedforward=self.dim_feedforward,
-            dropout=self.dropout, normalize_before=self.pre_norm, return_intermediate_dec=True,
-            implementation=self.implementation, name="transformer", **layers.numerics(self),
-        )
-
     @nn.compact
     def __call__(self, images: jax.Array, mask: jax.Array | None = None,
                  deterministic: bool = True) -> dict:
@@ -177,7 +181,8 @@ class DETR(nn.Module):
         query_embed = self.param("query_embed", nn.initializers.normal(1.0),
                                  (self.num_queries, self.hidden_dim), self.param_dtype)
         (query_embed,) = promote_dtype(query_embed, dtype=self.dtype)
-        hs, _ = self._transformer()(src, mask, query_embed, pos, deterministic)
+        transformer = _transformer(self, name="transformer")
+        hs, _ = transformer(src, mask, query_embed, pos, deterministic)
         logits = nn.Dense(self.num_classes + 1, name="class_embed", **common)(hs)
         boxes = nn.sigmoid(MLP(self.hidden_dim, 4, 3, name="bbox_embed", **common)(hs))
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
@@ -187,4 +192,45 @@ class DETR(nn.Module):
         return out
 
 
+def _transformer(m: DETR, **kwargs) -> Transformer:
+    """The DETR's Transformer (`kwargs`: its name inside the DETR)."""
+    return Transformer(
+        d_model=m.hidden_dim, nhead=m.nheads, num_encoder_layers=m.num_encoder_layers,
+        num_decoder_layers=m.num_decoder_layers, dim_feedforward=m.dim_feedforward,
+        dropout=m.dropout, normalize_before=m.pre_norm, return_intermediate_dec=True,
+        implementation=m.implementation, **layers.numerics(m), **kwargs,
+    )
+
+
 detr_resnet50 = functools.partial(DETR, backbone=resnet50)
+
+
+# --- PyTorch weights (`interop.torch.from_torch`) ----------------------------------------
+# Keys are facebookresearch/detr's whole `DETR` state_dict: `backbone.0.body.*` (torchvision's
+# ResNet with FrozenBatchNorm2d, up to layer4), `transformer.*`, `input_proj`, `query_embed.weight`,
+# `class_embed`, `bbox_embed.layers.{0,1,2}`. The sine position embedding (`backbone.1`) has none.
+
+_BACKBONE_PREFIX = "backbone.0.body"
+
+
+def _detr_backbone(m: DETR) -> nn.Module:
+    return m.backbone(features_only=True)
+
+
+def _detr_rules(m: DETR) -> Rules:
+    rules = nested(rules_for(_detr_backbone(m)), ("backbone",), _BACKBONE_PREFIX)
+    rules |= nested(rules_for(_transformer(m)), ("transformer",), "transformer")
+    rules |= conv(("input_proj",), "input_proj") | param(("query_embed",), "query_embed.weight")
+    rules |= dense(("class_embed",), "class_embed")
+    for i in range(3):
+        rules |= dense(("bbox_embed", f"layers_{i}"), f"bbox_embed.layers.{i}")
+    return rules
+
+
+def _detr_inputs(m: DETR, shapes: Shapes) -> tuple[jax.ShapeDtypeStruct]:
+    """An image of 32 x 32 pixels (one feature pixel) with the backbone's input channels."""
+    key = f"{_BACKBONE_PREFIX}.{first_conv_key(_detr_backbone(m))}"
+    return image_input(shapes, key, side=32)
+
+
+register(DETR)(Converter(_detr_rules, _detr_inputs))

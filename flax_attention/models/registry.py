@@ -13,6 +13,7 @@ Every model has `dtype` and `param_dtype` fields.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
 from types import MappingProxyType
 
@@ -21,10 +22,13 @@ import flax.linen as nn
 from flax_attention._checks import check_positive
 from flax_attention.models import (
     byobnet,
+    cifar_resnet,
     detr,
+    ram,
     residual_attention,
     resnet,
     segmentation,
+    stn_tutorial,
     timm_resnet,
 )
 
@@ -43,6 +47,11 @@ _MODELS: MappingProxyType[str, Callable[..., nn.Module]] = MappingProxyType({
     "se_resnet101": resnet.se_resnet101,
     "se_resnet152": resnet.se_resnet152,
     "se_resnext50_32x4d": resnet.se_resnext50_32x4d,
+    # moskomule/senet.pytorch's CIFAR networks (senet/se_resnet.py, CifarSEResNet)
+    "se_resnet20": cifar_resnet.se_resnet20,
+    "se_resnet32": cifar_resnet.se_resnet32,
+    "se_resnet56": cifar_resnet.se_resnet56,
+    "se_resnet110": cifar_resnet.se_resnet110,
     # timm's names and state dict layout (timm/models/resnet.py, sknet.py, byobnet.py)
     "gcresnet50t": byobnet.gcresnet50t,
     "resnet50d": timm_resnet.resnet50d,
@@ -60,11 +69,25 @@ _MODELS: MappingProxyType[str, Callable[..., nn.Module]] = MappingProxyType({
     "residual_attention_92": residual_attention.residual_attention_92,
     "residual_attention_56_cifar": residual_attention.residual_attention_56_cifar,
     "residual_attention_92_cifar": residual_attention.residual_attention_92_cifar,
+    # tengshaofeng/ResidualAttentionNetwork-pytorch's own networks and keys (10 classes)
+    "residual_attention_56_port": residual_attention.residual_attention_56_port,
+    "residual_attention_92_port": residual_attention.residual_attention_92_port,
+    "residual_attention_92_32input_update":
+        residual_attention.residual_attention_92_32input_update,
+    # the PyTorch spatial transformer tutorial's `Net` (MNIST, 28 x 28 x 1, 10 classes)
+    "stn_tutorial_net": stn_tutorial.STNTutorialNet,
     # segmenters: num_classes defaults to 19 (Cityscapes)
     "danet_resnet50": segmentation.danet_resnet50,
     "danet_resnet101": segmentation.danet_resnet101,
     "ccnet_resnet50": segmentation.ccnet_resnet50,
     "ccnet_resnet101": segmentation.ccnet_resnet101,
+    # the reference repositories' own segmenters (speedinghzl/CCNet, junfu1115/DANet)
+    "ccnet_deep_resnet101": segmentation.ccnet_deep_resnet101,
+    "danet_deep_resnet50": segmentation.danet_deep_resnet50,
+    "danet_deep_resnet101": segmentation.danet_deep_resnet101,
+    # kevinzakka/recurrent-visual-attention's RAM: its current code, its shipped checkpoint
+    "ram_6_8x8_1": ram.ram_6_8x8_1,
+    "ram_6_8x8_2": ram.ram_6_8x8_2,
     # detector: num_classes defaults to 91 (COCO's ids; the logits have one more, "no object")
     "detr_resnet50": detr.detr_resnet50,
 })
@@ -75,21 +98,25 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
+def create(name: str, num_classes: int | None = None, weights: str | os.PathLike | None = None,
+           **overrides) -> nn.Module:
     """Builds the model registered as `name`.
 
     Args:
       name: one of `list_models()`.
       num_classes: classes of the classifier, the segmenter or the detector; None keeps the
-        model's default.
+        model's default (with `weights`: the weights' count).
+      weights: a weights directory of this model (`flax-attention convert --out`).
       **overrides: any other field of the model, e.g. `dtype=jnp.bfloat16`, `backbone=...`.
 
     Returns:
-      The (unbound) Flax module.
+      The (unbound) Flax module; with `weights`, the module bound to them (`net(x)` runs it,
+      `net.unbind()` gives the module and its variables).
 
     Raises:
-      ValueError: if `name` is not registered (the message lists the known names), or
-        `num_classes` is not a positive integer.
+      ValueError: if `name` is not registered (the message lists the known names),
+        `num_classes` is not a positive integer, or `weights` are not this model's (another
+        model, another `num_classes`) or unreadable.
       TypeError: if `name` is not a string, or an override is not a field of the model.
     """
     if not isinstance(name, str):
@@ -103,4 +130,9 @@ def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
     if num_classes is not None:
         check_positive("num_classes", num_classes)
         overrides["num_classes"] = num_classes
+    if weights is not None:
+        from flax_attention.convert import load_weights
+
+        _, overrides["num_classes"], variables = load_weights(weights, name, num_classes)
+        return _MODELS[name](**overrides).bind(variables)
     return _MODELS[name](**overrides)

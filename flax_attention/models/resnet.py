@@ -99,7 +99,8 @@ def block_specs(net: ResNet) -> list[BlockSpec]:
 
     Stage k (from 0) has `stage_sizes[k]` blocks of `64 * 2**k` planes; stages after the first
     halve the resolution in their first block, unless `replace_stride_with_dilation[k - 1]`
-    multiplies the dilation by 2 instead (the first block of that stage keeps the previous one).
+    multiplies the dilation by 2 instead (the first block of that stage keeps the previous one,
+    or with `dilate_first_block` takes the new one too).
 
     Raises:
       ValueError: if `stage_sizes` or `replace_stride_with_dilation` do not fit.
@@ -117,6 +118,7 @@ def block_specs(net: ResNet) -> list[BlockSpec]:
         planes, stride, previous = _STEM_FEATURES * 2**k, 1 if k == 0 else 2, dilation
         if k and dilate[k - 1]:
             dilation, stride = dilation * stride, 1
+            previous = dilation if net.dilate_first_block else previous
         for n in range(size):
             first = n == 0
             out_channels = planes * net.block_cls.expansion
@@ -130,6 +132,16 @@ def block_specs(net: ResNet) -> list[BlockSpec]:
             specs.append(BlockSpec(f"layer{k + 1}", n, kwargs))
             in_channels = out_channels
     return specs
+
+
+def _ceil_extra(size: int) -> int:
+    """The extra right padding that makes a 3x3, stride 2, padding 1 max-pool over `size`
+    positions round up as torch's `ceil_mode=True` does (the last window must start inside the
+    input or the left padding)."""
+    out = -(-(size - 1) // 2) + 1
+    if 2 * (out - 1) >= size + 1:
+        out -= 1
+    return 2 * (out - 1) + 3 - (size + 2)
 
 
 class ResNet(nn.Module):
@@ -160,6 +172,12 @@ class ResNet(nn.Module):
         BNs `conv1.{1,4}` between them, the first with stride 2, then bn1 and the max-pool.
       avg_down: timm's avg-pool shortcuts ("d", "t"): see `ResidualBlock`; the 1x1 shortcut conv
         is `downsample.1` and its BN `downsample.2`. Not with `replace_stride_with_dilation`.
+      dilate_first_block: the first block of a dilated stage takes the stage's dilation, not the
+        previous stage's (speedinghzl/CCNet's ResNet: all of layer3 at 2, all of layer4 at 4).
+      ceil_pool: the stem's max-pool rounds its output size up (torch's `ceil_mode=True`, as
+        CCNet's ResNet), so an even input side `n` gives `n / 2 + 1`.
+      feature_stages: with `features_only`, return the outputs of these stages (1 = `layer1`)
+        as a tuple instead of the last feature map.
     """
 
     block_cls: type[ResidualBlock]
@@ -173,6 +191,9 @@ class ResNet(nn.Module):
     stem_type: str = ""
     stem_width: int = 64
     avg_down: bool = False
+    dilate_first_block: bool = False
+    ceil_pool: bool = False
+    feature_stages: Sequence[int] = ()
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
@@ -192,7 +213,8 @@ class ResNet(nn.Module):
                 x = nn.Conv(width, (3, 3), strides=2 if i == 0 else 1, padding=[(1, 1)] * 2,
                             use_bias=False, name=f"conv1_{3 * i}", **layers.numerics(self))(x)
         x = nn.relu(layers.batch_norm(train, self.dtype, self.param_dtype, name="bn1")(x))
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        padding = [(1, 1 + _ceil_extra(n) if self.ceil_pool else 1) for n in x.shape[1:3]]
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=padding)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -200,10 +222,18 @@ class ResNet(nn.Module):
         check_rank("x", x, 4, "[B, H, W, C]")
         specs = block_specs(self)
         x = self._stem(x, train)
+        stages = []
         for stage, blocks in itertools.groupby(specs, key=lambda spec: spec.stage):
             for spec in blocks:
                 x = self.block_cls(**spec.kwargs, name=spec.name)(x, train)
             self.sow("intermediates", stage, x)
+            stages.append(x)
+        if self.features_only and self.feature_stages:
+            bad = [k for k in self.feature_stages if not 1 <= k <= len(stages)]
+            if bad:
+                raise ValueError(f"feature_stages must be in 1..{len(stages)}, got "
+                                 f"{tuple(self.feature_stages)}")
+            return tuple(stages[k - 1] for k in self.feature_stages)
         if self.features_only:
             return x
         pooled = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype)
@@ -253,9 +283,13 @@ def _resnet_rules(module: ResNet) -> Rules:
     return rules
 
 
+def first_conv_key(module: ResNet) -> str:
+    """The torch key of the stem's first convolution weight (it tells the input channels)."""
+    return "conv1.weight" if len(stem_widths(module)) == 1 else "conv1.0.weight"
+
+
 def _resnet_inputs(module: ResNet, shapes: Shapes) -> tuple[jax.ShapeDtypeStruct]:
-    first = "conv1.weight" if len(stem_widths(module)) == 1 else "conv1.0.weight"
-    return image_input(shapes, first, side=32)
+    return image_input(shapes, first_conv_key(module), side=32)
 
 
 register(ResNet)(Converter(_resnet_rules, _resnet_inputs))

@@ -6,7 +6,14 @@ and its metrics log (`train.run_dir`), interruption (`train.interrupt`), progres
 
 from flax_attention.train.checkpoint import CheckpointError, Checkpoints, state_digest
 from flax_attention.train.interrupt import Interrupt
-from flax_attention.train.loop import TrainResult, evaluate_run, fit, open_run, trainer_class
+from flax_attention.train.loop import (
+    NonFiniteLoss,
+    TrainResult,
+    evaluate_run,
+    fit,
+    open_run,
+    trainer_class,
+)
 from flax_attention.train.parallel import (
     batch_sharding,
     check_batch_size,
@@ -21,6 +28,8 @@ from flax_attention.train.progress import Throughput, progress_bar
 from flax_attention.train.run_dir import (
     KINDS,
     MetricsLog,
+    RunDirBusy,
+    RunLock,
     prepare_run_dir,
     read_run_config,
     run_kind,
@@ -31,8 +40,9 @@ from flax_attention.train.supervised import TrainConfig, load_config, train
 from flax_attention.train.trainer import RunConfig, Trainer, TrainState
 
 __all__ = [
-    "KINDS", "CheckpointError", "Checkpoints", "Interrupt", "MetricsLog", "RunConfig",
-    "Throughput", "TrainConfig", "TrainResult", "TrainState", "Trainer", "batch_sharding",
+    "KINDS", "CheckpointError", "Checkpoints", "Interrupt", "MetricsLog", "NonFiniteLoss",
+    "RunConfig", "RunDirBusy", "RunLock", "Throughput", "TrainConfig", "TrainResult",
+    "TrainState", "Trainer", "batch_sharding",
     "check_batch_size", "data_mesh", "data_parallel", "evaluate_run", "fit",
     "initialize_distributed", "load_config", "open_run", "prepare_run_dir", "progress_bar",
     "read_run_config", "replicated", "replicated_init", "run_kind", "state_digest", "to_host",

@@ -7,7 +7,9 @@
 Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a
 process killed while saving leaves the previous checkpoints as they were and no half-written step
 (the temporary directory is removed when the next `Checkpoints` opens the run). A step is never
-written twice. `restore` checks the digest, so a checkpoint corrupted afterwards is refused.
+written twice. `restore` checks the digest, so a checkpoint corrupted afterwards is refused;
+without a step it falls back to the newest checkpoint that restores, saying which. A save that
+fails (a full disk) raises a one-line `CheckpointError`, the previous checkpoints unchanged.
 
     with Checkpoints(run_dir / "checkpoints") as checkpoints:
         start = checkpoints.resume_or_start(config, resume, ignore=("out",))  # None: fresh
@@ -20,9 +22,13 @@ The run directory's other files are `train.run_dir`'s; the trainer loop is `trai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+import logging
+import shutil
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +56,25 @@ def state_digest(state: PyTree) -> str:
     return digest.hexdigest()
 
 
+def _say(message: str) -> None:
+    """One line on stderr, from process 0."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Without orbax's error logs (tracebacks from its threads): the failure they describe is
+    raised as one CheckpointError line."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _json_safe(config: Mapping[str, Any]) -> dict[str, Any]:
     """`config` as it reads back from JSON (tuples become lists)."""
     return json.loads(json.dumps(dict(config)))
@@ -67,14 +92,15 @@ class Checkpoints:
 
     def __init__(self, directory: str | Path, max_to_keep: int = 3, read_only: bool = False):
         self.directory, self.read_only = Path(directory).absolute(), read_only
-        if read_only and not self.directory.is_dir():
+        if (read_only or self.directory.exists()) and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoints: {self.directory} is not a directory")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=not read_only, cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=False)
         try:
-            self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                                  item_names=("state", "meta"))
+            with _quiet_orbax():
+                self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                      item_names=("state", "meta"))
         except OSError as error:
             message = f"cannot open checkpoints in {self.directory}: {error}"
             raise CheckpointError(message) from error
@@ -89,6 +115,11 @@ class Checkpoints:
 
         Blocks until the step is committed. Returns False (and writes nothing) when `step` is
         already saved.
+
+        Raises:
+          CheckpointError: the step cannot be written (a full disk, no permission): one line
+            naming the reason and the last good step, which stays as it was (the unfinished
+            step is removed).
         """
         if self.read_only:
             raise CheckpointError(f"{self.directory} was opened read-only")
@@ -96,9 +127,21 @@ class Checkpoints:
             return False
         meta = {"config": _json_safe(config), "digest": state_digest(state),
                 "step": step, **dict(extra or {})}
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-        self._manager.wait_until_finished()
+        try:
+            with _quiet_orbax():
+                self._manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+                self._manager.wait_until_finished()
+        except (OSError, ValueError, RuntimeError) as error:  # a full disk, no permission, ...
+            reason = getattr(error, "strerror", None) or " ".join(str(error).split())[:200]
+            if jax.process_index() == 0:  # the unfinished step: free what it took
+                for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            kept = self.latest_step()
+            raise CheckpointError(
+                f"cannot save checkpoint {step} in {self.directory}: {reason}; "
+                + ("no checkpoint was saved before" if kept is None else
+                   f"the last good checkpoint is step {kept}")) from error
         return True
 
     def metadata(self, step: int | None = None) -> dict[str, Any]:
@@ -112,7 +155,9 @@ class Checkpoints:
 
     def restore(self, abstract_state: PyTree, step: int | None = None
                 ) -> tuple[PyTree, dict[str, Any]]:
-        """The state of `step` (default the latest) and its metadata.
+        """The state of `step` and its metadata; without `step`, those of the newest checkpoint
+        that restores: then each newer one refused is reported on stderr in one line, and the
+        step used (`set_aside_after` moves the refused ones out of a run's way).
 
         Args:
           abstract_state: the state's structure, `jax.ShapeDtypeStruct` leaves (with the
@@ -120,9 +165,41 @@ class Checkpoints:
 
         Raises:
           CheckpointError: no checkpoint; the saved state does not fit `abstract_state` (other
-            model); unreadable files or a digest that does not match (corrupt).
+            model); unreadable files or a digest that does not match (corrupt). Without `step`:
+            the newest checkpoint's error, when none restores.
         """
-        step = self._step(step)
+        if step is not None:
+            return self._restore(abstract_state, self._step(step))
+        refused = []
+        for candidate in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                state, meta = self._restore(abstract_state, candidate)
+            except CheckpointError as error:
+                refused.append(error)
+                continue
+            for error in refused:
+                _say(str(error))
+            if refused:
+                _say(f"using checkpoint {self.directory / str(candidate)}, the newest valid one")
+            return state, meta
+        raise refused[0] if refused else CheckpointError(f"no checkpoint in {self.directory}")
+
+    def set_aside_after(self, step: int) -> list[int]:
+        """Renames the steps after `step` (refused by `restore`) to `<step>.corrupt`, so the run
+        resumed from `step` saves them anew; returns them."""
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only")
+        later = sorted(s for s in self._manager.all_steps() if s > step)
+        if jax.process_index() == 0:
+            for s in later:
+                aside = self.directory / f"{s}.corrupt"
+                shutil.rmtree(aside, ignore_errors=True)
+                (self.directory / str(s)).rename(aside)
+                _say(f"moved the refused checkpoint {s} to {aside}")
+        self._manager.reload()
+        return later
+
+    def _restore(self, abstract_state: PyTree, step: int) -> tuple[PyTree, dict[str, Any]]:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
@@ -151,7 +228,7 @@ class Checkpoints:
                                   f"{step}); resume them (--resume) or choose another out dir")
         if step is None:
             return None
-        saved = self.metadata(step).get("config", {})
+        saved = self._newest_metadata().get("config", {})
         new = _json_safe(config)
         differ = sorted(k for k in {*saved, *new} - set(ignore) if saved.get(k) != new.get(k))
         if differ:
@@ -168,6 +245,15 @@ class Checkpoints:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+    def _newest_metadata(self) -> dict[str, Any]:
+        """The metadata of the newest step whose metadata reads ({} when none does)."""
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return self.metadata(step)
+            except CheckpointError:
+                continue
+        return {}
 
     def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step

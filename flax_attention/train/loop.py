@@ -4,19 +4,24 @@
 `run_dir.write_run_config`), `metrics.jsonl` (a loss record every `log_every` steps, with
 images/s; an evaluation record after each of the trainer's evaluation points and at the end)
 and checkpoints every `checkpoint_every` steps, after each evaluation and on SIGINT/SIGTERM
-(then the status is "interrupted"). A resume restores the whole state (parameters, BatchNorm
-statistics, optimiser state, step, metric sums, key), skips the batches of the epoch already
-seen (the order depends only on (seed, epoch)) and cuts the log back to the checkpoint: a run
-killed and resumed ends as an uninterrupted one, log included (less timings).
+(then the status is "interrupted"). A lock (`run_dir.RunLock`) keeps a second training out of
+the directory. A step whose loss or gradient is NaN or Inf stops the run (`NonFiniteLoss`)
+before anything non-finite is saved, or is skipped with the config's `skip_nonfinite`. A resume
+takes the newest checkpoint that restores (a corrupt newer one is set aside) with the whole
+state (parameters, BatchNorm statistics, optimiser state, step, metric sums, key), skips the
+batches of the epoch already seen (the order depends only on (seed, epoch)) and cuts the log
+back to the checkpoint: a run killed and resumed ends as an uninterrupted one, log included
+(less timings).
 
-`open_run(run_dir)` builds the trainer named by a run's config.json and restores its latest
-checkpoint; `evaluate_run` evaluates it.
+`open_run(run_dir)` builds the trainer named by a run's config.json and restores its newest
+valid checkpoint; `evaluate_run` evaluates it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,17 +35,22 @@ from flax_attention.train.interrupt import Interrupt
 from flax_attention.train.progress import Throughput, progress_bar
 from flax_attention.train.run_dir import (
     MetricsLog,
+    RunLock,
     prepare_run_dir,
     run_kind,
     write_run_config,
 )
 from flax_attention.train.trainer import Trainer, TrainState
 
-__all__ = ["TrainResult", "evaluate_run", "fit", "open_run", "trainer_class"]
+__all__ = ["NonFiniteLoss", "TrainResult", "evaluate_run", "fit", "open_run", "trainer_class"]
 
 # The trainer of each kind, imported when asked for (they import this module).
 _TRAINERS = {"supervised": "flax_attention.train.supervised:SupervisedTrainer",
              "reinforce": "flax_attention.train.reinforce:RamTrainer"}
+
+
+class NonFiniteLoss(ValueError):
+    """A training step's loss or gradient was NaN or Inf (and `skip_nonfinite` was off)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +85,26 @@ class _Loop:
         self.checkpoints.save(step, state, trainer.config.to_dict(),
                               trainer.checkpoint_extra(step))
 
+    def check_finite(self, step: int, metrics: dict) -> None:
+        """Reports a step whose loss or gradient was not finite (the step changed nothing but
+        the step count): skipped (`skip_nonfinite`) or, raising `NonFiniteLoss`, the end of the
+        run, its last checkpoint the one before."""
+        if parallel.to_host(metrics["finite"]):
+            return
+        loss = float(parallel.to_host(metrics["loss"]))
+        if self.trainer.config.skip_nonfinite:
+            if jax.process_index() == 0:
+                print(f"step {step}: loss {loss}: skipped (--skip-nonfinite)", file=sys.stderr,
+                      flush=True)
+            return
+        kept = self.checkpoints.latest_step()
+        where = ("no checkpoint was saved before it" if kept is None else
+                 f"its last checkpoint, step {kept}, is finite")
+        raise NonFiniteLoss(f"the loss or its gradient is not finite at step {step} (loss "
+                            f"{loss}): the run stopped; {where}. Lower the learning rate, or "
+                            "skip such steps with --skip-nonfinite (it may be given with "
+                            "--resume)")
+
     def after_step(self, step: int, state: TrainState, metrics: dict, bar) -> dict | None:
         """Logs, evaluates and saves as the config asks; returns the evaluation record, if
         one was made."""
@@ -106,6 +136,7 @@ class _Loop:
                 for images, labels in trainer.epoch_batches(epoch, step - epoch * spe):
                     state, metrics = trainer.train_step(state, images, labels)
                     step += 1
+                    self.check_finite(step, metrics)
                     bar.update(1)
                     self.speed.add(labels.shape[0])
                     if not self.speed.started:  # the first window holds the compilation
@@ -132,18 +163,21 @@ def fit(trainer: Trainer, resume: bool = False, *, step_delay: float = 0.0) -> T
         interruption).
 
     Raises:
-      ValueError: an unwritable out dir; (a `CheckpointError`) checkpoints in the way,
-        incompatible or corrupt.
+      ValueError: an unwritable out dir; (a `RunDirBusy`) another training holds it; (a
+        `CheckpointError`) checkpoints in the way, incompatible, none restores, or a save
+        failed (a full disk); (a `NonFiniteLoss`) a step not finite without `skip_nonfinite`.
     """
     started = time.perf_counter()
     config = trainer.config
     out = prepare_run_dir(config.out)
-    with Checkpoints(out / "checkpoints", config.keep_checkpoints) as checkpoints:
+    with RunLock(out), Checkpoints(out / "checkpoints", config.keep_checkpoints) as checkpoints:
         start = checkpoints.resume_or_start(config.to_dict(), resume, config.RUNTIME)
         if start is None:
             state = trainer.init_state()
-        else:
-            state, _ = checkpoints.restore(trainer.abstract_state(), start)
+        else:  # the newest checkpoint that restores; the refused newer ones are set aside
+            state, meta = checkpoints.restore(trainer.abstract_state())
+            start = meta["step"]
+            checkpoints.set_aside_after(start)
         write_run_config(out, config)
         log = MetricsLog(out / "metrics.jsonl")
         log.truncate(start or 0)  # before opening it: truncating replaces the file

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["DATA_AXIS", "batch_sharding", "check_batch_size", "data_mesh", "data_parallel",
-           "initialize_distributed", "replicated", "replicated_init", "to_host"]
+           "describe_devices", "initialize_distributed", "replicated", "replicated_init", "to_host"]
 
 DATA_AXIS = "data"
 
@@ -51,6 +51,16 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     if not devices:
         raise ValueError("devices must not be empty")
     return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def describe_devices(mesh: Mesh) -> str:
+    """The devices and processes of `mesh` in words, e.g. "data parallel over 8 cpu devices in
+    1 process"."""
+    devices = mesh.devices.size
+    platforms = "/".join(sorted({d.platform for d in mesh.devices.flat}))
+    processes = len({d.process_index for d in mesh.devices.flat})
+    return (f"data parallel over {devices} {platforms} device{'s' * (devices > 1)} in "
+            f"{processes} process{'es' * (processes > 1)}")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import jax
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar: in a notebook without ipywidgets tqdm.auto would warn
 
 __all__ = ["Throughput", "progress_bar"]
 

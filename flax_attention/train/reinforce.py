@@ -86,6 +86,8 @@ class RamConfig(RunConfig):
       data_seed: the generation seed of the embedded data sets.
       keep_checkpoints: the newest checkpoints kept.
       progress: show a tqdm progress bar.
+      skip_nonfinite: skip the steps whose loss or gradient is NaN or Inf (else they stop
+        the run, its last checkpoint finite).
 
     The defaults (std 0.2, `step_rewards`, `reinforce_core` with w = 0.05, 6000 steps) are
     the outcome of the pilots listed in `benchmarks/ram_results.py`: with the paper's setting
@@ -123,11 +125,12 @@ class RamConfig(RunConfig):
     progress: bool = True
     data_seed: int = 0
     keep_checkpoints: int = 3
+    skip_nonfinite: bool = False
 
     KIND: ClassVar[str] = "reinforce"
     RUNTIME: ClassVar[tuple[str, ...]] = (
         "data_dir", "out", "resume", "steps", "epochs", "checkpoint_every", "eval_every",
-        "progress", "method", "keep_checkpoints")
+        "progress", "method", "keep_checkpoints", "skip_nonfinite")
     BOUNDS: ClassVar[dict[str, float]] = {
         **RunConfig.BOUNDS, "num_glimpses": 1, "glimpse_size": 1, "num_scales": 1,
         "mc_samples": 1, "train_examples": 1, "test_examples": 1, "eval_every": 0,

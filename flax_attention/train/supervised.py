@@ -26,15 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from flax_attention import data
 from flax_attention._checks import check_choice
-from flax_attention.models.classifiers import create_classifier
+from flax_attention.models.classifiers import create_classifier, list_classifiers
+from flax_attention.train import parallel
 from flax_attention.train.loop import TrainResult, evaluate_run, open_run
 from flax_attention.train.trainer import RunConfig, Trainer, TrainState
 
 __all__ = ["SupervisedTrainer", "TrainConfig", "TrainResult", "eval_step", "evaluate_run",
-           "load_config", "restore_run", "train"]
+           "list_trainable", "load_config", "restore_run", "train"]
 
 OPTIMIZERS = ("adam", "sgd")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -66,7 +68,13 @@ class TrainConfig(RunConfig):
       log_every: steps between loss records.
       data_dir: where MNIST lies, for the `*mnist` data sets.
       limit: use only the first `limit` training and test examples (for quick tests).
+      init_from: a weights directory of `model` (`flax-attention convert --out`) to start
+        from, fine-tuning, instead of a random initialisation; its classes must be the data
+        set's (convert with `--num-classes`).
       progress: show a progress bar.
+      skip_nonfinite: skip the steps whose loss or gradient is NaN or Inf, as
+        `optax.apply_if_finite` does (else such a step stops the run, its last checkpoint
+        finite).
     """
 
     model: str = "stn-cnn"
@@ -88,11 +96,14 @@ class TrainConfig(RunConfig):
     log_every: int = 50
     data_dir: str | None = None
     limit: int | None = None
+    init_from: str | None = None
     progress: bool = True
+    skip_nonfinite: bool = False
 
     KIND: ClassVar[str] = "supervised"
     RUNTIME: ClassVar[tuple[str, ...]] = ("out", "checkpoint_every", "keep_checkpoints",
-                                          "log_every", "data_dir", "progress")
+                                          "log_every", "data_dir", "progress",
+                                          "skip_nonfinite")
     BOUNDS: ClassVar[dict[str, float]] = {
         **RunConfig.BOUNDS, "warmup_epochs": 0, "weight_decay": 0, "momentum": 0, "limit": 1}
 
@@ -132,7 +143,7 @@ def eval_step(model: nn.Module, variables: dict, images: jax.Array, labels: jax.
 
 def _not_a_classifier(name: str) -> str | None:
     """Why the registry's model `name` is no classifier, or None."""
-    from flax_attention.models import detr, registry, segmentation
+    from flax_attention.models import detr, ram, registry, segmentation
 
     if name not in registry.list_models():
         return None
@@ -141,7 +152,20 @@ def _not_a_classifier(name: str) -> str | None:
         return "a segmenter"
     if isinstance(model, detr.DETR):
         return "a detector"
+    if isinstance(model, ram.RecurrentAttentionModel):
+        return "a recurrent attention model (--model ram trains one with REINFORCE)"
     return None
+
+
+def list_trainable() -> tuple[list[str], list[str]]:
+    """The models this trainer takes (the small classifiers, then the registry's classifiers,
+    which need images that fit them) and the registry's other networks (segmenters, detector,
+    recurrent attention models)."""
+    from flax_attention.models import registry
+
+    networks = registry.list_models()
+    return ([*list_classifiers(), *(n for n in networks if _not_a_classifier(n) is None)],
+            [n for n in networks if _not_a_classifier(n) is not None])
 
 
 class SupervisedTrainer(Trainer):
@@ -156,6 +180,39 @@ class SupervisedTrainer(Trainer):
         if kind is not None:
             raise ValueError(f"{config.model} is {kind}; train supports classifiers and ram")
         super().__init__(config, mesh)
+        self.initial = None if config.init_from is None else self._initial_variables()
+
+    def _initial_variables(self) -> dict:
+        """The variables of `config.init_from` (host arrays), checked against the model's."""
+        from flax_attention.convert import load_weights
+
+        config = self.config
+        _, num_classes, variables = load_weights(config.init_from, config.model)
+        if num_classes != self.num_classes:
+            raise ValueError(f"init_from {config.init_from} holds weights for {num_classes} "
+                             f"classes, {config.dataset} has {self.num_classes}: convert with "
+                             f"--num-classes {self.num_classes}")
+        state = self.abstract_state()
+        want = traverse_util.flatten_dict({"params": state.params,
+                                           "batch_stats": state.batch_stats})
+        got = traverse_util.flatten_dict(variables)
+        bad = [f"{'/'.join(k)}: expected {want[k].shape if k in want else None}, got "
+               f"{np.shape(got[k]) if k in got else None}" for k in sorted(want.keys() | got)
+               if k not in want or k not in got or want[k].shape != np.shape(got[k])]
+        if bad:
+            raise ValueError(f"init_from {config.init_from} does not fit {config.model} on "
+                             f"{config.dataset} images {self.input_shape}: {bad[:20]}")
+        return traverse_util.unflatten_dict({k: np.asarray(got[k], w.dtype)
+                                             for k, w in want.items()})
+
+    def init_state(self) -> TrainState:
+        """A fresh state; with `init_from`, its params and batch_stats are those weights."""
+        state = super().init_state()
+        if self.initial is None:
+            return state
+        initial = jax.device_put(self.initial, parallel.replicated(self.mesh))
+        return state.replace(params=initial["params"],
+                             batch_stats=initial.get("batch_stats", {}))
 
     def create_model(self) -> nn.Module:
         config = self.config

@@ -65,16 +65,29 @@ class TrainState(train_state.TrainState):
 
 # Config fields that only the loop reads (the run length enters as `Trainer.total_steps`).
 _UNCOMPILED = ("out", "resume", "progress", "checkpoint_every", "keep_checkpoints", "data_dir",
-               "eval_every", "steps", "epochs")
+               "eval_every", "steps", "epochs", "skip_nonfinite")
+
+
+# The field types of the configs, by their annotation's names.
+_JSON_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
+
+
+def _is(value: Any, kind: type) -> bool:
+    """Whether a JSON value is of a config field's type: bools are no numbers, ints are
+    floats."""
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
+    return isinstance(value, kind) or (kind is float and isinstance(value, int))
 
 
 class RunConfig:
     """What the config dataclass of every trainer shares: validation, the counting rule, JSON.
 
     A subclass is a frozen dataclass with (at least) the fields dataset, data_seed, data_dir,
-    steps, epochs, batch_size, seed, out, checkpoint_every, keep_checkpoints, log_every and
-    progress, the `examples(split)` method (how many examples to use, None: all) and the class
-    attributes `KIND` (its trainer's) and `RUNTIME` (the fields a resume may change).
+    steps, epochs, batch_size, seed, out, checkpoint_every, keep_checkpoints, log_every,
+    progress and skip_nonfinite, the `examples(split)` method (how many examples to use, None:
+    all) and the class attributes `KIND` (its trainer's) and `RUNTIME` (the fields a resume may
+    change).
     """
 
     KIND: ClassVar[str] = ""
@@ -106,10 +119,18 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
-        """The config of a `config.json`'s fields; raises ValueError on unknown fields."""
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        """The config of a `config.json`'s fields; raises ValueError on unknown fields and on
+        values of another type than their field's (`"3"` for an int; an int for a float
+        passes)."""
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(fields)
         if unknown:
             raise ValueError(f"not a {cls.__name__}: unknown fields {sorted(unknown)}")
+        for name, value in values.items():
+            allowed = [_JSON_TYPES[t.strip()] for t in str(fields[name]).split("|")]
+            if not any(_is(value, kind) for kind in allowed):
+                kinds = " or ".join(t.strip() for t in str(fields[name]).split("|"))
+                raise ValueError(f"{name} must be {kinds}, got {value!r}")
         return cls(**values)
 
     @classmethod
@@ -147,17 +168,28 @@ def padded_batches(dataset: data.Dataset, batch_size: int
 def _step(trainer: Trainer, state: TrainState, images: jax.Array, labels: jax.Array
           ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on images `[B, H, W, C]` and labels `[B]`: the new state and the
-    step's metrics (the trainer's, with "grad_norm")."""
+    step's metrics (the trainer's, with "grad_norm" and "finite": whether the loss and the
+    gradient are). A step that is not finite only counts: it leaves the parameters, optimiser
+    state and statistics as they were and adds nothing to the sums (the loop then stops or,
+    with the config's `skip_nonfinite`, goes on)."""
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params):
         return trainer.loss(params, state, images, labels, key)
 
-    (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+    (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    metrics = {**metrics, "grad_norm": grad_norm, "finite": finite}
     restart = state.step % trainer.sums_period == 0
-    sums = {k: jnp.where(restart, 0.0, v) + metrics[k] for k, v in state.sums.items()}
-    return state.apply_gradients(grads=grads, batch_stats=batch_stats, sums=sums), metrics
+    sums = {k: jnp.where(restart, 0.0, v) + jnp.where(finite, metrics[k], 0.0)
+            for k, v in state.sums.items()}
+    new = state.apply_gradients(grads=grads, batch_stats=batch_stats, sums=sums)
+    kept = {"params": state.params, "opt_state": state.opt_state,
+            "batch_stats": state.batch_stats}  # as optax.apply_if_finite: no trace of the step
+    return new.replace(**jax.tree.map(lambda a, b: jnp.where(finite, a, b),
+                                      {k: getattr(new, k) for k in kept}, kept)), metrics
 
 
 def _eval_step(trainer: Trainer, replicated: tuple[Any, jax.Array], images: jax.Array,

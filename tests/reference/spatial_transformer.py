@@ -43,3 +43,24 @@ class TutorialSTN(nn.Module):
         size = x.shape if self.out_hw is None else (*x.shape[:2], *self.out_hw)
         grid = F.affine_grid(theta, size, align_corners=self.align_corners)
         return F.grid_sample(x, grid, align_corners=self.align_corners)
+
+
+class TutorialNet(TutorialSTN):
+    """The tutorial's whole `Net`: `stn`, then conv1 - pool - ReLU, conv2 - `conv2_drop` - pool
+    - ReLU, fc1 - ReLU - dropout, fc2, log-softmax (keys `conv1`, `conv2`, `fc1`, `fc2`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
+        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+        self.conv2_drop = nn.Dropout2d()
+        self.fc1 = nn.Linear(320, 50)
+        self.fc2 = nn.Linear(50, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
+        x = F.relu(self.fc1(x.view(-1, 320)))
+        x = F.dropout(x, training=self.training)
+        return F.log_softmax(self.fc2(x), dim=1)

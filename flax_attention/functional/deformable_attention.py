@@ -1,0 +1,374 @@
+"""Pure functions: multi-scale deformable attention (Zhu et al., "Deformable DETR", ICLR 2021).
+
+`ms_deform_attn` equals Deformable DETR's `ms_deform_attn_core_pytorch`
+(fundamentalvision/Deformable-DETR, `models/ops/functions/ms_deform_attn_func.py`): each query
+and head reads P points on each of L feature levels, bilinearly (torch's `grid_sample`,
+zeros padding, `align_corners=False`: a location (x, y) in [0, 1] is the pixel
+(x * W_l - 0.5, y * H_l - 0.5) of level l), and sums them with its attention weights. Gradients
+follow `grid_sample`'s conventions (`functional.spatial`): a coordinate on a pixel takes its
+slope from the pixel to its right/below, and a corner outside its level counts 0.
+
+The XLA path walks the queries in chunks: for each, it gathers the four corners of every point
+from the flattened values and reduces them; its hand-written VJP recomputes the corners,
+scatter-adds the value gradient and takes the location and weight gradients from the channel
+dot products of the corners with the output gradient. The largest intermediate is one chunk's
+sampled values (no one-hot over the levels, no `[B, Q, N, L, P, D]` array). The Pallas path
+(`flax_attention.kernels.deformable_attention`) runs the gathers in a kernel; both share the
+coordinate math here.
+
+Axis legend: B batch, S keys (the L levels' H_l * W_l pixels, flattened level after level, row
+by row), Q queries, N heads, D channels per head, L levels, P points per head and level.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from flax_attention._checks import as_float, check_nonempty, check_rank
+from flax_attention.functional.spatial import _dot_channels, _grid_gradient, _weights
+from flax_attention.kernels import deformable_attention as kernel
+from flax_attention.kernels._common import on_gpu, pick_implementation
+
+__all__ = ["IMPLEMENTATIONS", "SpatialShapes", "check_spatial_shapes", "get_reference_points",
+           "level_start_index", "ms_deform_attn"]
+
+IMPLEMENTATIONS = ("xla", "pallas", None)  # of `ms_deform_attn`
+
+@jax.tree_util.register_static
+class SpatialShapes(tuple):
+    """The levels' (H_l, W_l) as a tuple of int pairs that JAX transformations treat as static
+    (a pytree without leaves): it can be passed through `jax.jit`, `jax.eval_shape` or a
+    module's `apply` as an ordinary argument, where a plain tuple of ints would be traced."""
+
+
+def check_spatial_shapes(spatial_shapes) -> SpatialShapes:
+    """`spatial_shapes` (a sequence of (H_l, W_l) pairs of positive ints) as `SpatialShapes`.
+
+    Raises:
+      ValueError: anything else (an empty sequence, a pair that is not two positive ints, traced
+        values).
+    """
+    try:
+        shapes = tuple(tuple(operator.index(s) for s in hw) for hw in spatial_shapes)
+    except TypeError:
+        shapes = ()
+    if not shapes or any(len(hw) != 2 or min(hw) < 1 for hw in shapes):
+        raise ValueError("spatial_shapes must be a non-empty sequence of (height, width) pairs "
+                         f"of positive ints, got {spatial_shapes!r}")
+    return SpatialShapes(shapes)
+
+
+def level_start_index(spatial_shapes: SpatialShapes) -> tuple[int, ...]:
+    """The offset of each level in the flattened keys (Deformable DETR's
+    `level_start_index`), `[L]`."""
+    sizes = [h * w for h, w in spatial_shapes]
+    return tuple(int(s) for s in np.cumsum([0, *sizes[:-1]]))
+
+
+def _check(value, spatial_shapes, sampling_locations, attention_weights) -> SpatialShapes:
+    check_rank("value", value, 4, "[B, S, N, D]")
+    check_nonempty("value", value, "[B, S, N, D]")
+    shapes = check_spatial_shapes(spatial_shapes)
+    keys = sum(h * w for h, w in shapes)
+    if value.shape[1] != keys:
+        raise ValueError(f"value must have S = sum of H_l * W_l = {keys} keys for spatial_shapes "
+                         f"{shapes}, got value of shape {tuple(value.shape)}")
+    check_rank("sampling_locations", sampling_locations, 6, "[B, Q, N, L, P, 2]")
+    b, _, n, _ = value.shape
+    want = (b, sampling_locations.shape[1], n, len(shapes), sampling_locations.shape[4], 2)
+    if sampling_locations.shape != want:
+        raise ValueError(f"sampling_locations must have shape [B, Q, N, L, P, 2] = {want} for "
+                         f"value {tuple(value.shape)} and {len(shapes)} levels, got "
+                         f"{tuple(sampling_locations.shape)}")
+    if attention_weights.shape != want[:-1]:
+        raise ValueError(f"attention_weights must have shape [B, Q, N, L, P] = {want[:-1]} for "
+                         f"sampling_locations {tuple(sampling_locations.shape)}, got "
+                         f"{tuple(attention_weights.shape)}")
+    return shapes
+
+
+def get_reference_points(spatial_shapes, valid_ratios: jax.Array) -> jax.Array:
+    """The encoder's reference points (Deformable DETR's
+    `DeformableTransformerEncoder.get_reference_points`): every pixel centre of every level,
+    normalised by the level's valid (unpadded) size, then scaled to each level's valid ratio.
+
+    Args:
+      spatial_shapes: the levels' (H_l, W_l).
+      valid_ratios: `[B, L, 2]` the (width, height) fraction of each level that is not padding.
+
+    Returns:
+      `[B, S, L, 2]` (x, y).
+    """
+    shapes = check_spatial_shapes(spatial_shapes)
+    valid_ratios = as_float(valid_ratios)
+    check_rank("valid_ratios", valid_ratios, 3, "[B, L, 2]")
+    if valid_ratios.shape[1:] != (len(shapes), 2):
+        raise ValueError(f"valid_ratios must have shape [B, L, 2] with L = {len(shapes)} "
+                         f"levels, got {tuple(valid_ratios.shape)}")
+    points = []
+    for level, (h, w) in enumerate(shapes):
+        ys, xs = jnp.meshgrid(jnp.arange(h) + 0.5, jnp.arange(w) + 0.5, indexing="ij")
+        ratio = valid_ratios[:, None, level]  # [B, 1, 2]
+        points.append(jnp.stack([xs.reshape(-1) / w, ys.reshape(-1) / h], -1) / ratio)
+    return jnp.concatenate(points, axis=1)[:, :, None] * valid_ratios[:, None]
+
+
+# --- Coordinates: locations -> corner rows of the values and bilinear weights. -------------------
+
+
+def _level_sizes(spatial_shapes: SpatialShapes) -> tuple[np.ndarray, np.ndarray]:
+    """Heights and widths `[L, 1]` (float32), to broadcast against `[..., L, P]`."""
+    sizes = np.asarray(spatial_shapes, np.float32)
+    return sizes[:, :1], sizes[:, 1:]
+
+
+def _locate(locations: jax.Array, spatial_shapes: SpatialShapes):
+    """Top-left corners y0, x0 `[..., L, P]` (int32) and the distances dy, dx to them, in
+    float32. The pixel coordinates are computed as torch's `grid_sample` computes them from
+    Deformable DETR's grid `2 * loc - 1` (so that `floor` rounds alike on pixel centres), and
+    clamped to [-2, size] (as `spatial`'s "zeros" padding), which changes no value and keeps
+    the corners' indices bounded."""
+    heights, widths = _level_sizes(spatial_shapes)
+    grid = 2 * locations.astype(jnp.promote_types(locations.dtype, jnp.float32)) - 1
+    iy = jnp.clip(((grid[..., 1] + 1) * heights - 1) / 2, -2, heights)
+    ix = jnp.clip(((grid[..., 0] + 1) * widths - 1) / 2, -2, widths)
+    y0, x0 = lax.stop_gradient(jnp.floor(iy)), lax.stop_gradient(jnp.floor(ix))
+    return y0.astype(jnp.int32), x0.astype(jnp.int32), iy - y0, ix - x0
+
+
+def _corners(y0: jax.Array, x0: jax.Array, batch: jax.Array, heads: int,
+             spatial_shapes: SpatialShapes) -> tuple[jax.Array, jax.Array]:
+    """Rows `[4, M, N, L, P]` of the four neighbours (y0, x0), (y0, x0 + 1), (y0 + 1, x0),
+    (y0 + 1, x0 + 1) of the corners `[M, N, L, P]` of M queries of the batch entries `batch`
+    `[M]`, in the values flattened as `[B * N * S, D]` (each batch entry's and head's keys
+    together), and whether each is inside its level (outside ones point at a clipped row)."""
+    heights, widths = (np.asarray(a, np.int32)[:, None] for a in zip(*spatial_shapes,
+                                                                     strict=True))
+    starts = np.asarray(level_start_index(spatial_shapes), np.int32)[:, None]
+    keys = int(starts[-1, 0] + heights[-1, 0] * widths[-1, 0])
+    image = batch[:, None] * heads + jnp.arange(heads, dtype=jnp.int32)  # [M, N]
+    first = image[:, :, None, None] * keys + starts  # [M, N, L, 1]
+    rows, inside = [], []
+    for y, x in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+        inside.append((y >= 0) & (y < heights) & (x >= 0) & (x < widths))
+        rows.append(first + jnp.clip(y, 0, heights - 1) * widths + jnp.clip(x, 0, widths - 1))
+    return jnp.stack(rows), jnp.stack(inside)
+
+
+def _head_major(value: jax.Array) -> jax.Array:
+    """`[B, S, N, D]` -> `[B * N * S, D]`, the layout of `_corners`' rows."""
+    return value.transpose(0, 2, 1, 3).reshape(-1, value.shape[-1])
+
+
+# One slice of two rows (a pair of horizontal neighbours) of `[R, D]` per start row.
+_PAIR = lax.GatherDimensionNumbers(offset_dims=(1, 2), collapsed_slice_dims=(),
+                                   start_index_map=(0,))
+
+
+def _corner_values(padded: jax.Array, rows: jax.Array, inside: jax.Array) -> list[jax.Array]:
+    """The values `[c, N, L * P, D]` of the four corners `rows`, `inside` `[4, c, N, L * P]`
+    (in `_corners`' order), from the values `[B * N * S, D]` with a zero row before and after
+    (`padded`): each pair of horizontal neighbours is one gather of a two-row slice (half the
+    gathers of one row each). A corner outside its level reads some other value (its weight is
+    0; every slice lies inside `padded`)."""
+    values = []
+    for top in (0, 2):  # (y0, x0) and (y0, x0 + 1), then the row below
+        left = jnp.where(inside[top], rows[top], rows[top + 1] - 1)  # x0 = -1: its right - 1
+        start = jnp.clip(left + 1, 0, padded.shape[0] - 2)
+        pair = lax.gather(padded, start.reshape(-1, 1), _PAIR, (2, padded.shape[1]),
+                          mode="promise_in_bounds").reshape(*start.shape, 2, -1)
+        values += [pair[..., 0, :], pair[..., 1, :]]
+    return values
+
+
+def _padded_values(value: jax.Array) -> jax.Array:
+    """`[B, S, N, D]` -> `[B * N * S + 2, D]` in at least float32: `_head_major` between two
+    zero rows (`_corner_values`' input)."""
+    flat = _head_major(value).astype(jnp.promote_types(value.dtype, jnp.float32))
+    return jnp.pad(flat, ((1, 1), (0, 0)))
+
+
+def _batch_index(batch: int, queries: int) -> jax.Array:
+    """The batch entry `[B * Q]` of each query of the flattened `[B * Q, ...]` inputs."""
+    return jnp.repeat(jnp.arange(batch, dtype=jnp.int32), queries)
+
+
+# --- XLA: the queries in chunks (two gathers each), and the hand-written VJP. ----------------
+# XLA materialises a gather before reducing it; in chunks of queries the gathered values stay in
+# cache. Sample points per chunk: at most this many (and at least one query). Measured on a
+# shared 2-core CPU at the encoder size of `benchmarks/deformable_attention.py` (4096 points:
+# 32 queries, 512 KiB of gathered values a corner): 2**12 about 2x faster than 2**16, forward
+# and backward.
+_CHUNK_ELEMENTS = 2**12
+
+
+def _chunked(locations: jax.Array, attention: jax.Array, *more: jax.Array):
+    """The inputs flattened to `[B * Q, ...]` and split into chunks of c queries,
+    `[B * Q / c, c, ...]` (zero-padded: padded queries have zero weights), with each query's
+    batch entry `[B * Q / c, c]`."""
+    b, q, n, levels, points, _ = locations.shape
+    count = b * q
+    size = max(1, min(count, _CHUNK_ELEMENTS // (n * levels * points)))
+    pad = -count % size
+
+    def split(x: jax.Array) -> jax.Array:
+        x = x.reshape(count, *x.shape[2:])
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape(-1, size, *x.shape[1:])
+
+    return split(_batch_index(b, q).reshape(b, q)), split(locations), split(
+        attention), *(split(x) for x in more)
+
+
+def _unchunked(x: jax.Array, batch: int, queries: int) -> jax.Array:
+    """`[chunks, c, ...]` -> `[B, Q, ...]`, without the padding."""
+    return x.reshape(-1, *x.shape[2:])[:batch * queries].reshape(batch, queries, *x.shape[2:])
+
+
+def _chunk_corners(spatial_shapes: SpatialShapes, heads: int, batch: jax.Array,
+                   locations: jax.Array):
+    """For the locations `[c, N, L, P, 2]` of a chunk of c queries of the batch entries
+    `batch` `[c]`: the rows of their four corners in the values `[4, c, N, L * P]`, the
+    corners' bilinear weights `[4, c, N, L, P]` (0 outside the level), whether each is
+    inside, and the distances dy, dx `[c, N, L, P]` to the top-left corner."""
+    y0, x0, dy, dx = _locate(locations, spatial_shapes)
+    rows, inside = _corners(y0, x0, batch, heads, spatial_shapes)
+    bilinear = jnp.where(inside, jnp.stack(_weights(dy, dx)), 0)
+    return rows.reshape(*rows.shape[:3], -1), bilinear, inside, dy, dx
+
+
+def _forward(value: jax.Array, spatial_shapes: SpatialShapes, locations: jax.Array,
+             attention: jax.Array) -> jax.Array:
+    b, q, n, d = locations.shape[0], locations.shape[1], value.shape[2], value.shape[3]
+    padded = _padded_values(value)
+
+    def chunk(args):
+        batch, loc, att = args
+        rows, bilinear, inside, _, _ = _chunk_corners(spatial_shapes, n, batch, loc)
+        weights = (bilinear * att.astype(bilinear.dtype)).reshape(rows.shape)
+        values = _corner_values(padded, rows, inside.reshape(rows.shape))
+        return sum(w[..., None] * v for w, v in zip(weights, values, strict=True)).sum(axis=2)
+
+    out = lax.map(chunk, _chunked(locations, attention))
+    return _unchunked(out, b, q).reshape(b, q, n * d).astype(value.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _ms_deform_attn(value: jax.Array, spatial_shapes: SpatialShapes, locations: jax.Array,
+                    attention: jax.Array) -> jax.Array:
+    return _forward(value, spatial_shapes, locations, attention)
+
+
+def _ms_deform_attn_fwd(value, spatial_shapes, locations, attention):
+    return _forward(value, spatial_shapes, locations, attention), (value, locations, attention)
+
+
+def _ms_deform_attn_bwd(spatial_shapes, residuals, g):
+    """Chunk by chunk: the value gradient, a scatter-add of the weighted output gradient into
+    the corners' rows; the weight and location gradients, from the corners' dot products with
+    the output gradient."""
+    value, locations, attention = residuals
+    b, s, n, d = value.shape
+    q = locations.shape[1]
+    padded = _padded_values(value)
+    heights, widths = _level_sizes(spatial_shapes)
+
+    def chunk(d_value, args):
+        batch, loc, att, g = args
+        rows, bilinear, inside, dy, dx = _chunk_corners(spatial_shapes, n, batch, loc)
+        g = g.astype(padded.dtype).reshape(g.shape[0], n, 1, d)
+        gathered = _corner_values(padded, rows, inside.reshape(rows.shape))
+        dots = jnp.where(inside, jnp.stack(_dot_channels(gathered, g)).reshape(inside.shape), 0)
+        att = att.astype(padded.dtype)
+        d_loc = att[..., None] * _grid_gradient(tuple(dots), dy, dx, heights, widths)
+        updates = (bilinear * att).reshape(rows.shape)[..., None] * g
+        d_value = d_value.at[rows.reshape(-1)].add(updates.reshape(-1, d),
+                                                   mode="promise_in_bounds")
+        return d_value, (d_loc, jnp.sum(bilinear * dots, axis=0))
+
+    d_value, (d_loc, d_att) = lax.scan(chunk, jnp.zeros((b * n * s, d), padded.dtype),
+                                       _chunked(locations, attention, g.reshape(b, q, n, d)))
+    d_value = d_value.reshape(b, n, s, d).transpose(0, 2, 1, 3)
+    return (d_value.astype(value.dtype), _unchunked(d_loc, b, q).astype(locations.dtype),
+            _unchunked(d_att, b, q).astype(attention.dtype))
+
+
+_ms_deform_attn.defvjp(_ms_deform_attn_fwd, _ms_deform_attn_bwd)
+_ms_deform_attn_xla = jax.jit(_ms_deform_attn, static_argnums=(1,))
+
+
+# --- Pallas: XLA computes the corners and weights (autodiff gives their gradients). -------------
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _ms_deform_attn_pallas(value: jax.Array, spatial_shapes: SpatialShapes,
+                           locations: jax.Array, attention: jax.Array,
+                           interpret: bool) -> jax.Array:
+    b, q, n, levels, points, _ = locations.shape
+    locations = locations.reshape(b * q, n, levels, points, 2)
+    y0, x0, dy, dx = _locate(locations, spatial_shapes)
+    rows, inside = _corners(y0, x0, _batch_index(b, q), n, spatial_shapes)
+    weights = jnp.where(inside, jnp.stack(_weights(dy, dx)) * attention.reshape(
+        b * q, n, levels, points).astype(dy.dtype), 0)
+
+    def corners_last(x: jax.Array) -> jax.Array:  # [4, M, N, L, P] -> [4, L * P, M * N]
+        return x.transpose(0, 3, 4, 1, 2).reshape(4, levels * points, b * q * n)
+
+    span = max(w for _, w in spatial_shapes) + 1
+    out = kernel.deformable_gather(_head_major(value), corners_last(rows),
+                                   corners_last(weights.astype(jnp.float32)), span,
+                                   kernel.BlockSizes(), interpret)
+    return out.reshape(b, q, n * value.shape[-1])
+
+
+def ms_deform_attn(value: jax.Array, spatial_shapes, sampling_locations: jax.Array,
+                   attention_weights: jax.Array, *,
+                   implementation: str | None = None) -> jax.Array:
+    """Multi-scale deformable attention (Deformable DETR's `ms_deform_attn_core_pytorch`).
+
+    `out[b, q, n * D + d] = sum_{l, p} attention_weights[b, q, n, l, p] *
+    bilinear(level l of value[b, :, n, d], sampling_locations[b, q, n, l, p])`, bilinear as
+    torch's `grid_sample(..., padding_mode="zeros", align_corners=False)` at the normalised
+    location `2 * loc - 1`.
+
+    Differentiable in reverse mode w.r.t. `value`, `sampling_locations` and
+    `attention_weights`, through a custom VJP (`jax.jvp` is not supported). Coordinates and sums
+    are computed in at least float32 (bfloat16 inputs accumulate in float32); keys are indexed
+    with int32 (B * N * S below 2**31). Each implementation is jitted with `spatial_shapes`
+    static.
+
+    Args:
+      value: `[B, S, N, D]`, the L levels' values flattened level after level, each row by row.
+      spatial_shapes: the levels' (H_l, W_l), a static sequence of L pairs of ints with
+        sum H_l * W_l = S.
+      sampling_locations: `[B, Q, N, L, P, 2]` (x, y); (0, 0) is the top-left corner of a
+        level, (1, 1) its bottom-right; locations outside read zeros.
+      attention_weights: `[B, Q, N, L, P]` (Deformable DETR's are a softmax over L * P).
+      implementation: "xla" (gathers and a scatter-add), "pallas" (the kernels of
+        `flax_attention.kernels.deformable_attention`: float32, bfloat16 or float16 inputs;
+        interpreted off the GPU) or None (XLA: the kernels have not been timed on a GPU yet).
+
+    Returns:
+      `[B, Q, N * D]` in value's dtype (float32 for an integer value), heads major.
+
+    Raises:
+      ValueError: wrong ranks or shapes (naming the argument), `spatial_shapes` that do not
+        sum to S, an unknown `implementation`.
+    """
+    value, sampling_locations = as_float(value), as_float(sampling_locations)
+    attention_weights = as_float(attention_weights)
+    shapes = _check(value, spatial_shapes, sampling_locations, attention_weights)
+    value, sampling_locations = jnp.asarray(value), jnp.asarray(sampling_locations)
+    attention_weights = jnp.asarray(attention_weights)
+    reasons = {"pallas": kernel.unsupported(value, sampling_locations)}
+    if pick_implementation("ms_deform_attn", implementation, IMPLEMENTATIONS,
+                           reasons) == "pallas":
+        return _ms_deform_attn_pallas(value, shapes, sampling_locations, attention_weights,
+                                      not on_gpu())
+    return _ms_deform_attn_xla(value, shapes, sampling_locations, attention_weights)
