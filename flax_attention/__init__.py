@@ -12,7 +12,12 @@ from flax_attention.coord_attention import CoordAttention
 from flax_attention.criss_cross import CrissCrossAttention, RCCAModule
 from flax_attention.danet import ChannelAttention, DANetHead, PositionAttention
 from flax_attention.deform_conv import DeformConv2d
-from flax_attention.deformable_attention import MSDeformAttn
+from flax_attention.deformable_attention import (
+    DeformableTransformerDecoderLayer,
+    DeformableTransformerEncoder,
+    DeformableTransformerEncoderLayer,
+    MSDeformAttn,
+)
 from flax_attention.eca import CecaModule, EcaModule
 from flax_attention.effective_se import EffectiveSEModule
 from flax_attention.functional import (
@@ -122,6 +127,9 @@ __all__ = [
     "CrissCrossAttention",
     "DANetHead",
     "DeformConv2d",
+    "DeformableTransformerDecoderLayer",
+    "DeformableTransformerEncoder",
+    "DeformableTransformerEncoderLayer",
     "LocalizationNet",
     "MSDeformAttn",
     "MultiHeadAttention",

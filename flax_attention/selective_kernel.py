@@ -197,13 +197,13 @@ class SelectiveKernel(nn.Module):
                   else [x] * num_paths)
         check_divisible("path input channels", inputs[0].shape[-1], groups, "groups")
         check_divisible("out_channels", out_channels, groups, "groups")
-        paths = jnp.stack([
+        paths = [
             _ConvNormAct(out_channels, k, self.stride, d, groups, self.act_layer,
                          name=f"paths_{i}", **layers.numerics(self))(xi, train)
             for i, (xi, (k, d)) in enumerate(zip(inputs, branches, strict=True))
-        ], axis=1)
+        ]
         weights = SelectiveKernelAttn(num_paths, self.attn_channels(out_channels), name="attn",
-                                      **layers.numerics(self))(paths, train)
+                                      **layers.numerics(self))(jnp.stack(paths, axis=1), train)
         self.sow("intermediates", "attention", weights)
         return F.selective_kernel_select(paths, weights)
 

@@ -13,6 +13,8 @@ try:  # torch is a test extra; tests that need it import it themselves
     import torch  # noqa: E402
 
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    # Two threads, or one a worker when pytest-xdist runs a worker per core.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // workers)))
 except ImportError:  # pragma: no cover
     pass

@@ -18,6 +18,7 @@ import pytest
 
 import flax_attention as fa
 from flax_attention import mechanisms
+from flax_attention.functional import SpatialShapes
 from flax_attention.models import classifiers, registry
 from flax_attention.models.resnet import resnet18
 
@@ -77,10 +78,21 @@ def _row_case(row: mechanisms.Mechanism) -> tuple[nn.Module, tuple, dict]:
 # Every public block with a `precision` field: (module, inputs, call keyword arguments): the
 # rows of the mechanism table, and the blocks that are not rows of their own.
 _SEQ = _zeros(1, 5, 8)
+_LEVELS = SpatialShapes(((2, 2), (1, 1)))
+_DEFORMABLE = {"n_levels": 2, "n_heads": 2, "n_points": 1}
 _OTHER_BLOCKS = {
     "ChannelAttention": (fa.ChannelAttention(), (_zeros(1, 4, 4, 8),), {}),
     "CrissCrossAttention": (fa.CrissCrossAttention(), (_zeros(1, 4, 5, 16),), {}),
     "DANetHead": (fa.DANetHead(3), (_zeros(1, 4, 4, 32),), {"train": True}),
+    "DeformableTransformerDecoderLayer": (
+        fa.DeformableTransformerDecoderLayer(8, 16, **_DEFORMABLE),
+        (_zeros(1, 3, 8), None, _zeros(1, 3, 2, 2), _SEQ, _LEVELS), {}),
+    "DeformableTransformerEncoder": (
+        fa.DeformableTransformerEncoder(8, 16, num_layers=1, **_DEFORMABLE),
+        (_SEQ, _LEVELS, jnp.ones((1, 2, 2))), {}),
+    "DeformableTransformerEncoderLayer": (
+        fa.DeformableTransformerEncoderLayer(8, 16, **_DEFORMABLE),
+        (_SEQ, None, _zeros(1, 5, 2, 2), _LEVELS), {}),
     # The localization net is built by the caller, so it gets its own precision.
     "LocalizationNet": (fa.LocalizationNet(), (_zeros(1, 28, 28, 1),), {}),
     "MultiHeadAttention": (fa.MultiHeadAttention(2), (_zeros(1, 3, 8), _SEQ, _SEQ), {}),

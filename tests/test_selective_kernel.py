@@ -243,3 +243,12 @@ def test_from_torch_rejects_bad_state_dicts():
         from_torch(SelectiveKernel(), {**sd, "attn.fc_reduce.weight": np.zeros((8, 32, 3, 3))})
     with pytest.raises(ValueError, match=r"misshaped keys.*paths.0.conv.weight"):
         from_torch(SelectiveKernel(out_channels=48), sd)
+
+
+def test_select_accepts_a_list_of_paths():
+    paths = jax.random.normal(jax.random.key(0), (2, 3, 4, 5, 6))
+    weights = jax.nn.softmax(jax.random.normal(jax.random.key(1), (2, 3, 6)), axis=1)
+    listed = F.selective_kernel_select([paths[:, i] for i in range(3)], weights)
+    np.testing.assert_array_equal(listed, F.selective_kernel_select(paths, weights))
+    with pytest.raises(ValueError, match="paths"):
+        F.selective_kernel_select([paths[:, 0], paths[:, 1, :3]], weights)

@@ -94,23 +94,40 @@ def selective_kernel_weights(logits: jax.Array, num_paths: int) -> jax.Array:
     return jax.nn.softmax(logits, axis=1)
 
 
-def selective_kernel_select(paths: jax.Array, weights: jax.Array) -> jax.Array:
+def selective_kernel_select(paths: jax.Array | list[jax.Array] | tuple[jax.Array, ...],
+                            weights: jax.Array) -> jax.Array:
     """The paths mixed channel by channel: `sum_p weights[b, p, c] * paths[b, p, h, w, c]`.
 
+    The sum over P is unrolled (the P products added in turn): on the CPU, XLA's reduction over
+    the paths axis took longer than both branch convolutions (`benchmarks/selective_kernel.py`).
+
     Args:
-      paths: `[B, P, H, W, C]`.
+      paths: `[B, P, H, W, C]`, or its P entries `[B, H, W, C]` as a list or tuple (what
+        `SelectiveKernel` passes, so that no stacked copy is made or differentiated).
       weights: `[B, P, C]`, e.g. from `selective_kernel_weights`.
 
     Returns:
       `[B, H, W, C]` in paths' dtype.
     """
-    paths, weights = map(as_float, (paths, weights))
-    _check_paths(paths)
+    weights = as_float(weights)
+    if isinstance(paths, (list, tuple)):
+        entries = [as_float(p) for p in paths]
+        if not entries:
+            raise ValueError("paths must hold at least one [B, H, W, C] array, got none")
+        for p in entries:
+            check_rank("paths entries", p, 4, "[B, H, W, C]")
+        shapes = [p.shape for p in entries]
+        check_same([f"paths[{i}]" for i in range(len(entries))], shapes, "shape", shapes)
+        shape = (shapes[0][0], len(entries), *shapes[0][1:])
+    else:
+        paths = as_float(paths)
+        _check_paths(paths)
+        entries, shape = [paths[:, i] for i in range(paths.shape[1])], paths.shape
     check_rank("weights", weights, 3, "[B, P, C]")
-    check_same(("paths", "weights"), (paths.shape[:2] + paths.shape[-1:], weights.shape),
-               "batch, paths and channels", (paths.shape, weights.shape))
-    weights = weights.astype(paths.dtype)[:, :, None, None, :]
-    return jnp.sum(paths * weights, axis=1)
+    check_same(("paths", "weights"), (shape[:2] + shape[-1:], weights.shape),
+               "batch, paths and channels", (shape, weights.shape))
+    weights = weights.astype(jnp.result_type(*entries))[:, :, None, None, :]
+    return functools.reduce(jnp.add, [p * weights[:, i] for i, p in enumerate(entries)])
 
 
 def _conv(x, kernel, stride, dilation, padding, groups, precision):
