@@ -252,6 +252,7 @@ def test_bad_ram_options_are_one_line(capsys, tmp_path, argv, message):
     assert message in _error_line(capsys)
 
 
+@pytest.mark.slow  # RAM runs stop and resume in tests/test_reinforce.py
 def test_train_eval_and_resume_ram(capsys, tmp_path):
     out = str(tmp_path / "ram")
     common = ["--out", out, "--no-progress", "--log-every", "2"]
@@ -309,14 +310,25 @@ def _assert_trained(capsys, name: str, out: Path, status: int) -> None:
     assert (out / "checkpoints" / "2").is_dir(), name
 
 
-def test_every_listed_model_trains_or_is_refused_before_writing(capsys, tmp_path, monkeypatch):
-    """`train --model M --epochs 1` for every name `list` prints. A refusal is one line, exit 1
-    and no run directory. `REAL_EPOCH` train one epoch of tiny data; for the other classifiers
-    (small CNNs and the registry's networks, whose compilation is slow) the run is built as
-    `train` builds it (data loaded, model checked against the images) and its epoch skipped;
+# One name of each kind `list` prints: a small classifier, RAM, a registry classifier, a
+# segmenter, a detector and a registry RAM (refused by the supervised trainer).
+_WALK_DEFAULT = ("cnn", "se-cnn", "ram", "resnet18", "danet_resnet50", "detr_resnet50",
+                 "ram_6_8x8_1")
+
+
+@pytest.mark.parametrize("every", [pytest.param(False, id="one-of-each-kind"),
+                                   pytest.param(True, id="all", marks=pytest.mark.slow)])
+def test_every_listed_model_trains_or_is_refused_before_writing(capsys, tmp_path, monkeypatch,
+                                                                 every):
+    """`train --model M --epochs 1` for every name `list` prints (by default one name of each
+    kind; all of them under `-m slow`). A refusal is one line, exit 1 and no run directory.
+    `REAL_EPOCH` train one epoch of tiny data; for the other classifiers (small CNNs and the
+    registry's networks, whose compilation is slow) the run is built as `train` builds it (data
+    loaded, model checked against the images) and its epoch skipped;
     `test_every_small_classifier_trains_an_epoch` (slow) trains the small ones for real."""
     names = _listed_models(capsys)
-    assert {*list_classifiers(), "ram", "resnet18", "detr_resnet50", "danet_resnet50"} <= set(names)
+    assert {*list_classifiers(), *_WALK_DEFAULT} <= set(names)
+    names = names if every else list(_WALK_DEFAULT)
     real_fit = Trainer.fit
 
     def fit(trainer, resume=False, *, step_delay=0.0):

@@ -282,6 +282,7 @@ def _segmenter_losses(model, size: int, lr: float) -> list[float]:
     return _train_step_losses(forward, _variables(model, x), loss, lr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ccnet_resnet50", "danet_resnet50"])
 def test_segmenter_train_step_lowers_the_loss(name):
     first, second = _segmenter_losses(registry.create(name, **SMALL_SEGMENTER), 32, 1e-2)
@@ -296,7 +297,7 @@ def test_full_segmenter_train_step_lowers_the_loss(name):
 
 
 @pytest.mark.parametrize("config", [
-    pytest.param(SMALL_DETR, id="small"),
+    pytest.param(SMALL_DETR, id="small", marks=pytest.mark.slow),
     pytest.param({}, id="detr_resnet50", marks=pytest.mark.slow),
 ])
 def test_detr_train_step_lowers_the_loss(config):

@@ -10,7 +10,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("editable", [False, True], ids=["wheel", "editable"])
+@pytest.mark.parametrize("editable", [
+    False, pytest.param(True, marks=pytest.mark.slow)], ids=["wheel", "editable"])
 def test_kernels_import_after_install(tmp_path, editable):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
