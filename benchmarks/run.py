@@ -21,8 +21,10 @@ from flax_attention import mechanisms
 
 
 def benchmark_modules() -> list[str]:
-    """The benchmark modules of every mechanism, in table order, each once."""
-    return list(dict.fromkeys(name for m in mechanisms.MECHANISMS for name in m.benchmarks))
+    """The benchmark modules of every mechanism, in table order, each once, then the scaling
+    table's quick sizes (`benchmarks.scaling`)."""
+    names = [name for m in mechanisms.MECHANISMS for name in m.benchmarks]
+    return list(dict.fromkeys([*names, "benchmarks.scaling"]))
 
 
 def all_cases() -> list[Case]:

@@ -18,6 +18,10 @@ from flax_attention.deformable_attention import (
     DeformableTransformerEncoderLayer,
     MSDeformAttn,
 )
+from flax_attention.deformable_transformer import (
+    DeformableTransformer,
+    DeformableTransformerDecoder,
+)
 from flax_attention.eca import CecaModule, EcaModule
 from flax_attention.effective_se import EffectiveSEModule
 from flax_attention.functional import (
@@ -127,6 +131,8 @@ __all__ = [
     "CrissCrossAttention",
     "DANetHead",
     "DeformConv2d",
+    "DeformableTransformer",
+    "DeformableTransformerDecoder",
     "DeformableTransformerDecoderLayer",
     "DeformableTransformerEncoder",
     "DeformableTransformerEncoderLayer",

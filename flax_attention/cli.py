@@ -4,6 +4,8 @@
                          [--out DIR] [--resume] [--batch-size B] [--lr LR] [--seed S] ...
     flax-attention train --model ram [--dataset cluttered-digits] [--steps N | --epochs N]
                          [--glimpses G] [--random-glimpses] ...
+    flax-attention train --model detr-small | danet-small | ccnet-small | fcn-small
+                         [--dataset digit-detection | digit-segmentation] [--steps N] ...
     flax-attention eval --run DIR | --weights DIR --dataset NAME
     flax-attention visualize --run DIR [--out DIR] [--num-images N] [--seed S]
     flax-attention list
@@ -35,12 +37,6 @@ import jax
 import jax.numpy as jnp
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_STOPPED = 1, 2, 75, 130
-RAM = "ram"  # the Recurrent Attention Model, trained by `train.reinforce`
-# The train options that name a RamConfig field differently (--limit also sets test_examples).
-_RAM_FIELDS = {"glimpses": "num_glimpses", "random_glimpses": "random_locations",
-               "limit": "train_examples"}
-_RAM_ONLY = ("glimpses", "random_glimpses")
-_SUPERVISED_ONLY = ("optimizer", "dtype")
 
 
 def _count(params) -> int:
@@ -84,6 +80,7 @@ def demo(args: argparse.Namespace) -> int:
 def _model_names() -> list[str]:
     from flax_attention.models import registry
     from flax_attention.models.classifiers import list_classifiers
+    from flax_attention.train.options import RAM
 
     return [*list_classifiers(), RAM, *registry.list_models()]
 
@@ -91,14 +88,19 @@ def _model_names() -> list[str]:
 def list_all(args: argparse.Namespace) -> int:
     from flax_attention import mechanisms
     from flax_attention.data import list_datasets
+    from flax_attention.train.dense import model_task
+    from flax_attention.train.options import RAM
     from flax_attention.train.supervised import list_trainable
 
     trainable, others = list_trainable()
+    dense = [name for name in others if model_task(name)]
     sections = {
         "mechanisms": mechanisms.names(),
         "models that train takes (train --model; the registry's classifiers need images "
-        "that fit them)": [*trainable, RAM],
-        "other networks (models.create, from_torch; not trained by train)": others,
+        "that fit them; detectors train on digit-detection, segmenters on "
+        "digit-segmentation)": [*trainable, RAM, *dense],
+        "other networks (models.create, from_torch; not trained by train)":
+            [name for name in others if name not in dense],
         "data sets (train --dataset; the *mnist ones need --data-dir)": list(list_datasets()),
     }
     for title, names in sections.items():
@@ -112,77 +114,21 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def _run_length(args: argparse.Namespace, given: dict) -> None:
-    """--steps or --epochs: the one given fixes the run length, the other field is dropped."""
-    if "steps" in vars(args) and "epochs" in vars(args):
-        raise ValueError("give --steps or --epochs, not both")
-    if "steps" in vars(args):
-        given["epochs"] = None
-    if "epochs" in vars(args):
-        given["steps"] = None
-
-
-def _train_config(args: argparse.Namespace):
-    """The run's TrainConfig: the options given, then (with --resume) the run's saved config,
-    then the defaults."""
-    from flax_attention.train.supervised import TrainConfig
-
-    if any(option in vars(args) for option in _RAM_ONLY):
-        raise ValueError("--glimpses and --random-glimpses are options of --model ram")
-    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    _run_length(args, given)
-    if "out" not in given:
-        model = given.get("model", TrainConfig.model)
-        given["out"] = os.path.join("runs", f"{model}-{given.get('dataset', TrainConfig.dataset)}")
-    base = TrainConfig()
-    if args.resume and (Path(given["out"]) / "config.json").is_file():
-        base = TrainConfig.load(given["out"])
-    return TrainConfig.from_dict({**base.to_dict(), **given})
-
-
-def _ram_config(args: argparse.Namespace):
-    """The RamConfig of `train --model ram`: the options given, then (with --resume) the run's
-    saved config, then the defaults."""
-    from flax_attention.train.reinforce import RamConfig
-
-    for option in _SUPERVISED_ONLY:
-        if option in vars(args):
-            raise ValueError(f"--{option} is not an option of --model ram")
-    fields = RamConfig.__dataclass_fields__
-    given = {_RAM_FIELDS.get(k, k): v for k, v in vars(args).items()
-             if _RAM_FIELDS.get(k, k) in fields}
-    if "limit" in vars(args):
-        given["test_examples"] = args.limit
-    _run_length(args, given)
-    base = RamConfig()
-    out = Path(given.get("out", base.out))
-    if args.resume and (out / "config.json").is_file():
-        base = RamConfig.load(out)
-    return RamConfig.from_dict({**base.to_dict(), **given})
-
-
-def _trainer_kind(args: argparse.Namespace) -> str:
-    """The trainer of `train`: by --model; without it, with --resume, the one named in the
-    run's config.json; else the supervised one."""
-    from flax_attention.train.run_dir import run_kind
-
-    model = getattr(args, "model", None)
-    if model is not None:
-        return "reinforce" if model == RAM else "supervised"
-    out = getattr(args, "out", None)
-    if args.resume and out is not None and (Path(out) / "config.json").is_file():
-        return run_kind(out)
-    return "supervised"
-
 
 def _title(config) -> str:
-    if config.KIND == "supervised":
+    if config.KIND != "reinforce":
         return config.model
     kind = "random glimpses" if config.random_locations else "learned glimpses"
     return f"RAM ({config.num_glimpses} {kind})"
 
 
 def _scores(m: dict) -> str:
+    if "test_map" in m:
+        return (f": test mAP {m['test_map']:.4f}, AP50 {m['test_ap50']:.4f}, "
+                f"AP75 {m['test_ap75']:.4f}")
+    if "test_miou" in m:
+        return (f": test mIoU {m['test_miou']:.4f}, pixel accuracy "
+                f"{m['test_pixel_accuracy']:.2%}, test loss {m['test_loss']:.4f}")
     if "test_accuracy" not in m:
         return ""
     parts = [f"test accuracy {m['test_accuracy']:.2%}"]
@@ -195,11 +141,12 @@ def _scores(m: dict) -> str:
 
 def train(args: argparse.Namespace) -> int:
     from flax_attention.train.loop import trainer_class
+    from flax_attention.train.options import run_config, trainer_kind
     from flax_attention.train.parallel import describe_devices
     from flax_attention.train.run_dir import pick_run_dir, prepare_run_dir
 
-    kind = _trainer_kind(args)
-    config = _ram_config(args) if kind == "reinforce" else _train_config(args)
+    kind = trainer_kind(args)
+    config = run_config(args, kind)
     if kind == "supervised" and config.model not in _model_names():
         raise ValueError(f"unknown model {config.model!r}; known: {', '.join(_model_names())}")
     resume, action = args.resume, None
@@ -228,6 +175,7 @@ def _silent(*args, **kwargs) -> None:
 def evaluate(args: argparse.Namespace) -> int:
     from flax_attention.convert import evaluate_weights, is_weights_directory
     from flax_attention.train.loop import evaluate_run
+    from flax_attention.train.options import DENSE
 
     if is_weights_directory(args.run):
         m = evaluate_weights(args.run, args.dataset, args.data_dir)
@@ -235,7 +183,9 @@ def evaluate(args: argparse.Namespace) -> int:
               f"test loss {m['test_loss']:.4f}")
         return 0
     m = evaluate_run(args.run, data_dir=args.data_dir)
-    if m["trainer"] == "reinforce":
+    if m["trainer"] in DENSE:
+        print(f"{args.run}: step {m['step']}{_scores(m)}")
+    elif m["trainer"] == "reinforce":
         print(f"{args.run}: step {m['step']}: test accuracy {m['test_accuracy']:.2%} "
               f"(mean over {m['mc_samples']} glimpse paths), test error {m['test_error']:.2f}%")
     else:
@@ -245,8 +195,13 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def visualize(args: argparse.Namespace) -> int:
+    from flax_attention.train.options import DENSE
+    from flax_attention.train.run_dir import run_kind
     from flax_attention.visualize import visualize_run
 
+    dense = (Path(args.run) / "config.json").is_file() and run_kind(args.run) in DENSE
+    if dense:
+        from flax_attention.visualize_dense import visualize_dense_run as visualize_run
     paths = visualize_run(args.run, args.out, args.num_images, args.seed, args.data_dir)
     for path in paths:
         print(path)
@@ -326,15 +281,19 @@ def _add_train(sub) -> None:
     from flax_attention.train.supervised import DTYPES, OPTIMIZERS, TrainConfig
 
     c, r = TrainConfig, RamConfig
-    p = sub.add_parser("train", help="train a classifier (default: the STN-CNN main job) "
-                       "or RAM (--model ram)", argument_default=argparse.SUPPRESS,
-                       description="Train a classifier (default: the STN-CNN main job) or RAM "
-                       "(--model ram). Options left out take the defaults shown (with "
+    p = sub.add_parser("train", help="train a classifier (default: the STN-CNN main job), "
+                       "RAM (--model ram), a detector or a segmenter (--model detr-small, ...)",
+                       argument_default=argparse.SUPPRESS,
+                       description="Train a classifier (default: the STN-CNN main job), RAM "
+                       "(--model ram), a detector (--model detr-small, on digit-detection) or a "
+                       "segmenter (--model danet-small, ccnet-small, fcn-small, on "
+                       "digit-segmentation). Options left out take the defaults shown (with "
                        "--resume: the run's saved values). Without --out, a run of the same "
                        "config in the default directory is resumed, else a new one is made.")
     p.add_argument("--model", help=f"a name of `flax-attention list` (default {c.model})")
     p.add_argument("--dataset", choices=list_datasets(),
-                   help=f"default {c.dataset}; {r.dataset} for ram")
+                   help=f"default {c.dataset}; {r.dataset} for ram; digit-detection or "
+                   "digit-segmentation for detectors and segmenters")
     p.add_argument("--epochs", type=positive_int,
                    help=f"passes over the training set (default {c.epochs}; ram: --steps)")
     p.add_argument("--out", type=directory, help="run directory (default runs/<model>-<dataset>)")
@@ -382,7 +341,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the mechanisms, models and data sets").set_defaults(
         func=list_all)
     _add_train(sub)
-    p = sub.add_parser("eval", help="test accuracy of a run's last checkpoint or of weights")
+    p = sub.add_parser("eval", help="test accuracy (detection: mAP, AP50; segmentation: mIoU, "
+                       "pixel accuracy) of a run's last checkpoint or of weights")
     p.add_argument("--run", "--weights", dest="run", required=True,
                    help="a run directory (train --out) or a weights directory (convert --out, "
                    "with --dataset)")

@@ -10,6 +10,10 @@ first upsampled to `DIGIT_SIZE` = 20 px (cubic splines; MNIST's digits fill a 20
 - `cluttered-digits`: the cluttered translated set of the recurrent attention paper (Mnih et al.
   2014): the digit at a uniform random position on a 60x60 canvas with 4 fragments of 8x8 px
   cropped from other digits of the same split. `[B, 60, 60, 1]`.
+- `digit-detection`, `digit-segmentation` (`flax_attention.dense_data`): 64x64 canvases of 1 to
+  5 digits at random sides and places; labels are DETR-style padded boxes (a dict with a
+  validity mask) or per-pixel label maps `[B, 64, 64]` (background + 10 digits). 4000 train and
+  1000 test canvases.
 
 The source digits are split by index, so no test digit appears in train: train uses digits
 0..1436 (7 augmented copies each: 10059 images), test digits 1437..1796 (6 copies: 2160).
@@ -18,8 +22,9 @@ Real MNIST, read from `data_dir` by `data_files.load_mnist` (IDX files or keras'
 `mnist` (28x28), `distorted-mnist` (42x42) and `cluttered-mnist` (60x60, RAM's benchmark), one
 copy of each digit: 60000 train, 10000 test images (cluttered-mnist train takes 0.9 GB).
 
-Every image set is float32 in [0, 1], NHWC; labels are int32. `batches` shuffles per
-(seed, epoch) and `prefetch_to_device` moves batches to the devices from a background thread.
+Every image set is float32 in [0, 1], NHWC; class labels and label maps are int32. `batches`
+shuffles per (seed, epoch) and `prefetch_to_device` moves batches to the devices from a
+background thread.
 """
 
 from __future__ import annotations
@@ -57,7 +62,9 @@ class Dataset:
 
     Attributes:
       images: `[B, H, W, C]` float32 in [0, 1].
-      labels: `[B]` int32 in [0, num_classes).
+      labels: `[B]` int32 class labels in [0, num_classes), `[B, H, W]` int32 label maps, or a
+        dict of arrays each `[B, ...]` (detection: "classes" `[B, D]`, "boxes" `[B, D, 4]`,
+        "valid" `[B, D]`). Integer labels, and a dict's "classes", lie in [0, num_classes).
       num_classes: the number of classes.
       class_names: the name of each class, by label.
       extras: generation records, each `[B, ...]`: `source` (index of the source digit in
@@ -67,23 +74,37 @@ class Dataset:
     """
 
     images: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | Mapping[str, np.ndarray]
     num_classes: int
     class_names: tuple[str, ...] = ()
     extras: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.labels.shape != self.images.shape[:1]:
+        shapes = jax.tree.map(np.shape, self.labels)
+        leaves = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+        if self.images.ndim != 4 or any(shape[:1] != self.images.shape[:1] for shape in leaves):
             raise ValueError(
-                "images [B, H, W, C] and labels [B] must agree; got images "
-                f"{self.images.shape} and labels {self.labels.shape}"
+                "images [B, H, W, C] and labels [B, ...] must agree in B; got images "
+                f"{self.images.shape} and labels {shapes}"
             )
-        if self.labels.size and not 0 <= self.labels.min() <= self.labels.max() < self.num_classes:
+        classes = self.labels.get("classes") if isinstance(self.labels, Mapping) else self.labels
+        if (classes is not None and classes.size
+                and not 0 <= classes.min() <= classes.max() < self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
-                             f"[{self.labels.min()}, {self.labels.max()}]")
+                             f"[{classes.min()}, {classes.max()}]")
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.images)
+
+    def take(self, index: np.ndarray | slice) -> Dataset:
+        """The examples at `index` (labels and extras indexed leaf-wise), e.g. `take(slice(n))`."""
+        return Dataset(self.images[index], _index(self.labels, index), self.num_classes,
+                       self.class_names, _index(dict(self.extras), index))
+
+
+def _index(labels: Any, index: np.ndarray | slice) -> Any:
+    """Every array of the pytree `labels` indexed along its first axis."""
+    return jax.tree.map(lambda array: array[index], labels)
 
 
 # --- generators ---------------------------------------------------------------------------------
@@ -102,7 +123,8 @@ def resize(images: np.ndarray, size: tuple[int, int], order: int = 3,
         return ndimage.zoom(np.eye(n), (m / n, 1), order=order, mode=mode, grid_mode=True)
 
     h, w = images.shape[1:3]
-    out = np.einsum("ih,bhw...,jw->bij...", matrix(h, size[0]), images, matrix(w, size[1]))
+    out = np.einsum("ih,bhw...,jw->bij...", matrix(h, size[0]), images, matrix(w, size[1]),
+                    optimize=True)
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
@@ -219,11 +241,12 @@ _DATASETS = {  # name -> (source, transform)
     "distorted-mnist": ("mnist", "distort"),
     "cluttered-mnist": ("mnist", "clutter"),
 }
+_DENSE = {"digit-detection": "detection", "digit-segmentation": "segmentation"}  # name -> target
 
 
 def list_datasets() -> tuple[str, ...]:
     """The names `load_dataset` takes; the `*mnist` ones need a `data_dir`."""
-    return tuple(_DATASETS)
+    return (*_DATASETS, *_DENSE)
 
 
 @functools.lru_cache(maxsize=1)
@@ -251,7 +274,7 @@ def _source(kind: str, split: str, data_dir: str | Path | None
 
 
 def _read_only(dataset: Dataset) -> Dataset:
-    for array in (dataset.images, dataset.labels, *dataset.extras.values()):
+    for array in (dataset.images, *jax.tree.leaves(dataset.labels), *dataset.extras.values()):
         array.flags.writeable = False
     return dataset
 
@@ -267,17 +290,21 @@ def load_dataset(name: str, split: str = "train", seed: int = 0,
       seed: non-negative; the same seed gives the same arrays (read-only) in every process.
       data_dir: where MNIST lies (see `load_mnist`); only for the `*mnist` sets.
     """
-    check_choice("name", name, _DATASETS)
+    check_choice("name", name, list_datasets())
     check_choice("split", split, SPLITS)
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    kind, transform = _DATASETS[name]
+    kind, transform = _DATASETS.get(name, ("digits", None))
     if (kind == "mnist") != (data_dir is not None):
         need = "needs a data_dir holding MNIST" if kind == "mnist" else "takes no data_dir"
         raise ValueError(f"data set {name!r} {need}, got data_dir={data_dir!r}")
+    rng = np.random.default_rng([seed, zlib.crc32(f"{name}/{split}".encode())])
+    if name in _DENSE:
+        from flax_attention.dense_data import load_dense
+
+        return _read_only(load_dense(_DENSE[name], split, rng))
     images, labels, index = _source(kind, split, data_dir)
     source = np.tile(np.arange(len(labels)), _COPIES[kind][split])
-    rng = np.random.default_rng([seed, zlib.crc32(f"{name}/{split}".encode())])
     images, extras = _TRANSFORMS[transform](images[source], rng)
     dataset = Dataset(images[..., None], labels[source], 10, DIGIT_NAMES,
                       {**extras, "source": index[source]})
@@ -289,7 +316,9 @@ def load_dataset(name: str, split: str = "train", seed: int = 0,
 
 def batches(dataset: Dataset, batch_size: int, seed: int = 0, epoch: int = 0,
             drop_remainder: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """One epoch of shuffled `(images [B, H, W, C], labels [B])` batches, as numpy arrays.
+    """One epoch of shuffled `(images [B, H, W, C], labels [B, ...])` batches, as numpy arrays.
+
+    Labels come as the data set holds them (an array, or a dict of arrays indexed alike).
 
     The order depends only on (seed, epoch), so a resumed run sees the same batches; to resume
     mid-epoch skip the batches already seen with `itertools.islice`. Every example appears
@@ -302,7 +331,7 @@ def batches(dataset: Dataset, batch_size: int, seed: int = 0, epoch: int = 0,
     order = np.random.default_rng([seed, epoch]).permutation(n)
     stop = n - n % batch_size if drop_remainder else n
     parts = (order[start:start + batch_size] for start in range(0, stop, batch_size))
-    return ((dataset.images[part], dataset.labels[part]) for part in parts)
+    return ((dataset.images[part], _index(dataset.labels, part)) for part in parts)
 
 
 _END = object()

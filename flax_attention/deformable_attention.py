@@ -10,9 +10,9 @@ flattened), C channels (d_model), N heads, L levels, P points.
 
 Differences from upstream: `spatial_shapes` is static (a sequence of (H_l, W_l) pairs, or a
 `functional.deformable_attention.SpatialShapes` to pass through `jax.jit` as an argument) and
-`level_start_index` is derived from it; the softmax runs in float32. Not built: the whole
-`DeformableTransformer` (level embeddings, query embeddings, two-stage proposals, iterative box
-refinement).
+`level_start_index` is derived from it; the softmax runs in float32. The whole
+`DeformableTransformer` (level embeddings, reference points, the decoder stack) is
+`flax_attention.deformable_transformer`'s.
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ class MSDeformAttn(nn.Module):
     4-d reference boxes (cx, cy, w, h): loc = ref[:2] + offset / P * ref[2:] / 2.
 
     The sampling locations are sown as ("intermediates", "attention") `[B, Q, N * L * P, 2]`
-    (x, y in [0, 1] of the image, float32; the "points" picture).
+    (x, y in [0, 1] of the image, float32; the "points" picture) and their weights as
+    ("intermediates", "sampling_weights") `[B, Q, N * L * P]` (float32; each head's L * P
+    sum to 1), in the same order (heads, levels, points).
 
     Attributes:
       d_model: C, the channels of queries and inputs; divisible by `n_heads`.
@@ -166,6 +168,7 @@ class MSDeformAttn(nn.Module):
         else:
             locations = reference[..., :2] + offsets / points * reference[..., 2:] * 0.5
         self.sow("intermediates", "attention", locations.reshape(b, q, n * levels * points, 2))
+        self.sow("intermediates", "sampling_weights", weights.reshape(b, q, n * levels * points))
         out = ms_deform_attn(value, shapes, locations, weights,
                              implementation=self.implementation)
         return self._dense(self.d_model, "output_proj")(out)

@@ -98,8 +98,8 @@ class MultiHeadAttention(nn.Module):
     Position embeddings are added to the query and the key, never the value. The q/k/v input
     projections are packed as in torch (`in_proj_kernel` `[C, 3C]` is torch's `in_proj_weight`
     transposed), so torch weights import directly. Attention runs through `attention_fn`
-    (by default `functional.dot_product_attention`, i.e. `jax.nn.dot_product_attention`, cuDNN
-    fused attention with `implementation="cudnn"`), except when attention dropout is active or
+    (by default `functional.dot_product_attention`: XLA with a hand-written backward pass, or
+    cuDNN fused attention with `implementation="cudnn"`), except when attention dropout is active or
     the "intermediates" collection is mutable: then the weights `[B, N, T, S]` are computed
     explicitly and sown as `intermediates/attention`.
 

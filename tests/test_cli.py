@@ -17,7 +17,7 @@ import pytest
 from flax_attention import cli
 from flax_attention.data import list_datasets
 from flax_attention.models.classifiers import list_classifiers
-from flax_attention.train import Checkpoints, TrainConfig, Trainer, TrainResult, write_json
+from flax_attention.train import Checkpoints, TrainConfig, Trainer, TrainResult, options, write_json
 from flax_attention.train.run_dir import pick_run_dir, read_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,10 +86,10 @@ def test_list_separates_what_train_takes_from_the_other_networks(capsys):
     assert titles[0] == "mechanisms:" and {"SELayer", "CrissCrossAttention"} <= {
         *sections[titles[0]]}
     assert titles[1].startswith("models that train takes")
-    assert {*list_classifiers(), "ram", "resnet18"} <= {*sections[titles[1]]}
+    assert {*list_classifiers(), "ram", "resnet18", "detr_resnet50", "danet_resnet50",
+            "ccnet_resnet50", "detr-small", "fcn-small"} <= {*sections[titles[1]]}
     assert titles[2].startswith("other networks")
-    assert {"detr_resnet50", "danet_resnet50", "ccnet_resnet50", "ram_6_8x8_1"} <= {
-        *sections[titles[2]]}
+    assert {"ram_6_8x8_1"} <= {*sections[titles[2]]}
     assert not {*sections[titles[1]]} & {*sections[titles[2]]}
     assert sections[titles[3]] == list(list_datasets())
 
@@ -174,9 +174,9 @@ def test_resume_takes_the_options_left_out_from_the_run(tmp_path):
     saved = TrainConfig(model="se-cnn", epochs=3, lr=0.01, out=out, limit=100)
     (tmp_path / "run").mkdir()
     write_json(tmp_path / "run" / "config.json", saved.to_dict())
-    resumed = cli._train_config(_namespace(out=out, resume=True, checkpoint_every=7))
+    resumed = options.train_config(_namespace(out=out, resume=True, checkpoint_every=7))
     assert resumed == TrainConfig(**{**saved.to_dict(), "checkpoint_every": 7})
-    fresh = cli._train_config(_namespace(model="cnn"))
+    fresh = options.train_config(_namespace(model="cnn"))
     assert fresh == TrainConfig(model="cnn", out=os.path.join("runs", "cnn-distorted-digits"))
 
 
@@ -266,7 +266,7 @@ def test_train_eval_and_resume_ram(capsys, tmp_path):
     # A resume finds the RAM run by its directory and keeps its saved options.
     assert cli.main(["train", "--resume", "--steps", "6", *common]) == 0
     assert "RAM (2 learned glimpses)" in capsys.readouterr().out
-    saved = cli._ram_config(_namespace(out=out, resume=True))
+    saved = options.ram_config(_namespace(out=out, resume=True))
     assert (saved.num_glimpses, saved.steps, saved.train_examples) == (2, 6, 32)
 
 
@@ -281,10 +281,6 @@ def _listed_models(capsys) -> list[str]:
 
 def _expected_refusal(name: str) -> str | None:
     """What `train --model name` must say when it refuses (None: it must train)."""
-    if name.startswith(("danet_", "ccnet_")):
-        return f"{name} is a segmenter; train supports classifiers and ram"
-    if name.startswith("detr_"):
-        return f"{name} is a detector; train supports classifiers and ram"
     if name.startswith("ram_"):
         return f"{name} is a recurrent attention model (--model ram trains one with REINFORCE)"
     if name.startswith("residual_attention_"):  # a total stride of 32 or 4: not 42 x 42

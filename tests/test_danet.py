@@ -147,6 +147,18 @@ def test_channel_attention_grads():
                     modes=["rev"])
 
 
+@pytest.mark.parametrize("shape", CAM_SHAPES)
+def test_channel_attention_backward_matches_torch_float64(shape):
+    """The hand-written backward pass, in float32, against torch's autograd of the reference in
+    float64, for a random output cotangent."""
+    x, d_out = random_nhwc(shape, 3), random_nhwc(shape, 4)
+    x_t = nhwc_to_torch(x).double().requires_grad_(True)
+    (ref.cam(x_t) * nhwc_to_torch(d_out).double()).sum().backward()
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(F.channel_attention(x) * d_out)))(x)
+    assert grad.dtype == jnp.float32
+    assert_close(grad, torch_to_nhwc(x_t.grad), rtol=1e-5)
+
+
 @pytest.mark.parametrize("chunk_size", [None, 5])
 def test_jit_and_vmap_equal_eager(chunk_size):
     q, k, v = _qkv(2, 3, 4, 2, 3)

@@ -247,10 +247,22 @@ def test_module_matches_torch_with_padding(box):
     expected = torch_module(*map(torch.tensor, (query, reference, x)), SHAPES, None,
                             torch.tensor(mask)).detach().numpy()
     module = MSDeformAttn(C, L, N, P)
-    out, state = module.apply(from_torch(module, state_dict(torch_module)), query, reference, x,
-                              F.SpatialShapes(SHAPES), mask, mutable=["intermediates"])
+    params = from_torch(module, state_dict(torch_module))
+    out, state = module.apply(params, query, reference, x, F.SpatialShapes(SHAPES), mask,
+                              mutable=["intermediates"])
     assert_close(out, expected, rtol=2e-5)
-    assert state["intermediates"]["attention"][0].shape == (B, Q, N * L * P, 2)
+    # The sown locations and weights are the ones read: through the op they give the output.
+    sown = state["intermediates"]
+    locations, weights = sown["attention"][0], sown["sampling_weights"][0]
+    assert locations.shape == (B, Q, N * L * P, 2) and weights.shape == (B, Q, N * L * P)
+    assert_close(weights.reshape(B, Q, N, L * P).sum(-1), np.ones((B, Q, N)))
+    dense = params["params"]
+    value = np.where(mask[..., None], 0, x @ dense["value_proj"]["kernel"]
+                     + dense["value_proj"]["bias"]).reshape(B, S, N, C // N)
+    read = F.ms_deform_attn(value, SHAPES, locations.reshape(B, Q, N, L, P, 2),
+                            weights.reshape(B, Q, N, L, P))
+    assert_close(read @ dense["output_proj"]["kernel"] + dense["output_proj"]["bias"], expected,
+                 rtol=2e-5)
 
 
 @pytest.mark.slow

@@ -84,6 +84,14 @@ _OTHER_BLOCKS = {
     "ChannelAttention": (fa.ChannelAttention(), (_zeros(1, 4, 4, 8),), {}),
     "CrissCrossAttention": (fa.CrissCrossAttention(), (_zeros(1, 4, 5, 16),), {}),
     "DANetHead": (fa.DANetHead(3), (_zeros(1, 4, 4, 32),), {"train": True}),
+    "DeformableTransformer": (
+        fa.DeformableTransformer(8, 2, 1, 1, 16, num_feature_levels=2, dec_n_points=1,
+                                 enc_n_points=1),
+        ([_zeros(1, 2, 2, 8), _zeros(1, 1, 1, 8)], None, [_zeros(1, 2, 2, 8), _zeros(1, 1, 1, 8)],
+         _zeros(3, 16)), {}),
+    "DeformableTransformerDecoder": (
+        fa.DeformableTransformerDecoder(8, 16, num_layers=1, **_DEFORMABLE),
+        (_zeros(1, 3, 8), _zeros(1, 3, 2), _SEQ, _LEVELS, jnp.ones((1, 2, 2))), {}),
     "DeformableTransformerDecoderLayer": (
         fa.DeformableTransformerDecoderLayer(8, 16, **_DEFORMABLE),
         (_zeros(1, 3, 8), None, _zeros(1, 3, 2, 2), _SEQ, _LEVELS), {}),

@@ -151,6 +151,7 @@ TINY = {"num_glimpses": 2, "glimpse_size": 6, "num_scales": 2, "hidden": 8, "ste
         "checkpoint_every": 4, "log_every": 2, "progress": False}
 
 
+@pytest.mark.slow  # the default suite trains RAM in the resume test below
 def test_training_lowers_the_loss_and_beats_chance(tmp_path):
     """400 steps (about 20 s on 2 cores) take the test accuracy on 500 cluttered digits from
     chance (10 %, standard error 1.3 %) to 24..29 % (seeds 0 and 1, lr 1e-3 and 3e-3): the

@@ -165,6 +165,19 @@ def test_branch_conv_tap_gradients_equal_xlas(stride, dilation, padding, groups,
         assert_close(a, b)
 
 
+def test_branch_conv_kernel_gradient_over_chunks_of_the_batch(monkeypatch):
+    """One image a step of the kernel gradient's loop (3 steps): XLA's gradients."""
+    monkeypatch.setattr(F, "_KERNEL_GRAD_CHUNK_ELEMENTS", 1)
+    x = jnp.asarray(random_nhwc((3, 7, 6, 4), seed=16))
+    kernel = jnp.asarray(random_nhwc((3, 3, 2, 6), seed=17))
+
+    def grads(implementation):
+        return jax.grad(lambda k: (F.branch_conv(x, k, dilation=2, padding=2, groups=2,
+                                                 implementation=implementation) ** 2).sum())(kernel)
+
+    assert_close(grads(None), grads("xla"))
+
+
 # --- in a block, transformations, dtypes ----------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as TF
 from jax.test_util import check_grads
 
+from flax_attention.functional import sampling
 from flax_attention.functional import spatial as F
 from flax_attention.interop.torch import from_torch
 from flax_attention.spatial_transformer import LocalizationNet, SpatialTransformer
@@ -189,6 +190,41 @@ def test_custom_vjp_equals_autodiff_of_the_forward(padding_mode, align_corners):
     expected = jax.vjp(plain, image, grid)[1](cotangent)
     for a, e in zip(jax.vjp(custom, image, grid)[1](cotangent), expected, strict=True):
         assert_close(a, e)
+
+
+def test_chunked_forward_and_backward_equal_one_step(monkeypatch):
+    """Chunks of one image (5 loop steps): the same values and gradients as the plain forward
+    differentiated by autodiff."""
+    monkeypatch.setattr(F, "_CHUNK_ELEMENTS", 1)
+    image, cotangent = random_nhwc((5, 4, 6, 3)), random_nhwc((5, 3, 5, 3), 1)
+    grid = np.random.default_rng(3).uniform(-1.4, 1.4, (5, 3, 5, 2)).astype(np.float32)
+    out, vjp = jax.vjp(functools.partial(F._bilinear_sample, padding_mode="zeros",  # noqa: SLF001
+                                         align_corners=False), image, grid)
+    expected, expected_vjp = jax.vjp(functools.partial(
+        F._sample, padding_mode="zeros", align_corners=False), image, grid)  # noqa: SLF001
+    assert_close(out, expected)
+    for a, e in zip(vjp(cotangent), expected_vjp(cotangent), strict=True):
+        assert_close(a, e)
+
+
+def test_sampling_primitives_by_hand():
+    """Image 2 x 3 (rows 0..5): the point (y, x) = (0.25, 1.5) reads rows 1, 2, 4, 5 with
+    weights (0.75 * 0.5, 0.75 * 0.5, 0.25 * 0.5, 0.25 * 0.5); at x0 = 2 its east neighbours
+    are outside. On the ramp value = x, the dots give the slope 1 along x (times slope_x) and
+    0 along y."""
+    y0, x0 = jnp.array([[[0, 0]]]), jnp.array([[[1, 2]]])
+    rows, inside = sampling.corner_rows(y0, x0, (2, 3))
+    np.testing.assert_array_equal(rows[:, 0, 0], [[1, 2], [2, 2], [4, 5], [5, 5]])
+    np.testing.assert_array_equal(inside[:, 0, 0], [[True, True], [True, False],
+                                                     [True, True], [True, False]])
+    dy, dx = jnp.full((1, 1, 2), 0.25), jnp.full((1, 1, 2), 0.5)
+    np.testing.assert_allclose(sampling.inside_corner_weights(dy, dx, inside)[:, 0, 0],
+                               [[0.375, 0.375], [0.375, 0], [0.125, 0.125], [0.125, 0]])
+    ramp = jnp.broadcast_to(jnp.arange(3.0)[None, None, :, None], (1, 2, 3, 1))
+    values = sampling.gather_corners(ramp, rows, inside)
+    np.testing.assert_allclose(jnp.stack(values)[:, 0, 0, :, 0], [[1, 2], [2, 0], [1, 2], [2, 0]])
+    dots = sampling.corner_dots(values, jnp.ones((1, 1, 2, 1)))
+    np.testing.assert_allclose(sampling.grid_gradient(dots, dy, dx, 2.0, 3.0)[0, 0, 0], [3, 0])
 
 
 @pytest.mark.parametrize("padding_mode", F.PADDING_MODES)

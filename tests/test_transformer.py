@@ -119,6 +119,44 @@ def test_attention_grads():
                     (q, k), order=1, modes=["rev"])
 
 
+def _autodiff_attention(q, k, v, mask, bias):
+    """The plain math, differentiated by JAX (no custom VJP): the backward pass's reference."""
+    logits = jnp.einsum("btnd,bsnd->bnts", q, k) / math.sqrt(q.shape[-1]) + bias
+    logits = jnp.where(mask, logits, -1e30)
+    return jnp.einsum("bnts,bsnd->btnd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def _value_and_grads(fn, q, k, v, mask, bias, d_out):
+    """The loss `sum(fn(...) * d_out)` and its gradients w.r.t. q, k, v and bias."""
+    return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a[:3], mask, a[3]) * d_out),
+                                      argnums=(0, 1, 2, 3)))(q, k, v, bias)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_attention_backward_matches_float64_autodiff(dtype, rtol):
+    """The hand-written backward pass against autodiff of the plain math in float64: values and
+    gradients of q, k, v and a broadcast bias, with padded keys and a fully masked query row
+    (whose gradients w.r.t. q must be exactly zero and finite everywhere)."""
+    q, k, v = _qkv(t=4, s=6, n=2, d=3)
+    mask = np.ones((B, 1, 4, 6), bool)
+    mask[1, :, :, -2:] = False  # padded keys
+    mask[0, :, 2, :] = False  # query 2 of batch 0 sees nothing: uniform weights
+    bias = random_nhwc((1, 2, 4, 6), 6)
+    d_out = random_nhwc((B, 4, 2, 3), 7)
+    with jax.enable_x64(True):
+        expected = _value_and_grads(_autodiff_attention,
+                                    *(a.astype(np.float64) for a in (q, k, v)), mask,
+                                    bias.astype(np.float64), d_out.astype(np.float64))
+        got = _value_and_grads(dot_product_attention, *(a.astype(dtype) for a in (q, k, v)),
+                               mask, bias.astype(dtype), d_out.astype(dtype))
+    chex.assert_tree_all_finite(got)
+    assert got[1][0].dtype == dtype and got[1][3].shape == bias.shape
+    assert_close(got[0], expected[0], rtol)
+    for actual, wanted in zip(got[1], expected[1], strict=True):
+        assert_close(actual, wanted, rtol)
+    assert not np.asarray(got[1][0])[0, 2].any()  # the fully masked query gets no gradient
+
+
 def test_attention_jit_vmap_bf16():
     q, k, v = _qkv()
     eager = dot_product_attention(q, k, v)

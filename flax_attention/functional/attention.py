@@ -6,6 +6,7 @@ D head dimension.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -102,9 +103,13 @@ def dot_product_attention(
 ) -> jax.Array:
     """softmax(q k^T / sqrt(D) + bias, masked) v, per head; `jax.nn.dot_product_attention`.
 
-    Logits and softmax are float32 whatever the input dtype. Masked logits are replaced by a
-    finite large negative, and -inf in `bias` is clipped to it, so a query whose keys are all
-    masked gets uniform weights (the mean of `v` over all keys), never NaN.
+    Logits and softmax are float32 (float64 for float64 inputs) whatever the input dtype.
+    Masked logits are replaced by a finite large negative, and -inf in `bias` is clipped to it,
+    so a query whose keys are all masked gets uniform weights (the mean of `v` over all keys),
+    never NaN. The XLA path has a hand-written backward pass (`_attention`): it saves the
+    weights and takes the softmax's gradient as `P * (dP - rowsum(dP * P))`, with the row sum
+    computed as `d_out . out` per query, in four matrix products; it is differentiable in
+    reverse mode only (`jax.grad`, not `jax.jvp`), as the blockwise and criss-cross ops are.
 
     Args:
       q: queries `[B, T, N, D]`.
@@ -113,10 +118,8 @@ def dot_product_attention(
       mask: boolean, True = attend; broadcastable to `[B, N, T, S]` (rank 4).
       bias: additive logits bias, broadcastable to `[B, N, T, S]` (rank 4).
       implementation: "xla" or None (XLA everywhere), or "cudnn" (cuDNN fused attention on
-        NVIDIA GPUs), for `jax.nn.dot_product_attention`.
-      precision: of the two einsums. `jax.nn.dot_product_attention` takes none, so with a
-        precision other than None (and not "cudnn", which keeps its own) the weights are
-        computed explicitly by `dot_product_attention_weights`.
+        NVIDIA GPUs, through `jax.nn.dot_product_attention`).
+      precision: of the matrix products (not "cudnn", which keeps its own).
 
     Returns:
       `[B, T, N, D]` in the dtype of `q` (float32 for integer or boolean `q`, `k`, `v`, which
@@ -129,13 +132,10 @@ def dot_product_attention(
     _check_mask_bias(q, k, mask, bias)
     implementation = pick_implementation("dot_product_attention", implementation,
                                          IMPLEMENTATIONS)
-    if precision is not None and implementation != "cudnn":
-        weights = dot_product_attention_weights(q, k, mask, bias, precision)
-        return jnp.einsum("bnts,bsnd->btnd", weights.astype(v.dtype), v,
-                          precision=precision).astype(q.dtype)
-    return jax.nn.dot_product_attention(
-        q, k, v, bias=_finite(bias), mask=mask, implementation=implementation
-    )
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, bias=_finite(bias), mask=mask,
+                                            implementation="cudnn")
+    return _attention(q, k, v, mask, _finite(bias), precision)
 
 
 def dot_product_attention_weights(
@@ -155,21 +155,82 @@ def dot_product_attention_weights(
       precision: of the logits einsum.
 
     Returns:
-      float32 weights `[B, N, T, S]`, each row summing to one (uniform where fully masked).
+      float32 (float64 for float64 inputs) weights `[B, N, T, S]`, each row summing to one
+      (uniform where fully masked).
     """
     q, k, bias = map(as_float, (q, k, bias))
     _check_qk(q, k)
     _check_dtypes(q=q, k=k)
     _check_mask_bias(q, k, mask, bias)
-    logits = jnp.einsum(
-        "btnd,bsnd->bnts", q, k, precision=precision, preferred_element_type=jnp.float32
-    )
+    return _weights(q, k, mask, _finite(bias), precision)
+
+
+def _accumulator(dtype) -> jnp.dtype:
+    """The dtype of logits, softmax and products: float32, or float64 for float64 inputs."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _weights(q, k, mask, bias, precision) -> jax.Array:
+    """`dot_product_attention_weights` without the checks; `bias` already finite."""
+    logits = jnp.einsum("btnd,bsnd->bnts", q, k, precision=precision,
+                        preferred_element_type=_accumulator(q.dtype))
     logits = logits / math.sqrt(q.shape[-1])
     if bias is not None:
-        logits = logits + _finite(bias).astype(jnp.float32)
+        logits = logits + bias.astype(logits.dtype)
     if mask is not None:
         logits = jnp.where(mask, logits, large_negative())
     return jax.nn.softmax(logits, axis=-1)
+
+
+def _product(spec: str, a: jax.Array, b: jax.Array, precision) -> jax.Array:
+    """`einsum(spec, a, b)` accumulated in float32 (float64 for a float64 operand)."""
+    dtype = _accumulator(jnp.result_type(a, b))
+    return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=dtype)
+
+
+def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sums `x` over the axes along which `shape` (same rank) was broadcast to it."""
+    axes = tuple(i for i, (n, m) in enumerate(zip(shape, x.shape, strict=True)) if n != m)
+    return x.sum(axis=axes, keepdims=True) if axes else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, mask, bias, precision) -> jax.Array:
+    """`dot_product_attention`'s XLA path, checked inputs: q `[B, T, N, D]`, k and v
+    `[B, S, N, D]`, boolean mask and finite bias broadcastable to `[B, N, T, S]` (or None).
+
+    Plain autodiff of the forward pass costs twice its time on the CPU (the softmax's gradient
+    through transposed `[B, N, T, S]` maps); this backward pass is the four products dV = P^T dO,
+    dP = dO V^T, dQ = dS K, dK = dS^T Q around one fused elementwise pass
+    dS = P * (dP - dO . O) / sqrt(D), with dS = 0 at masked logits.
+    """
+    return _attention_fwd(q, k, v, mask, bias, precision)[0]
+
+
+def _attention_fwd(q, k, v, mask, bias, precision):
+    weights = _weights(q, k, mask, bias, precision)
+    out = _product("bnts,bsnd->btnd", weights.astype(v.dtype), v, precision).astype(q.dtype)
+    return out, (q, k, v, mask, bias, weights, out)
+
+
+def _attention_bwd(precision, residuals, d_out):
+    q, k, v, mask, bias, weights, out = residuals
+    acc = weights.dtype
+    d_v = _product("bnts,btnd->bsnd", weights, d_out, precision)
+    d_weights = _product("btnd,bsnd->bnts", d_out, v, precision)
+    # sum_s P_ts dP_ts = dO_t . O_t: a [B, N, T] vector instead of a pass over the map.
+    row = jnp.einsum("btnd,btnd->bnt", d_out.astype(acc), out.astype(acc))
+    d_logits = weights * (d_weights - row[..., None])
+    if mask is not None:
+        d_logits = jnp.where(mask, d_logits, 0)
+    d_bias = None if bias is None else _sum_to(d_logits, bias.shape).astype(bias.dtype)
+    d_logits = d_logits / math.sqrt(q.shape[-1])
+    d_q = _product("bnts,bsnd->btnd", d_logits, k, precision)
+    d_k = _product("bnts,btnd->bsnd", d_logits, q, precision)
+    return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, d_bias)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _check_masks(key_padding_mask, attn_mask) -> None:

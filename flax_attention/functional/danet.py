@@ -5,7 +5,10 @@ Axis legend: B batch, H height, W width, C channels, L = H * W positions.
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
@@ -120,6 +123,9 @@ def channel_attention_weights(x: jax.Array, *, precision: _Precision = None) -> 
 def channel_attention(x: jax.Array, *, precision: _Precision = None) -> jax.Array:
     """DANet's channel attention (CAM): `out[..., c] = sum_d att[c, d] x[..., d]`.
 
+    A `jax.custom_vjp` with a hand-written backward pass (see `_channel_attention`):
+    differentiable in reverse mode only (`jax.grad`, not `jax.jvp`).
+
     Args:
       x: features `[B, H, W, C]`.
       precision: of the two einsums.
@@ -131,6 +137,38 @@ def channel_attention(x: jax.Array, *, precision: _Precision = None) -> jax.Arra
       ValueError: if `x` is not of rank 4 or has a zero-size dimension.
     """
     x = as_float(x)
-    att = channel_attention_weights(x, precision=precision).astype(x.dtype)
-    out = accumulated_einsum("bcd,bld->blc", att, _flatten(x), precision)
-    return out.astype(x.dtype).reshape(x.shape)
+    check_rank("x", x, 4, "[B, H, W, C]")
+    check_nonempty("x", x, "[B, H, W, C]")
+    return _channel_attention(x, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _channel_attention(x: jax.Array, precision: _Precision) -> jax.Array:
+    """`channel_attention` on a checked `x` `[B, H, W, C]`, with a hand-written backward pass.
+
+    With `out = X A^T` and `A = softmax(rowmax(E) - E)`, `E = X^T X` (X `[L, C]`), autodiff takes
+    three `[L, C] x [C, C]` products for dX and adds their transposed results; here
+    dA = dOut^T X, dE = -A * (dA - rowsum(dA * A)), and dX = dOut A + X (dE + dE^T): two products
+    into one sum (the gradient of the row maximum is zero: a softmax ignores it).
+    """
+    return _channel_attention_fwd(x, precision)[0]
+
+
+def _channel_attention_fwd(x: jax.Array, precision: _Precision):
+    att = channel_attention_weights(x, precision=precision)
+    out = accumulated_einsum("bcd,bld->blc", att.astype(x.dtype), _flatten(x), precision)
+    return out.astype(x.dtype).reshape(x.shape), (x, att)
+
+
+def _channel_attention_bwd(precision: _Precision, residuals, d_out: jax.Array):
+    x, att = residuals
+    xf, d_outf = _flatten(x), _flatten(d_out)
+    d_att = accumulated_einsum("blc,bld->bcd", d_outf, xf, precision)
+    d_energy = att * (d_att - jnp.sum(d_att * att, axis=-1, keepdims=True))  # minus dE
+    symmetric = -(d_energy + jnp.swapaxes(d_energy, 1, 2)).astype(x.dtype)
+    d_x = (accumulated_einsum("blc,bcd->bld", d_outf, att.astype(x.dtype), precision)
+           + accumulated_einsum("bld,bdc->blc", xf, symmetric, precision))
+    return (d_x.astype(x.dtype).reshape(x.shape),)
+
+
+_channel_attention.defvjp(_channel_attention_fwd, _channel_attention_bwd)

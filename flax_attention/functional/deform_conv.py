@@ -42,13 +42,12 @@ from flax_attention._checks import (
     check_rank,
     check_same,
 )
-from flax_attention.functional.spatial import (
-    _corners,
-    _dot_channels,
-    _gather,
-    _grid_gradient,
-    _inside_weights,
-    _weights,
+from flax_attention.functional.sampling import (
+    corner_rows,
+    corner_weights,
+    gather_corners,
+    grid_gradient,
+    sample_vjp,
 )
 
 __all__ = ["deform_conv2d", "deform_conv2d_points", "deform_im2col"]
@@ -117,13 +116,13 @@ def _locations(offset: jax.Array, kernel_hw: tuple[int, int], stride, padding, d
 
 def _neighbours(image: jax.Array, y: jax.Array, x: jax.Array):
     """The four neighbours' rows in the flattened image and whether they are inside
-    (`spatial._corners`), and the distances dy, dx in [0, 1) to the top-left one."""
+    (`sampling.corner_rows`), and the distances dy, dx in [0, 1) to the top-left one."""
     hw = image.shape[1:3]
     y_floor, x_floor = jnp.floor(y), jnp.floor(x)
     # Beyond [-2, size] both neighbours are outside anyway: clamping keeps the indices bounded.
     y0 = jnp.clip(y_floor, -2, hw[0]).astype(jnp.int32)
     x0 = jnp.clip(x_floor, -2, hw[1]).astype(jnp.int32)
-    return (*_corners(y0, x0, hw), y - y_floor, x - x_floor)
+    return (*corner_rows(y0, x0, hw), y - y_floor, x - x_floor)
 
 
 @jax.custom_vjp
@@ -131,8 +130,8 @@ def _sample(image: jax.Array, y: jax.Array, x: jax.Array) -> jax.Array:
     """Bilinear samples of `image` `[N, H, W, C]` at pixel coordinates y, x `[N, h, w]`, the
     neighbours outside the image counting 0: `[N, h, w, C]` in y's dtype."""
     rows, inside, dy, dx = _neighbours(image, y, x)
-    values = _gather(image.astype(y.dtype), rows, inside)
-    return sum(w[..., None] * v for w, v in zip(_weights(dy, dx), values, strict=True))
+    values = gather_corners(image.astype(y.dtype), rows, inside)
+    return sum(w[..., None] * v for w, v in zip(corner_weights(dy, dx), values, strict=True))
 
 
 def _sample_fwd(image, y, x):
@@ -140,18 +139,13 @@ def _sample_fwd(image, y, x):
 
 
 def _sample_bwd(residuals, g):
-    """Image gradient: one scatter-add of the four weighted copies of g; coordinate gradients:
-    differences of the neighbours' `sum_C(value * g)` (`spatial._grid_gradient`, slope 1)."""
+    """`sampling.sample_vjp`; coordinate gradients from its corner dots (`grid_gradient`,
+    slope 1)."""
     image, y, x = residuals
     rows, inside, dy, dx = _neighbours(image, y, x)
-    g = g.astype(y.dtype)
-    dots = _dot_channels(_gather(image.astype(y.dtype), rows, inside), g)
-    d_x, d_y = jnp.moveaxis(_grid_gradient(dots, dy, dx, 1.0, 1.0), -1, 0)
-    updates = _inside_weights(dy, dx, inside)[..., None] * g
-    channels = image.shape[-1]
-    d_image = jnp.zeros((image.size // channels, channels), g.dtype).at[rows.reshape(-1)].add(
-        updates.reshape(-1, channels), mode="promise_in_bounds")
-    return d_image.reshape(image.shape).astype(image.dtype), d_y, d_x
+    d_image, dots = sample_vjp(image, rows, inside, dy, dx, g.astype(y.dtype))
+    d_x, d_y = jnp.moveaxis(grid_gradient(dots, dy, dx, 1.0, 1.0), -1, 0)
+    return d_image.astype(image.dtype), d_y, d_x
 
 
 _sample.defvjp(_sample_fwd, _sample_bwd)

@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 
 from flax_attention._checks import as_float, check_nonempty, check_rank
-from flax_attention.functional.spatial import _dot_channels, _grid_gradient, _weights
+from flax_attention.functional.sampling import corner_dots, corner_weights, grid_gradient
 from flax_attention.kernels import deformable_attention as kernel
 from flax_attention.kernels._common import on_gpu, pick_implementation
 
@@ -171,20 +171,24 @@ _PAIR = lax.GatherDimensionNumbers(offset_dims=(1, 2), collapsed_slice_dims=(),
                                    start_index_map=(0,))
 
 
-def _corner_values(padded: jax.Array, rows: jax.Array, inside: jax.Array) -> list[jax.Array]:
-    """The values `[c, N, L * P, D]` of the four corners `rows`, `inside` `[4, c, N, L * P]`
-    (in `_corners`' order), from the values `[B * N * S, D]` with a zero row before and after
-    (`padded`): each pair of horizontal neighbours is one gather of a two-row slice (half the
-    gathers of one row each). A corner outside its level reads some other value (its weight is
-    0; every slice lies inside `padded`)."""
-    values = []
+def _corner_pairs(padded: jax.Array, rows: jax.Array, inside: jax.Array) -> list[jax.Array]:
+    """The values `[c, N, L * P, 2, D]` of the upper and the lower pair of horizontal
+    neighbours of the four corners `rows`, `inside` `[4, c, N, L * P]` (in `_corners`' order),
+    from the values `[B * N * S, D]` with a zero row before and after (`padded`): each pair is
+    one gather of a two-row slice (half the gathers of one row each). A corner outside its
+    level reads some other value (its weight is 0; every slice lies inside `padded`)."""
+    pairs = []
     for top in (0, 2):  # (y0, x0) and (y0, x0 + 1), then the row below
         left = jnp.where(inside[top], rows[top], rows[top + 1] - 1)  # x0 = -1: its right - 1
         start = jnp.clip(left + 1, 0, padded.shape[0] - 2)
-        pair = lax.gather(padded, start.reshape(-1, 1), _PAIR, (2, padded.shape[1]),
-                          mode="promise_in_bounds").reshape(*start.shape, 2, -1)
-        values += [pair[..., 0, :], pair[..., 1, :]]
-    return values
+        pairs.append(lax.gather(padded, start.reshape(-1, 1), _PAIR, (2, padded.shape[1]),
+                                mode="promise_in_bounds").reshape(*start.shape, 2, -1))
+    return pairs
+
+
+def _corner_values(padded: jax.Array, rows: jax.Array, inside: jax.Array) -> list[jax.Array]:
+    """`_corner_pairs` as the four corners' values `[c, N, L * P, D]`."""
+    return [pair[..., i, :] for pair in _corner_pairs(padded, rows, inside) for i in (0, 1)]
 
 
 def _padded_values(value: jax.Array) -> jax.Array:
@@ -239,7 +243,7 @@ def _chunk_corners(spatial_shapes: SpatialShapes, heads: int, batch: jax.Array,
     inside, and the distances dy, dx `[c, N, L, P]` to the top-left corner."""
     y0, x0, dy, dx = _locate(locations, spatial_shapes)
     rows, inside = _corners(y0, x0, batch, heads, spatial_shapes)
-    bilinear = jnp.where(inside, jnp.stack(_weights(dy, dx)), 0)
+    bilinear = jnp.where(inside, jnp.stack(corner_weights(dy, dx)), 0)
     return rows.reshape(*rows.shape[:3], -1), bilinear, inside, dy, dx
 
 
@@ -252,8 +256,10 @@ def _forward(value: jax.Array, spatial_shapes: SpatialShapes, locations: jax.Arr
         batch, loc, att = args
         rows, bilinear, inside, _, _ = _chunk_corners(spatial_shapes, n, batch, loc)
         weights = (bilinear * att.astype(bilinear.dtype)).reshape(rows.shape)
-        values = _corner_values(padded, rows, inside.reshape(rows.shape))
-        return sum(w[..., None] * v for w, v in zip(weights, values, strict=True)).sum(axis=2)
+        pairs = _corner_pairs(padded, rows, inside.reshape(rows.shape))
+        # Reduced pair by pair: slicing the corners out of the pairs would copy them.
+        return sum(jnp.sum(jnp.stack(weights[top:top + 2], -1)[..., None] * pair, axis=(2, 3))
+                   for top, pair in zip((0, 2), pairs, strict=True))
 
     out = lax.map(chunk, _chunked(locations, attention))
     return _unchunked(out, b, q).reshape(b, q, n * d).astype(value.dtype)
@@ -284,9 +290,9 @@ def _ms_deform_attn_bwd(spatial_shapes, residuals, g):
         rows, bilinear, inside, dy, dx = _chunk_corners(spatial_shapes, n, batch, loc)
         g = g.astype(padded.dtype).reshape(g.shape[0], n, 1, d)
         gathered = _corner_values(padded, rows, inside.reshape(rows.shape))
-        dots = jnp.where(inside, jnp.stack(_dot_channels(gathered, g)).reshape(inside.shape), 0)
+        dots = jnp.where(inside, jnp.stack(corner_dots(gathered, g)).reshape(inside.shape), 0)
         att = att.astype(padded.dtype)
-        d_loc = att[..., None] * _grid_gradient(tuple(dots), dy, dx, heights, widths)
+        d_loc = att[..., None] * grid_gradient(tuple(dots), dy, dx, heights, widths)
         updates = (bilinear * att).reshape(rows.shape)[..., None] * g
         d_value = d_value.at[rows.reshape(-1)].add(updates.reshape(-1, d),
                                                    mode="promise_in_bounds")
@@ -314,7 +320,7 @@ def _ms_deform_attn_pallas(value: jax.Array, spatial_shapes: SpatialShapes,
     locations = locations.reshape(b * q, n, levels, points, 2)
     y0, x0, dy, dx = _locate(locations, spatial_shapes)
     rows, inside = _corners(y0, x0, _batch_index(b, q), n, spatial_shapes)
-    weights = jnp.where(inside, jnp.stack(_weights(dy, dx)) * attention.reshape(
+    weights = jnp.where(inside, jnp.stack(corner_weights(dy, dx)) * attention.reshape(
         b * q, n, levels, points).astype(dy.dtype), 0)
 
     def corners_last(x: jax.Array) -> jax.Array:  # [4, M, N, L, P] -> [4, L * P, M * N]

@@ -60,6 +60,10 @@ def _check_paths(paths: jax.Array) -> None:
 def selective_kernel_fuse(paths: jax.Array) -> jax.Array:
     """The fuse step: the paths summed and averaged over space, in float32.
 
+    The P spatial sums are one variadic reduction: XLA:CPU then fuses the paths' producers
+    (BatchNorm, activation) into it, where its library reduction of the stacked paths made
+    them materialise (`benchmarks/selective_kernel.py`: the forward 25% faster).
+
     Args:
       paths: `[B, P, H, W, C]`, the outputs of the P branches.
 
@@ -69,7 +73,13 @@ def selective_kernel_fuse(paths: jax.Array) -> jax.Array:
     paths = as_float(paths)
     _check_paths(paths)
     dtype = jnp.promote_types(paths.dtype, jnp.float32)
-    return jnp.mean(jnp.sum(paths, axis=1, dtype=dtype), axis=(1, 2))
+    entries = tuple(paths[:, i].astype(dtype) for i in range(paths.shape[1]))
+    zero = jnp.zeros((), dtype)
+    sums = lax.reduce(entries, (zero,) * len(entries),
+                      lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
+                      (1, 2)) if entries else ()
+    total = functools.reduce(jnp.add, sums, jnp.zeros((paths.shape[0], paths.shape[-1]), dtype))
+    return total / (paths.shape[2] * paths.shape[3])
 
 
 def selective_kernel_weights(logits: jax.Array, num_paths: int) -> jax.Array:
@@ -137,7 +147,7 @@ def _conv(x, kernel, stride, dilation, padding, groups, precision):
         precision=precision)
 
 
-def _kernel_grad(x, g, shape, stride, dilation, padding, groups, precision):
+def _chunk_kernel_grad(x, g, shape, stride, dilation, padding, groups, precision):
     """The kernel gradient as one matrix product per tap: `sum_{b,h,w} x_tap g`."""
     out_h, out_w = g.shape[1], g.shape[2]
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
@@ -152,6 +162,27 @@ def _kernel_grad(x, g, shape, stride, dilation, padding, groups, precision):
 
     return jnp.stack([tap(i, j) for i in range(shape[0]) for j in range(shape[1])]
                      ).reshape(shape)
+
+
+# Output-gradient elements per step of the kernel gradient's loop over the batch (the largest
+# divisor of the batch within it), so that the nine taps re-read x and g from cache. Measured on
+# CPU at 8x56x56, 32 -> 64 channels: 1.6x faster than the taps over the whole batch at once.
+_KERNEL_GRAD_CHUNK_ELEMENTS = 2**19
+
+
+def _kernel_grad(x, g, shape, stride, dilation, padding, groups, precision):
+    """`_chunk_kernel_grad` summed over chunks of the batch, in float32 (at least)."""
+    batch, per_image = x.shape[0], g[0].size
+    chunk = max(n for n in range(1, batch + 1)
+                if batch % n == 0 and (n == 1 or n * per_image <= _KERNEL_GRAD_CHUNK_ELEMENTS))
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+
+    def step(total, chunks):
+        grad = _chunk_kernel_grad(*chunks, shape, stride, dilation, padding, groups, precision)
+        return total + grad.astype(dtype), None
+
+    chunks = tuple(a.reshape(batch // chunk, chunk, *a.shape[1:]) for a in (x, g))
+    return lax.scan(step, jnp.zeros(shape, dtype), chunks)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))

@@ -11,7 +11,8 @@ padding has zero gradient when it lies on or beyond the clip limits (0 and size 
 
 `bilinear_sample(implementation=...)` picks the XLA gathers and scatter-add below or the Pallas
 kernels of `flax_attention.kernels.bilinear` (behind their own `custom_vjp`); both share the
-coordinate math here, so every padding mode and `align_corners` value runs on either.
+coordinate math here, so every padding mode and `align_corners` value runs on either. The
+corner, weight, gather and gradient primitives are `flax_attention.functional.sampling`'s.
 
 Axis legend: B batch, H height, W width, C channels; h, w the size of the sampling grid.
 """
@@ -32,6 +33,14 @@ from flax_attention._checks import (
     check_nonempty,
     check_rank,
     check_same,
+)
+from flax_attention.functional.sampling import (
+    corner_rows,
+    corner_weights,
+    gather_corners,
+    grid_gradient,
+    inside_corner_weights,
+    sample_vjp,
 )
 from flax_attention.kernels import bilinear as kernel
 from flax_attention.kernels._common import on_gpu, pick_implementation
@@ -184,7 +193,7 @@ def _source_index(coord: jax.Array, size: int, padding_mode: str,
     return ix, slope * clip_slope
 
 
-# --- Sampling: four corner gathers with bilinear weights. -------------------------------------
+# --- Sampling: four corner gathers with bilinear weights (`functional.sampling`). -------------
 
 
 def _locate(grid: jax.Array, hw: tuple[int, int], padding_mode: str, align_corners: bool):
@@ -197,49 +206,36 @@ def _locate(grid: jax.Array, hw: tuple[int, int], padding_mode: str, align_corne
     return y0.astype(jnp.int32), x0.astype(jnp.int32), iy - y0, ix - x0, slope_y, slope_x
 
 
-def _corners(y0: jax.Array, x0: jax.Array, hw: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
-    """Row indices into the flattened image `[B * H * W, C]` of the four neighbours (y0, x0),
-    (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1) of every grid point, `[4, B, h, w]`, and
-    whether each is inside the image (outside ones point at a clipped, valid row)."""
-    height, width = hw
-    first_row = (jnp.arange(y0.shape[0], dtype=jnp.int32) * height)[:, None, None]
-    rows, inside = [], []
-    for y, x in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
-        inside.append((y >= 0) & (y < height) & (x >= 0) & (x < width))
-        rows.append((first_row + jnp.clip(y, 0, height - 1)) * width + jnp.clip(x, 0, width - 1))
-    return jnp.stack(rows), jnp.stack(inside)
-
-
-def _gather(image: jax.Array, rows: jax.Array, inside: jax.Array) -> list[jax.Array]:
-    """The four neighbours' values `[B, h, w, C]` each, 0 outside the image.
-
-    Four separate gathers, which XLA fuses into their consumers (one stacked gather would be
-    materialised)."""
-    flat = image.reshape(-1, image.shape[-1])
-    return [
-        jnp.where(inside[k, ..., None], flat.at[rows[k]].get(mode="promise_in_bounds"), 0)
-        for k in range(4)
-    ]
-
-
-def _weights(dy: jax.Array, dx: jax.Array) -> list[jax.Array]:
-    """Bilinear weights of the four neighbours, in `_corners`' order."""
-    return [(1 - dy) * (1 - dx), (1 - dy) * dx, dy * (1 - dx), dy * dx]
-
-
-def _inside_weights(dy: jax.Array, dx: jax.Array, inside: jax.Array) -> jax.Array:
-    """`_weights` stacked `[4, B, h, w]`, 0 for the neighbours outside the image."""
-    return jnp.where(inside, jnp.stack(_weights(dy, dx)), 0)
-
-
 def _sample(image: jax.Array, grid: jax.Array, padding_mode: str,
             align_corners: bool) -> jax.Array:
     """The primal computation of `bilinear_sample` (plain autodiff also differentiates it)."""
     hw = image.shape[1:3]
     y0, x0, dy, dx, _, _ = _locate(grid, hw, padding_mode, align_corners)
-    values = _gather(image.astype(dy.dtype), *_corners(y0, x0, hw))
-    out = sum(w[..., None] * v for w, v in zip(_weights(dy, dx), values, strict=True))
+    values = gather_corners(image.astype(dy.dtype), *corner_rows(y0, x0, hw))
+    out = sum(w[..., None] * v for w, v in zip(corner_weights(dy, dx), values, strict=True))
     return out.astype(image.dtype)
+
+
+# Images per step of the loops over the batch: the largest divisor of the batch whose output
+# has at most this many elements, so that a step's intermediates stay in cache. Measured on CPU
+# at B=64, C=32, 64x64: the backward, whose scatter-add reads 4x that many updates, runs 2.5x
+# faster than in one step over the whole batch; the forward of a gradient in a loop keeps a
+# summed output (a loss) from materialising the four gathered neighbours: XLA:CPU's YNNPACK
+# fusion takes the sum and the weighting, and the gathers it cannot fuse become four arrays.
+_CHUNK_ELEMENTS = 2**18
+
+
+def _over_chunks(fn, out_shape: tuple[int, ...], *arrays: jax.Array):
+    """`fn(*arrays)` over chunks of the batch (the leading axis of every array), in sequence."""
+    batch, per_image = out_shape[0], math.prod(out_shape[1:])
+    chunk = max(n for n in range(1, batch + 1)
+                if batch % n == 0 and (n == 1 or n * per_image <= _CHUNK_ELEMENTS))
+
+    def split(a: jax.Array) -> jax.Array:
+        return a.reshape(batch // chunk, chunk, *a.shape[1:])
+
+    out = lax.map(lambda args: fn(*args), tuple(split(a) for a in arrays))
+    return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:]), out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -249,64 +245,29 @@ def _bilinear_sample(image: jax.Array, grid: jax.Array, padding_mode: str,
 
 
 def _sample_fwd(image, grid, padding_mode, align_corners):
-    return _sample(image, grid, padding_mode, align_corners), (image, grid)
-
-
-def _dot_channels(values: list[jax.Array], g: jax.Array) -> tuple[jax.Array, ...]:
-    """`sum_C(v * g)` `[B, h, w]` for each neighbour, in one variadic reduction: XLA then fuses
-    the gathers into it instead of materialising the four `[B, h, w, C]` values."""
-    zero = jnp.zeros((), g.dtype)
-    return lax.reduce(tuple(v * g for v in values), (zero,) * len(values),
-                      lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)), (3,))
-
-
-def _grid_gradient(dots: tuple[jax.Array, ...], dy: jax.Array, dx: jax.Array,
-                   slope_y: jax.Array, slope_x: jax.Array) -> jax.Array:
-    """The grid gradient `[B, h, w, 2]` from each neighbour's `sum_C(value * g)` `[B, h, w]`
-    (0 outside the image): differences of the neighbours along x and y, times the slopes."""
-    nw, ne, sw, se = dots
-    d_x = ((1 - dy) * (ne - nw) + dy * (se - sw)) * slope_x
-    d_y = ((1 - dx) * (sw - nw) + dx * (se - ne)) * slope_y
-    return jnp.stack([d_x, d_y], axis=-1)
+    out = _over_chunks(functools.partial(_sample, padding_mode=padding_mode,
+                                         align_corners=align_corners),
+                       (*grid.shape[:3], image.shape[-1]), image, grid)
+    return out, (image, grid)
 
 
 def _backward(padding_mode: str, align_corners: bool, image: jax.Array, grid: jax.Array,
               g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Image gradient: one scatter-add of the four weighted copies of the output gradient;
-    grid gradient: `_grid_gradient` of the neighbours' values."""
-    b, height, width, c = image.shape
-    y0, x0, dy, dx, slope_y, slope_x = _locate(grid, (height, width), padding_mode,
-                                               align_corners)
-    rows, inside = _corners(y0, x0, (height, width))
-    g = g.astype(dy.dtype)
-    dots = _dot_channels(_gather(image.astype(dy.dtype), rows, inside), g)
-    updates = _inside_weights(dy, dx, inside)[..., None] * g
-    d_image = jnp.zeros((b * height * width, c), g.dtype).at[rows.reshape(-1)].add(
-        updates.reshape(-1, c), mode="promise_in_bounds")
-    return (d_image.reshape(image.shape).astype(image.dtype),
-            _grid_gradient(dots, dy, dx, slope_y, slope_x).astype(grid.dtype))
-
-
-# Images per step of the backward loop: the largest divisor of the batch whose output gradient
-# has at most this many elements, so that the scatter's updates (4x that, float32) stay in cache.
-# Measured on CPU at B=64, C=32, 64x64: 2.5x faster than one step over the whole batch.
-_BACKWARD_CHUNK_ELEMENTS = 2**18
+    """`sampling.sample_vjp` and the grid gradient from its corner dots and the slopes."""
+    hw = image.shape[1:3]
+    y0, x0, dy, dx, slope_y, slope_x = _locate(grid, hw, padding_mode, align_corners)
+    rows, inside = corner_rows(y0, x0, hw)
+    d_image, dots = sample_vjp(image, rows, inside, dy, dx, g.astype(dy.dtype))
+    return (d_image.astype(image.dtype),
+            grid_gradient(dots, dy, dx, slope_y, slope_x).astype(grid.dtype))
 
 
 def _sample_bwd(padding_mode, align_corners, residuals, g):
-    """`_backward` over chunks of the batch, in sequence. The residuals are just the inputs:
-    corners and weights are cheap to recompute."""
+    """`_backward` over chunks of the batch. The residuals are just the inputs: corners and
+    weights are cheap to recompute."""
     image, grid = residuals
-    batch, per_image = g.shape[0], math.prod(g.shape[1:])
-    chunk = max(n for n in range(1, batch + 1)
-                if batch % n == 0 and (n == 1 or n * per_image <= _BACKWARD_CHUNK_ELEMENTS))
-
-    def split(a: jax.Array) -> jax.Array:
-        return a.reshape(batch // chunk, chunk, *a.shape[1:])
-
-    d_image, d_grid = lax.map(lambda args: _backward(padding_mode, align_corners, *args),
-                              (split(image), split(grid), split(g)))
-    return d_image.reshape(image.shape), d_grid.reshape(grid.shape)
+    return _over_chunks(functools.partial(_backward, padding_mode, align_corners), g.shape,
+                        image, grid, g)
 
 
 _bilinear_sample.defvjp(_sample_fwd, _sample_bwd)
@@ -327,8 +288,8 @@ def _kernel_corners(grid: jax.Array, hw: tuple[int, int], padding_mode: str,
     coords = grid.astype(dy.dtype)
     moved = coords - lax.stop_gradient(coords)  # 0, with derivative 1
     dy, dx = dy + slope_y * moved[..., 1], dx + slope_x * moved[..., 0]
-    rows, inside = _corners(y0, x0, hw)
-    weights = _inside_weights(dy, dx, inside).astype(jnp.float32)
+    rows, inside = corner_rows(y0, x0, hw)
+    weights = inside_corner_weights(dy, dx, inside).astype(jnp.float32)
     return rows.reshape(4, -1), weights.reshape(4, -1)
 
 

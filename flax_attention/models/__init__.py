@@ -58,6 +58,7 @@ from flax_attention.models.resnet import (
     se_resnext50_32x4d,
 )
 from flax_attention.models.segmentation import (
+    FCN,
     CCNet,
     DANet,
     ccnet_deep_resnet101,
@@ -67,6 +68,13 @@ from flax_attention.models.segmentation import (
     danet_deep_resnet101,
     danet_resnet50,
     danet_resnet101,
+)
+from flax_attention.models.small import (
+    ccnet_small,
+    danet_small,
+    detr_small,
+    fcn_small,
+    tiny_resnet,
 )
 from flax_attention.models.stn_tutorial import STNTutorialNet
 from flax_attention.models.timm_resnet import (
@@ -129,6 +137,12 @@ __all__ = [
     "residual_attention_92_32input_update",
     "CCNet",
     "DANet",
+    "FCN",
+    "ccnet_small",
+    "danet_small",
+    "detr_small",
+    "fcn_small",
+    "tiny_resnet",
     "ccnet_deep_resnet101",
     "danet_deep_resnet50",
     "danet_deep_resnet101",

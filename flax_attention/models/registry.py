@@ -28,6 +28,7 @@ from flax_attention.models import (
     residual_attention,
     resnet,
     segmentation,
+    small,
     stn_tutorial,
     timm_resnet,
 )
@@ -90,6 +91,11 @@ _MODELS: MappingProxyType[str, Callable[..., nn.Module]] = MappingProxyType({
     "ram_6_8x8_2": ram.ram_6_8x8_2,
     # detector: num_classes defaults to 91 (COCO's ids; the logits have one more, "no object")
     "detr_resnet50": detr.detr_resnet50,
+    # small networks for the embedded 64 x 64 canvases (train --model; models.small)
+    "detr-small": small.detr_small,
+    "danet-small": small.danet_small,
+    "ccnet-small": small.ccnet_small,
+    "fcn-small": small.fcn_small,
 })
 
 

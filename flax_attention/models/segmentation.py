@@ -1,4 +1,4 @@
-"""Semantic segmentation networks: DANet and CCNet on a dilated ResNet.
+"""Semantic segmentation networks: DANet, CCNet and a plain FCN baseline on a dilated ResNet.
 
 Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019 (junfu1115/DANet,
 `encoding/models/sseg/danet.py`); Huang et al., "CCNet: Criss-Cross Attention for Semantic
@@ -59,6 +59,7 @@ from flax_attention.models.resnet import first_conv_key, resnet50, resnet101
 __all__ = [
     "CCNet",
     "DANet",
+    "FCN",
     "ccnet_deep_resnet101",
     "ccnet_resnet50",
     "ccnet_resnet101",
@@ -176,14 +177,19 @@ class CCNet(_Segmenter):
       recurrence: criss-cross passes (2 in the paper: full-image context).
       head_channels: channels of the head's bottleneck (512 in the reference).
       dsn: build the reference's deep-supervision head `dsn` on layer3 (3x3 conv with bias to
-        512, BatchNorm and leaky ReLU, Dropout2d, 1x1 conv to `num_classes`).
+        `dsn_channels`, BatchNorm and leaky ReLU, Dropout2d, 1x1 conv to `num_classes`).
       aux: also return the `dsn` logits (needs `dsn`).
+      dsn_channels: of the `dsn` head's 3x3 conv (512 in the reference).
+      dsn_stages: with `dsn`, the backbone stages (1 = layer1) that `dsn` and the head read:
+        a ResNet's layer3 and layer4 in the reference.
     """
 
     recurrence: int = 2
     head_channels: int = 512
     dsn: bool = False
     aux: bool = False
+    dsn_channels: int = _DSN_CHANNELS
+    dsn_stages: tuple[int, int] = (3, 4)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, deterministic: bool = True
@@ -192,7 +198,7 @@ class CCNet(_Segmenter):
         if self.aux and not self.dsn:
             raise ValueError("aux=True returns the dsn logits and needs dsn=True")
         if self.dsn:
-            layer3, features = self._features(x, train, feature_stages=(3, 4))
+            layer3, features = self._features(x, train, feature_stages=self.dsn_stages)
         else:
             features = self._features(x, train)
         head = RCCAModule(self.head_channels, self.num_classes, self.recurrence, self.dropout,
@@ -201,7 +207,7 @@ class CCNet(_Segmenter):
         if not self.dsn:
             return logits
         # Computed even without `aux`, so that the parameters exist; jit drops the work.
-        dsn = nn.Conv(_DSN_CHANNELS, (3, 3), padding=[(1, 1)] * 2, name="dsn_0",
+        dsn = nn.Conv(self.dsn_channels, (3, 3), padding=[(1, 1)] * 2, name="dsn_0",
                       **self._common())(layer3)
         dsn = leaky_relu(layers.batch_norm(train, self.dtype, self.param_dtype,
                                            name="dsn_1")(dsn))
@@ -209,6 +215,29 @@ class CCNet(_Segmenter):
         dsn = layers.PointwiseConv(self.num_classes, name="dsn_3", **self._common())(dsn)
         dsn = _upsample(dsn, x.shape[1:3], self.precision)
         return (logits, dsn) if self.aux else logits
+
+
+class FCN(_Segmenter):
+    """The baseline without attention: the dilated backbone and a plain convolutional head, the
+    `encoding` package's `FCNHead` (junfu1115/DANet `encoding/models/sseg/fcn.py`): `conv5`, a
+    3x3 conv to C / 4 (no bias, DANet's head width), BatchNorm, ReLU, Dropout2d and a 1x1 conv
+    (with bias) to `num_classes`.
+
+    Returns per-pixel logits `[B, H, W, num_classes]` at the input resolution. Batch statistics
+    are used when `train`, dropout (rng stream "dropout") when not `deterministic`.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, deterministic: bool = True
+                 ) -> jax.Array:
+        """`[B, H, W, C]` images -> `[B, H, W, num_classes]` logits."""
+        features = self._features(x, train)
+        y = nn.Conv(features.shape[-1] // 4, (3, 3), padding=[(1, 1)] * 2, use_bias=False,
+                    name="conv5_0", **self._common())(features)
+        y = nn.relu(layers.batch_norm(train, self.dtype, self.param_dtype, name="conv5_1")(y))
+        y = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(y, deterministic)
+        y = layers.PointwiseConv(self.num_classes, name="conv5_4", **self._common())(y)
+        return _upsample(y, x.shape[1:3], self.precision)
 
 
 danet_resnet50 = functools.partial(DANet, backbone=resnet50)

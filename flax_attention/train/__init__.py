@@ -1,8 +1,10 @@
-"""Trainers: the supervised trainer (`train.supervised`) and the REINFORCE trainer of RAM
-(`train.reinforce`), both subclasses of one skeleton (`train.trainer.Trainer`, looped by
-`train.loop.fit`), and what they share: checkpoints (`train.checkpoint`), the run directory
-and its metrics log (`train.run_dir`), interruption (`train.interrupt`), progress
-(`train.progress`) and data parallelism (`train.parallel`)."""
+"""Trainers: the supervised trainer (`train.supervised`), the REINFORCE trainer of RAM
+(`train.reinforce`) and the detection and segmentation trainers (`train.detection`,
+`train.segmentation`, on `train.dense`), all subclasses of one skeleton
+(`train.trainer.Trainer`, looped by `train.loop.fit`), and what they share: checkpoints
+(`train.checkpoint`), the run directory and its metrics log (`train.run_dir`), interruption
+(`train.interrupt`), progress (`train.progress`), data parallelism (`train.parallel`) and the
+configs of the command's options (`train.options`)."""
 
 from flax_attention.train.checkpoint import CheckpointError, Checkpoints, state_digest
 from flax_attention.train.interrupt import Interrupt

@@ -46,7 +46,9 @@ __all__ = ["NonFiniteLoss", "TrainResult", "evaluate_run", "fit", "open_run", "t
 
 # The trainer of each kind, imported when asked for (they import this module).
 _TRAINERS = {"supervised": "flax_attention.train.supervised:SupervisedTrainer",
-             "reinforce": "flax_attention.train.reinforce:RamTrainer"}
+             "reinforce": "flax_attention.train.reinforce:RamTrainer",
+             "detection": "flax_attention.train.detection:DetectionTrainer",
+             "segmentation": "flax_attention.train.segmentation:SegmentationTrainer"}
 
 
 class NonFiniteLoss(ValueError):
@@ -138,7 +140,7 @@ class _Loop:
                     step += 1
                     self.check_finite(step, metrics)
                     bar.update(1)
-                    self.speed.add(labels.shape[0])
+                    self.speed.add(images.shape[0])
                     if not self.speed.started:  # the first window holds the compilation
                         jax.block_until_ready(metrics)
                         self.speed.mark(report=False)

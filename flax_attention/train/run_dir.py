@@ -1,6 +1,6 @@
 """A run directory: its config (with the trainer kind), its metrics log, writing it safely.
 
-    <run>/config.json        {"trainer": "supervised" | "reinforce", **the config's fields}
+    <run>/config.json        {"trainer": a kind of KINDS, **the config's fields}
     <run>/metrics.jsonl      one JSON record a line (`MetricsLog`), each with a "step"
     <run>/checkpoints/       `train.checkpoint.Checkpoints`
     <run>/.lock              the pid of the training that holds the run (`RunLock`)
@@ -27,7 +27,7 @@ import jax
 __all__ = ["KINDS", "MetricsLog", "RunDirBusy", "RunLock", "pick_run_dir", "prepare_run_dir",
            "read_run_config", "run_kind", "write_json", "write_run_config"]
 
-KINDS = ("supervised", "reinforce")
+KINDS = ("supervised", "reinforce", "detection", "segmentation")
 _KIND_KEY = "trainer"
 
 
@@ -125,7 +125,7 @@ def read_run_config(run_dir: str | Path) -> tuple[str, dict[str, Any]]:
 
 
 def run_kind(run_dir: str | Path) -> str:
-    """"supervised" or "reinforce": the trainer that made the run (`read_run_config`)."""
+    """The kind (one of `KINDS`) of the trainer that made the run (`read_run_config`)."""
     return read_run_config(run_dir)[0]
 
 

@@ -11,7 +11,8 @@ checkpoints, interruption and a resume that ends as an uninterrupted run.
 
 Only classifiers train here: the small CNNs of `models.classifiers` and the registry's
 ResNets and residual attention networks when the images fit them; the registry's segmenters
-and detector are refused before anything is written.
+and detectors (`train.segmentation`, `train.detection`) and the detection and segmentation data
+sets are refused before anything is written.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def _not_a_classifier(name: str) -> str | None:
     if name not in registry.list_models():
         return None
     model = registry.create(name)
-    if isinstance(model, segmentation.DANet | segmentation.CCNet):
+    if isinstance(model, segmentation.DANet | segmentation.CCNet | segmentation.FCN):
         return "a segmenter"
     if isinstance(model, detr.DETR):
         return "a detector"
@@ -176,9 +177,18 @@ class SupervisedTrainer(Trainer):
     METRICS = ("loss", "accuracy")
 
     def __init__(self, config: TrainConfig, mesh: jax.sharding.Mesh | None = None):
+        from flax_attention.train.dense import TASK_DATASETS
+
         kind = _not_a_classifier(config.model)
         if kind is not None:
-            raise ValueError(f"{config.model} is {kind}; train supports classifiers and ram")
+            raise ValueError(f"{config.model} is {kind}; the supervised trainer takes "
+                             "classifiers (train.detection and train.segmentation the others)")
+        task = next((t for t, names in TASK_DATASETS.items() if config.dataset in names), None)
+        if task is not None:
+            example = "detr-small" if task == "detection" else "danet-small"
+            raise ValueError(f"{config.dataset} is a {task} data set: train a model of that "
+                             f"task on it (e.g. --model {example}), not the classifier "
+                             f"{config.model!r}")
         super().__init__(config, mesh)
         self.initial = None if config.init_from is None else self._initial_variables()
 

@@ -1,7 +1,7 @@
 """The skeleton every trainer of the package plugs into: config, data, state, step, evaluation.
 
 A trainer subclasses `Trainer` and supplies only what differs (`supervised.SupervisedTrainer`,
-`reinforce.RamTrainer`):
+`reinforce.RamTrainer`, `detection.DetectionTrainer`, `segmentation.SegmentationTrainer`):
 
     class MyTrainer(Trainer):
         KIND = "mine"                          # written into the run's config.json
@@ -14,6 +14,8 @@ A trainer subclasses `Trainer` and supplies only what differs (`supervised.Super
                                                # -> (loss, (batch_stats, metrics))
         def eval_batch(self, variables, images, labels, mask, key): ...  # -> sums
         def eval_metrics(self, sums): ...      # -> {"test_...": float}
+        def combine_eval(self, outputs): ...   # optional: the batches' eval_batch outputs
+                                               # -> what eval_metrics takes (default: sum)
         def log_record(self, step, state, metrics): ...  # -> the loss record's fields
 
 and gets the rest: the data (`config.dataset`, the first `config.examples(split)` examples),
@@ -32,6 +34,7 @@ import dataclasses
 import functools
 import itertools
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -147,6 +150,17 @@ class RunConfig:
             raise ValueError(f"{run_dir}/config.json is not a valid {cls.__name__}: "
                              f"{error}") from None
 
+    @classmethod
+    def from_options(cls, given: dict[str, Any], resume: bool):
+        """The config of the fields `given` (e.g. command-line options), then, with `resume`,
+        those saved in the run directory (`given["out"]`, else the default out) if it holds
+        a config, then the defaults."""
+        base = cls()
+        out = Path(given.get("out", base.out))
+        if resume and (out / "config.json").is_file():
+            base = cls.load(out)
+        return cls.from_dict({**base.to_dict(), **given})
+
     def static(self):
         """The config with the fields no compiled function reads at their defaults (runs
         that differ only in those share the compilation)."""
@@ -154,24 +168,30 @@ class RunConfig:
         return dataclasses.replace(self, **{k: defaults[k] for k in _UNCOMPILED if k in defaults})
 
 
+def _pad(array: np.ndarray, pad: int) -> np.ndarray:
+    """`array` `[B, ...]` with `pad` zero rows appended."""
+    return np.pad(array, [(0, pad)] + [(0, 0)] * (array.ndim - 1))
+
+
 def padded_batches(dataset: data.Dataset, batch_size: int
-                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The data set in order, `(images, labels, mask)`, the last batch padded to `batch_size`."""
+                   ) -> Iterator[tuple[np.ndarray, Any, np.ndarray]]:
+    """The data set in order, `(images, labels, mask)`, the last batch padded (with zeros) to
+    `batch_size`; the labels are any pytree of `[B, ...]` arrays (class labels, label maps, a
+    dict of boxes)."""
     for start in range(0, len(dataset), batch_size):
-        images = dataset.images[start:start + batch_size]
-        labels = dataset.labels[start:start + batch_size]
-        pad = batch_size - len(labels)
-        yield (np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))), np.pad(labels, (0, pad)),
-               np.arange(batch_size) < len(labels))
+        part = dataset.take(slice(start, start + batch_size))
+        pad = batch_size - len(part)
+        labels = jax.tree.map(functools.partial(_pad, pad=pad), part.labels)
+        yield _pad(part.images, pad), labels, np.arange(batch_size) < len(part)
 
 
 def _step(trainer: Trainer, state: TrainState, images: jax.Array, labels: jax.Array
           ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step on images `[B, H, W, C]` and labels `[B]`: the new state and the
-    step's metrics (the trainer's, with "grad_norm" and "finite": whether the loss and the
-    gradient are). A step that is not finite only counts: it leaves the parameters, optimiser
-    state and statistics as they were and adds nothing to the sums (the loop then stops or,
-    with the config's `skip_nonfinite`, goes on)."""
+    """One optimiser step on images `[B, H, W, C]` and labels (a pytree of `[B, ...]` arrays):
+    the new state and the step's metrics (the trainer's, with "grad_norm" and "finite": whether
+    the loss and the gradient are). A step that is not finite only counts: it leaves the
+    parameters, optimiser state and statistics as they were and adds nothing to the sums (the
+    loop then stops or, with the config's `skip_nonfinite`, goes on)."""
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params):
@@ -279,8 +299,14 @@ class Trainer:
 
     def eval_batch(self, variables: dict, images: jax.Array, labels: jax.Array,
                    mask: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
-        """Sums over the examples of `[B]` `mask` (the rest is padding)."""
+        """Sums over the examples of `[B]` `mask` (the rest is padding), or what
+        `combine_eval` takes."""
         raise NotImplementedError
+
+    def combine_eval(self, outputs: list[Any]) -> Any:
+        """The `eval_batch` outputs of every test batch, in order, as `eval_metrics` takes them
+        (default: their sum)."""
+        return jax.tree.map(lambda *xs: sum(xs), *outputs)
 
     def eval_metrics(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
         raise NotImplementedError
@@ -315,8 +341,7 @@ class Trainer:
         n = config.examples(split)
         if n is None or n >= len(dataset):
             return dataset
-        return data.Dataset(dataset.images[:n], dataset.labels[:n], dataset.num_classes,
-                            dataset.class_names)
+        return dataset.take(slice(n))
 
     def _init_state(self) -> TrainState:
         variables, key = self.init_variables(jax.random.key(self.config.seed))
@@ -357,9 +382,9 @@ class Trainer:
         batches = data.prefetch_to_device(padded_batches(self.test_set,
                                                          4 * self.config.batch_size),
                                           sharding=self.batch_sharding)
-        sums = [self._eval_step((variables, jax.random.fold_in(key, i)), *batch)
-                for i, batch in enumerate(batches)]
-        return self.eval_metrics(parallel.to_host(jax.tree.map(lambda *xs: sum(xs), *sums)))
+        outputs = [self._eval_step((variables, jax.random.fold_in(key, i)), *batch)
+                   for i, batch in enumerate(batches)]
+        return self.eval_metrics(parallel.to_host(self.combine_eval(outputs)))
 
     def sums_mean(self, step: int, state: TrainState) -> dict[str, float]:
         """`state.sums` over the steps they hold, `step` being the state's."""

@@ -10,6 +10,7 @@ and initialisation are Deformable DETR's.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -163,3 +164,109 @@ def get_reference_points(spatial_shapes, valid_ratios):
         reference_points_list.append(torch.stack((ref_x, ref_y), -1))
     reference_points = torch.cat(reference_points_list, 1)
     return reference_points[:, :, None] * valid_ratios[:, None]
+
+
+class DeformableTransformerEncoder(nn.Module):
+    def __init__(self, encoder_layer, num_layers):
+        super().__init__()
+        self.layers = nn.ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
+
+    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos=None,
+                padding_mask=None):
+        reference_points = get_reference_points(spatial_shapes, valid_ratios)
+        for layer in self.layers:
+            src = layer(src, pos, reference_points, spatial_shapes, level_start_index,
+                        padding_mask)
+        return src
+
+
+class DeformableTransformerDecoder(nn.Module):
+    """Without iterative box refinement (`bbox_embed` None, upstream's default)."""
+
+    def __init__(self, decoder_layer, num_layers, return_intermediate=False):
+        super().__init__()
+        self.layers = nn.ModuleList([copy.deepcopy(decoder_layer) for _ in range(num_layers)])
+        self.return_intermediate = return_intermediate
+
+    def forward(self, tgt, reference_points, src, src_spatial_shapes, src_level_start_index,
+                src_valid_ratios, query_pos=None, src_padding_mask=None):
+        output, intermediate, intermediate_reference_points = tgt, [], []
+        for layer in self.layers:
+            if reference_points.shape[-1] == 4:
+                reference_points_input = reference_points[:, :, None] * torch.cat(
+                    [src_valid_ratios, src_valid_ratios], -1)[:, None]
+            else:
+                reference_points_input = reference_points[:, :, None] * src_valid_ratios[:, None]
+            output = layer(output, query_pos, reference_points_input, src, src_spatial_shapes,
+                           src_level_start_index, src_padding_mask)
+            if self.return_intermediate:
+                intermediate.append(output)
+                intermediate_reference_points.append(reference_points)
+        if self.return_intermediate:
+            return torch.stack(intermediate), torch.stack(intermediate_reference_points)
+        return output, reference_points
+
+
+def get_valid_ratio(mask):
+    """DeformableTransformer.get_valid_ratio: mask [N, H, W] (True = padded) -> [N, 2]."""
+    _, h, w = mask.shape
+    valid_h = torch.sum(~mask[:, :, 0], 1)
+    valid_w = torch.sum(~mask[:, 0, :], 1)
+    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+
+
+class DeformableTransformer(nn.Module):
+    """One-stage (`two_stage=False`) Deformable DETR transformer; srcs, masks, pos_embeds are
+    lists of NCHW maps / [N, H, W] masks as upstream."""
+
+    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
+                 dim_feedforward=1024, dropout=0.1, activation="relu",
+                 return_intermediate_dec=False, num_feature_levels=4, dec_n_points=4,
+                 enc_n_points=4):
+        super().__init__()
+        encoder_layer = DeformableTransformerEncoderLayer(
+            d_model, dim_feedforward, dropout, activation, num_feature_levels, nhead,
+            enc_n_points)
+        self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
+        decoder_layer = DeformableTransformerDecoderLayer(
+            d_model, dim_feedforward, dropout, activation, num_feature_levels, nhead,
+            dec_n_points)
+        self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers,
+                                                    return_intermediate_dec)
+        self.level_embed = nn.Parameter(torch.Tensor(num_feature_levels, d_model))
+        self.reference_points = nn.Linear(d_model, 2)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m._reset_parameters()
+        xavier_uniform_(self.reference_points.weight.data, gain=1.0)
+        constant_(self.reference_points.bias.data, 0.0)
+        nn.init.normal_(self.level_embed)
+
+    def forward(self, srcs, masks, pos_embeds, query_embed):
+        src_flatten, mask_flatten, lvl_pos_embed_flatten, spatial_shapes = [], [], [], []
+        for lvl, (src, mask, pos_embed) in enumerate(zip(srcs, masks, pos_embeds, strict=True)):
+            spatial_shapes.append(tuple(src.shape[2:]))
+            src_flatten.append(src.flatten(2).transpose(1, 2))
+            mask_flatten.append(mask.flatten(1))
+            lvl_pos_embed_flatten.append(pos_embed.flatten(2).transpose(1, 2)
+                                         + self.level_embed[lvl].view(1, 1, -1))
+        src_flatten = torch.cat(src_flatten, 1)
+        mask_flatten = torch.cat(mask_flatten, 1)
+        lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
+        valid_ratios = torch.stack([get_valid_ratio(m) for m in masks], 1)
+        memory = self.encoder(src_flatten, spatial_shapes, None, valid_ratios,
+                              lvl_pos_embed_flatten, mask_flatten)
+        bs, _, c = memory.shape
+        query_embed, tgt = torch.split(query_embed, c, dim=1)
+        query_embed = query_embed.unsqueeze(0).expand(bs, -1, -1)
+        tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
+        reference_points = self.reference_points(query_embed).sigmoid()
+        hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes, None,
+                                            valid_ratios, query_embed, mask_flatten)
+        return hs, reference_points, inter_references, None, None
