@@ -23,6 +23,7 @@ taken from the run's config. Bad arguments exit non-zero with a one-line message
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import math
 import os
@@ -400,17 +401,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> NoReturn:
-    """The `flax-attention` command: `main`, then exit with its status. A run stopped by a
-    signal leaves with `os._exit` once its checkpoint is saved (`main` waits for that) and the
-    output is flushed: a normal interpreter shutdown with XLA's and the data prefetch threads
-    still alive can abort (SIGABRT, "terminate called after throwing...") instead of exiting
-    with the documented status."""
+    """The `flax-attention` command: `main`, then exit with its status. It leaves with
+    `os._exit` once `main` has returned (its checkpoints saved) and the output is flushed: a
+    normal interpreter shutdown with XLA's and the data prefetch threads still alive can abort
+    (SIGABRT, "terminate called after throwing...", seen after finished runs too) instead of
+    exiting with the documented status. Only a run that finished runs the `atexit` hooks
+    (`jax.distributed`'s shutdown) first."""
     code = main()
-    if code in (EXIT_INTERRUPTED, EXIT_STOPPED):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    if code not in (EXIT_INTERRUPTED, EXIT_STOPPED):
+        atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
