@@ -47,9 +47,8 @@ from flax_attention.mechanisms import MECHANISMS, Mechanism
 from flax_attention.non_local import NonLocal2D
 
 __all__ = ["Record", "attention_figure", "choose_queries", "criss_cross_maps", "dense_maps",
-           "draw", "draw_boxes", "draw_label_maps", "gates_figure", "label_colours",
-           "matrix_figure", "points_figure", "read_attention", "spatial_figure", "stn_figure",
-           "upsample", "visualize_run"]
+           "draw", "gates_figure", "matrix_figure", "points_figure", "read_attention",
+           "show_image", "spatial_figure", "stn_figure", "upsample", "visualize_run"]
 
 DPI = 100
 PANEL = 1.6  # inches per image panel
@@ -191,7 +190,8 @@ def _to_pixels(queries: np.ndarray, grid_hw: tuple[int, int], image_hw: tuple[in
     return row_col[..., ::-1]
 
 
-def _show(ax, image: np.ndarray) -> None:
+def show_image(ax, image: np.ndarray) -> None:
+    """Draws an image `[H, W, C]` in [0, 1] on `ax` (grey when C = 1), without ticks."""
     ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -205,8 +205,8 @@ def stn_figure(images: np.ndarray, transformed: np.ndarray,
     fig = Figure(figsize=(PANEL * b, 2 * PANEL + 0.4), dpi=DPI, layout="compressed")
     axes = fig.subplots(2, b, squeeze=False)
     for i in range(b):
-        _show(axes[0, i], np.clip(images[i], 0, 1))
-        _show(axes[1, i], np.clip(transformed[i], 0, 1))
+        show_image(axes[0, i], np.clip(images[i], 0, 1))
+        show_image(axes[1, i], np.clip(transformed[i], 0, 1))
         if titles is not None:
             axes[0, i].set_title(titles[i], fontsize=7)
     axes[0, 0].set_ylabel("input")
@@ -268,7 +268,7 @@ def attention_figure(images: np.ndarray, maps: np.ndarray, points: np.ndarray,
     for i in range(b):
         for j in range(q):
             ax = axes[i, j]
-            _show(ax, np.clip(images[i], 0, 1))
+            show_image(ax, np.clip(images[i], 0, 1))
             shown = ax.imshow(maps[i, j], cmap="inferno", alpha=0.6, vmin=0, vmax=maps[i].max())
             ax.plot(*points[i, j], "x", color="cyan", markersize=7, markeredgewidth=2)
             if i == 0:
@@ -289,7 +289,7 @@ def spatial_figure(images: np.ndarray, maps: np.ndarray,
     fig = Figure(figsize=(PANEL * b, PANEL + 0.4), dpi=DPI, layout="compressed")
     axes = fig.subplots(1, b, squeeze=False)[0]
     for i, ax in enumerate(axes):
-        _show(ax, np.clip(images[i], 0, 1))
+        show_image(ax, np.clip(images[i], 0, 1))
         shown = ax.imshow(maps[i], cmap="inferno", alpha=0.6, vmin=maps.min(), vmax=maps.max())
         if titles is not None:
             ax.set_title(titles[i], fontsize=7)
@@ -327,7 +327,7 @@ def points_figure(images: np.ndarray, points: np.ndarray, titles: Sequence[str] 
     fig = Figure(figsize=(PANEL * b, PANEL + 0.4), dpi=DPI, layout="compressed")
     axes = fig.subplots(1, b, squeeze=False)[0]
     for i, ax in enumerate(axes):
-        _show(ax, np.clip(images[i], 0, 1))
+        show_image(ax, np.clip(images[i], 0, 1))
         for colour, j in enumerate(chosen):
             x, y = (points[i, j] * size - 0.5).T
             ax.scatter(x, y, s=8, color=f"C{colour}", label=f"query {j}")
@@ -422,91 +422,3 @@ def visualize_run(run_dir: str | Path, out_dir: str | Path | None = None, num_im
         figure.savefig(out / name, dpi=DPI)
         paths.append(out / name)
     return paths
-
-
-# --- detection and segmentation -----------------------------------------------------------------
-
-
-def _new_axes(ax, columns: int) -> tuple[Figure, Any]:
-    """`ax` (one axes, or a sequence of `columns`) and its figure, or a new figure's row."""
-    if ax is not None:
-        first = ax if columns == 1 else ax[0]
-        return first.get_figure(), ax
-    fig = Figure(figsize=(2 * PANEL * columns, 2 * PANEL + 0.3), dpi=DPI, layout="compressed")
-    axes = fig.subplots(1, columns, squeeze=False)[0]
-    return fig, axes[0] if columns == 1 else axes
-
-
-def draw_boxes(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
-               scores: np.ndarray | None, class_names: Sequence[str], ax=None) -> Figure:
-    """Boxes over an image, one colour a class, named (with the score when given).
-
-    Args:
-      image: `[H, W, C]` in [0, 1].
-      boxes: `[K, 4]` normalised (cx, cy, w, h), as DETR predicts and `digit-detection` holds.
-      labels: `[K]` class of each box, an index into `class_names`.
-      scores: `[K]` or None.
-      class_names: the name of each class.
-      ax: the matplotlib axes to draw on; None for a new figure.
-
-    Returns:
-      The figure drawn on.
-    """
-    from matplotlib.patches import Rectangle
-
-    fig, ax = _new_axes(ax, 1)
-    _show(ax, np.clip(image, 0, 1))
-    h, w = image.shape[:2]
-    for k, (cx, cy, bw, bh) in enumerate(np.asarray(boxes, np.float64)):
-        colour = f"C{int(labels[k]) % 10}"
-        corner = ((cx - bw / 2) * w - 0.5, (cy - bh / 2) * h - 0.5)
-        ax.add_patch(Rectangle(corner, bw * w, bh * h, fill=False, color=colour, linewidth=1.2))
-        text = class_names[int(labels[k])] + ("" if scores is None else f" {scores[k]:.2f}")
-        ax.text(*corner, text, color="white", fontsize=6, va="bottom",
-                bbox={"facecolor": colour, "pad": 0.5, "linewidth": 0})
-    return fig
-
-
-def label_colours(num_classes: int) -> np.ndarray:
-    """`[num_classes, 3]` RGB in [0, 1]: black for class 0 (background), then tab10 / tab20."""
-    from matplotlib import colormaps
-
-    palette = colormaps["tab10" if num_classes <= 11 else "tab20"].colors
-    return np.array([(0.0, 0.0, 0.0)] + [palette[k % len(palette)]
-                                         for k in range(num_classes - 1)])
-
-
-def draw_label_maps(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray,
-                    num_classes: int, path_or_ax=None,
-                    class_names: Sequence[str] | None = None) -> Figure:
-    """The image, the predicted label map and the true one side by side, one fixed colour a class
-    (`label_colours`).
-
-    Args:
-      image: `[H, W, C]` in [0, 1].
-      predicted: `[H, W]` int class per pixel.
-      truth: `[H, W]` int class per pixel.
-      num_classes: the number of classes (fixes the colours).
-      path_or_ax: a file to save the figure to, three matplotlib axes to draw on, or None.
-      class_names: names for the legend of the classes present; None for no legend.
-
-    Returns:
-      The figure drawn on.
-    """
-    to_file = isinstance(path_or_ax, str | Path)
-    fig, axes = _new_axes(None if to_file else path_or_ax, 3)
-    colours = label_colours(num_classes)
-    _show(axes[0], np.clip(image, 0, 1))
-    for ax, labels, title in ((axes[1], predicted, "predicted"), (axes[2], truth, "truth")):
-        _show(ax, colours[np.clip(np.asarray(labels), 0, num_classes - 1)])
-        ax.set_title(title, fontsize=8)
-    if class_names is not None:
-        from matplotlib.patches import Patch
-
-        present = np.union1d(np.unique(predicted), np.unique(truth))
-        axes[2].legend([Patch(color=colours[k]) for k in present],
-                       [class_names[k] for k in present], fontsize=6, loc="center left",
-                       bbox_to_anchor=(1.02, 0.5))
-    if to_file:
-        fig.savefig(path_or_ax, dpi=DPI)
-    return fig

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -17,12 +19,98 @@ import numpy as np
 from flax import traverse_util
 from matplotlib.figure import Figure
 
-from flax_attention.visualize import DPI, PANEL, draw_boxes, draw_label_maps, upsample
+from flax_attention.visualize import DPI, PANEL, show_image, upsample
 
-__all__ = ["decoder_attention", "detection_figures", "visualize_dense_run"]
+__all__ = ["decoder_attention", "detection_figures", "draw_boxes", "draw_label_maps",
+           "label_colours", "visualize_dense_run"]
 
 SCORE_THRESHOLD = 0.5
 QUERIES_SHOWN = 3
+
+
+def _new_axes(ax, columns: int) -> tuple[Figure, Any]:
+    """`ax` (one axes, or a sequence of `columns`) and its figure, or a new figure's row."""
+    if ax is not None:
+        first = ax if columns == 1 else ax[0]
+        return first.get_figure(), ax
+    fig = Figure(figsize=(2 * PANEL * columns, 2 * PANEL + 0.3), dpi=DPI, layout="compressed")
+    axes = fig.subplots(1, columns, squeeze=False)[0]
+    return fig, axes[0] if columns == 1 else axes
+
+
+def draw_boxes(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+               scores: np.ndarray | None, class_names: Sequence[str], ax=None) -> Figure:
+    """Boxes over an image, one colour a class, named (with the score when given).
+
+    Args:
+      image: `[H, W, C]` in [0, 1].
+      boxes: `[K, 4]` normalised (cx, cy, w, h), as DETR predicts and `digit-detection` holds.
+      labels: `[K]` class of each box, an index into `class_names`.
+      scores: `[K]` or None.
+      class_names: the name of each class.
+      ax: the matplotlib axes to draw on; None for a new figure.
+
+    Returns:
+      The figure drawn on.
+    """
+    from matplotlib.patches import Rectangle
+
+    fig, ax = _new_axes(ax, 1)
+    show_image(ax, np.clip(image, 0, 1))
+    h, w = image.shape[:2]
+    for k, (cx, cy, bw, bh) in enumerate(np.asarray(boxes, np.float64)):
+        colour = f"C{int(labels[k]) % 10}"
+        corner = ((cx - bw / 2) * w - 0.5, (cy - bh / 2) * h - 0.5)
+        ax.add_patch(Rectangle(corner, bw * w, bh * h, fill=False, color=colour, linewidth=1.2))
+        text = class_names[int(labels[k])] + ("" if scores is None else f" {scores[k]:.2f}")
+        ax.text(*corner, text, color="white", fontsize=6, va="bottom",
+                bbox={"facecolor": colour, "pad": 0.5, "linewidth": 0})
+    return fig
+
+
+def label_colours(num_classes: int) -> np.ndarray:
+    """`[num_classes, 3]` RGB in [0, 1]: black for class 0 (background), then tab10 / tab20."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if num_classes <= 11 else "tab20"].colors
+    return np.array([(0.0, 0.0, 0.0)] + [palette[k % len(palette)]
+                                         for k in range(num_classes - 1)])
+
+
+def draw_label_maps(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray,
+                    num_classes: int, path_or_ax=None,
+                    class_names: Sequence[str] | None = None) -> Figure:
+    """The image, the predicted label map and the true one side by side, one fixed colour a class
+    (`label_colours`).
+
+    Args:
+      image: `[H, W, C]` in [0, 1].
+      predicted: `[H, W]` int class per pixel.
+      truth: `[H, W]` int class per pixel.
+      num_classes: the number of classes (fixes the colours).
+      path_or_ax: a file to save the figure to, three matplotlib axes to draw on, or None.
+      class_names: names for the legend of the classes present; None for no legend.
+
+    Returns:
+      The figure drawn on.
+    """
+    to_file = isinstance(path_or_ax, str | Path)
+    fig, axes = _new_axes(None if to_file else path_or_ax, 3)
+    colours = label_colours(num_classes)
+    show_image(axes[0], np.clip(image, 0, 1))
+    for ax, labels, title in ((axes[1], predicted, "predicted"), (axes[2], truth, "truth")):
+        show_image(ax, colours[np.clip(np.asarray(labels), 0, num_classes - 1)])
+        ax.set_title(title, fontsize=8)
+    if class_names is not None:
+        from matplotlib.patches import Patch
+
+        present = np.union1d(np.unique(predicted), np.unique(truth))
+        axes[2].legend([Patch(color=colours[k]) for k in present],
+                       [class_names[k] for k in present], fontsize=6, loc="center left",
+                       bbox_to_anchor=(1.02, 0.5))
+    if to_file:
+        fig.savefig(path_or_ax, dpi=DPI)
+    return fig
 
 
 def decoder_attention(model: nn.Module, variables: dict, images: jnp.ndarray

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flax_attention import data, dense_data, visualize
+from flax_attention import data, dense_data, visualize_dense
 
 INK = data._INK
 
@@ -169,7 +169,7 @@ def test_train_split_and_disjoint_sources():
 def test_draw_boxes_places_each_box_on_its_pixels():
     image = np.zeros((64, 32, 1), np.float32)
     boxes = np.array([[0.5, 0.25, 0.25, 0.5], [0.25, 0.75, 0.5, 0.5]])
-    fig = visualize.draw_boxes(image, boxes, np.array([3, 7]), np.array([0.9, 0.5]),
+    fig = visualize_dense.draw_boxes(image, boxes, np.array([3, 7]), np.array([0.9, 0.5]),
                                data.DIGIT_NAMES)
     rectangles = fig.axes[0].patches
     # (cx - w / 2) * W - 0.5: pixel edges of imshow's grid lie at half integers
@@ -181,9 +181,9 @@ def test_draw_boxes_places_each_box_on_its_pixels():
 def test_draw_label_maps_colours_each_class(tmp_path):
     truth = np.array([[0, 1], [2, 10]])
     predicted = np.array([[0, 1], [1, 1]])
-    fig = visualize.draw_label_maps(np.zeros((2, 2, 1)), predicted, truth, 11,
+    fig = visualize_dense.draw_label_maps(np.zeros((2, 2, 1)), predicted, truth, 11,
                                     tmp_path / "maps.png", dense_data.SEGMENTATION_NAMES)
-    colours = visualize.label_colours(11)
+    colours = visualize_dense.label_colours(11)
     assert len(np.unique(colours, axis=0)) == 11 and (colours[0] == 0).all()
     np.testing.assert_array_equal(fig.axes[1].images[0].get_array(), colours[predicted])
     np.testing.assert_array_equal(fig.axes[2].images[0].get_array(), colours[truth])

@@ -92,8 +92,9 @@ def test_every_model_takes_num_classes_dtype_and_param_dtype(name):
     assert (model.num_classes, model.dtype, model.param_dtype) == (7, jnp.bfloat16, jnp.float16)
     # the digit canvases (background + 10 digits; 10 digits), ImageNet, CIFAR-10, Cityscapes,
     # COCO's ids
-    default = {"-small": 10 if name == "detr-small" else 11, "cifar": 10, "danet": 19, "ccnet": 19, "detr": 91, "ram_": 10, "stn_": 10,
-               "_port": 10, "32input": 10, **{f"se_resnet{n}": 10 for n in (20, 32, 56, 110)}}
+    default = {"-small": 10 if name == "detr-small" else 11, "cifar": 10, "danet": 19,
+               "ccnet": 19, "detr": 91, "ram_": 10, "stn_": 10, "_port": 10, "32input": 10,
+               **{f"se_resnet{n}": 10 for n in (20, 32, 56, 110)}}
     expected = next((v for k, v in default.items() if k in name), 1000)
     assert registry.create(name).num_classes == expected
 
