@@ -162,19 +162,30 @@ class MultiHeadAttention(nn.Module):
         channels = query.shape[-1]
         kernel = self.param("in_proj_kernel", XAVIER, (channels, 3 * channels), self.param_dtype)
         bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * channels,), self.param_dtype)
-        inputs = promote_dtype(_with_pos(query, query_pos), _with_pos(key, key_pos), value,
-                               kernel, bias, dtype=self.dtype)
-        kernels, biases = jnp.split(inputs[3], 3, axis=1), jnp.split(inputs[4], 3)
-        q, k, v = map(self._heads, inputs[:3], kernels, biases)
+        q, k, v, kernel, bias = promote_dtype(_with_pos(query, query_pos),
+                                              _with_pos(key, key_pos), value, kernel, bias,
+                                              dtype=self.dtype)
+        if query is key and query_pos is key_pos:  # DETR's self-attention: one product for q, k
+            q, k = jnp.split(self._heads(q, kernel[:, :2 * channels], bias[:2 * channels]), 2,
+                             axis=2)
+        else:
+            q = self._heads(q, kernel[:, :channels], bias[:channels])
+            k = self._heads(k, kernel[:, channels:2 * channels], bias[channels:2 * channels])
+        v = self._heads(v, kernel[:, 2 * channels:], bias[2 * channels:])
         out = self._attend(q, k, v, *combine_masks(key_padding_mask, attn_mask), deterministic)
-        out = out.reshape(*out.shape[:2], channels)
+        rows = out.reshape(-1, channels)  # one contracting axis: see `_heads`
         return nn.Dense(channels, kernel_init=XAVIER, name="out_proj",
-                        **layers.numerics(self))(out)
+                        **layers.numerics(self))(rows).reshape(*out.shape[:2], channels)
 
     def _heads(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-        """`[B, L, C]` -> projected `[B, L, N, D]`."""
-        y = jnp.einsum("blc,ce->ble", x, kernel, precision=self.precision) + bias
-        return y.reshape(*y.shape[:2], self.num_heads, -1)
+        """`[B, L, C]` -> projected `[B, L, P * N, D]` for a kernel `[C, P * C]` (P parts).
+
+        The product runs on the `[B * L, C]` rows: with one contracting axis (not B and L) in
+        the kernel's gradient, XLA:CPU does not transpose the activations for it.
+        """
+        rows = x.reshape(-1, x.shape[-1])
+        y = jnp.einsum("lc,ce->le", rows, kernel, precision=self.precision) + bias
+        return y.reshape(*x.shape[:2], -1, kernel.shape[0] // self.num_heads)
 
     def _attend(self, q, k, v, mask, bias, deterministic: bool) -> jax.Array:
         """`[B, T, N, D]` queries, `[B, S, N, D]` keys and values -> `[B, T, N, D]`."""

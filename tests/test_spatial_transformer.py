@@ -227,6 +227,21 @@ def test_sampling_primitives_by_hand():
     np.testing.assert_allclose(sampling.grid_gradient(dots, dy, dx, 2.0, 3.0)[0, 0, 0], [3, 0])
 
 
+def test_scatter_corners_of_a_later_image_by_hand():
+    """The point of `test_sampling_primitives_by_hand` (x0 = 1) in the second of two 2 x 3
+    images (`first_image=1`: rows shift by 6): g = 2 adds 2 * its weights to rows 7, 8, 10, 11
+    of an accumulator holding ones, and nothing elsewhere."""
+    y0, x0 = jnp.array([[[0]]]), jnp.array([[[1]]])
+    rows, inside = sampling.corner_rows(y0, x0, (2, 3), first_image=1)
+    np.testing.assert_array_equal(rows[:, 0, 0, 0], [7, 8, 10, 11])
+    weights = sampling.inside_corner_weight_list(jnp.full((1, 1, 1), 0.25),
+                                                 jnp.full((1, 1, 1), 0.5), inside)
+    d_flat = sampling.scatter_corners(jnp.ones((12, 1)), rows, weights, jnp.full((1, 1, 1, 1), 2.0))
+    expected = np.ones(12)
+    expected[[7, 8, 10, 11]] += 2 * np.array([0.375, 0.375, 0.125, 0.125])
+    np.testing.assert_allclose(d_flat[:, 0], expected)
+
+
 @pytest.mark.parametrize("padding_mode", F.PADDING_MODES)
 def test_check_grads(padding_mode):
     with jax.enable_x64(True):

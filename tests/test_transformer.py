@@ -12,6 +12,7 @@ import pytest
 import torch
 from jax.test_util import check_grads
 
+from flax_attention.functional import _xla_attention
 from flax_attention.functional.attention import (
     combine_masks,
     dot_product_attention,
@@ -155,6 +156,37 @@ def test_attention_backward_matches_float64_autodiff(dtype, rtol):
     for actual, wanted in zip(got[1], expected[1], strict=True):
         assert_close(actual, wanted, rtol)
     assert not np.asarray(got[1][0])[0, 2].any()  # the fully masked query gets no gradient
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_blocked_attention_matches_float64_autodiff(dtype, rtol, monkeypatch):
+    """Queries beyond one block go block by block (here 40 in 3 blocks of 14, the last padded):
+    values and gradients of q, k, v against autodiff of the plain math in float64, with padded
+    keys and a batch element whose keys are all masked (uniform weights, no gradient)."""
+    monkeypatch.setattr(_xla_attention, "BLOCK_ELEMENTS", B * 2 * 6 * 16)  # <= 16 queries
+    monkeypatch.setattr(_xla_attention, "_attention", None)  # the whole-map path must not run
+    q, k, v = _qkv(t=40, s=6, n=2, d=3)
+    mask = np.ones((B, 1, 1, 6), bool)
+    mask[0] = False  # batch element 0 sees nothing
+    mask[1, ..., -2:] = False  # padded keys
+    d_out = random_nhwc((B, 40, 2, 3), 7)
+
+    def value_and_grads(fn, *qkv):
+        loss = lambda *a: jnp.sum(fn(*a, mask) * d_out.astype(qkv[0].dtype))  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*qkv)
+
+    with jax.enable_x64(True):
+        expected = value_and_grads(lambda *a: _autodiff_attention(*a, 0.0),
+                                   *(a.astype(np.float64) for a in (q, k, v)))
+        got = value_and_grads(dot_product_attention, *(a.astype(dtype) for a in (q, k, v)))
+    chex.assert_tree_all_finite(got)
+    assert got[1][0].dtype == dtype
+    assert_close(got[0], expected[0], rtol)
+    for actual, wanted in zip(got[1], expected[1], strict=True):
+        assert_close(actual, wanted, rtol)
+    assert not np.asarray(got[1][0])[0].any()  # the blind batch element gets no gradient
+    low = dot_product_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), mask)
+    assert_close(low.astype(jnp.float32), dot_product_attention(q, k, v, mask), rtol=3e-2)
 
 
 def test_attention_jit_vmap_bf16():

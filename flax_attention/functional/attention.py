@@ -6,7 +6,6 @@ D head dimension.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -20,6 +19,11 @@ from flax_attention._checks import (
     check_rank,
     check_same,
 )
+from flax_attention.functional._xla_attention import (
+    attention_weights,
+    large_negative,
+    xla_attention,
+)
 from flax_attention.kernels._common import pick_implementation
 
 __all__ = [
@@ -31,12 +35,6 @@ __all__ = [
 ]
 
 IMPLEMENTATIONS = ("xla", "cudnn", None)  # of `dot_product_attention`
-
-
-def large_negative(dtype=jnp.float32) -> float:
-    """The finite stand-in for -inf in masks: -0.7 * the largest value finite in `dtype` and
-    in float32 (the softmax dtype)."""
-    return -0.7 * min(float(jnp.finfo(dtype).max), float(jnp.finfo(jnp.float32).max))
 
 
 # --- Validation ----------------------------------------------------------------------------------
@@ -106,10 +104,14 @@ def dot_product_attention(
     Logits and softmax are float32 (float64 for float64 inputs) whatever the input dtype.
     Masked logits are replaced by a finite large negative, and -inf in `bias` is clipped to it,
     so a query whose keys are all masked gets uniform weights (the mean of `v` over all keys),
-    never NaN. The XLA path has a hand-written backward pass (`_attention`): it saves the
-    weights and takes the softmax's gradient as `P * (dP - rowsum(dP * P))`, with the row sum
-    computed as `d_out . out` per query, in four matrix products; it is differentiable in
-    reverse mode only (`jax.grad`, not `jax.jvp`), as the blockwise and criss-cross ops are.
+    never NaN. The XLA path has a hand-written backward pass: the softmax's gradient as
+    `P * (dP - rowsum(dP * P))`, with the row sum computed as `d_out . out` per query, in four
+    matrix products. Without a bias, and with a mask that does not vary along the queries (key
+    padding), queries beyond one block of `_xla_attention.BLOCK_ELEMENTS` logits go block by
+    block (each block's map stays in cache; the backward pass recomputes it from each query's
+    saved largest logit and log-sum of exponentials); otherwise the whole map is built and its
+    weights saved. Differentiable in reverse mode only (`jax.grad`, not `jax.jvp`), as the
+    blockwise and criss-cross ops are.
 
     Args:
       q: queries `[B, T, N, D]`.
@@ -135,7 +137,7 @@ def dot_product_attention(
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, bias=_finite(bias), mask=mask,
                                             implementation="cudnn")
-    return _attention(q, k, v, mask, _finite(bias), precision)
+    return xla_attention(q, k, v, mask, _finite(bias), precision)
 
 
 def dot_product_attention_weights(
@@ -162,75 +164,7 @@ def dot_product_attention_weights(
     _check_qk(q, k)
     _check_dtypes(q=q, k=k)
     _check_mask_bias(q, k, mask, bias)
-    return _weights(q, k, mask, _finite(bias), precision)
-
-
-def _accumulator(dtype) -> jnp.dtype:
-    """The dtype of logits, softmax and products: float32, or float64 for float64 inputs."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _weights(q, k, mask, bias, precision) -> jax.Array:
-    """`dot_product_attention_weights` without the checks; `bias` already finite."""
-    logits = jnp.einsum("btnd,bsnd->bnts", q, k, precision=precision,
-                        preferred_element_type=_accumulator(q.dtype))
-    logits = logits / math.sqrt(q.shape[-1])
-    if bias is not None:
-        logits = logits + bias.astype(logits.dtype)
-    if mask is not None:
-        logits = jnp.where(mask, logits, large_negative())
-    return jax.nn.softmax(logits, axis=-1)
-
-
-def _product(spec: str, a: jax.Array, b: jax.Array, precision) -> jax.Array:
-    """`einsum(spec, a, b)` accumulated in float32 (float64 for a float64 operand)."""
-    dtype = _accumulator(jnp.result_type(a, b))
-    return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=dtype)
-
-
-def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Sums `x` over the axes along which `shape` (same rank) was broadcast to it."""
-    axes = tuple(i for i, (n, m) in enumerate(zip(shape, x.shape, strict=True)) if n != m)
-    return x.sum(axis=axes, keepdims=True) if axes else x
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, mask, bias, precision) -> jax.Array:
-    """`dot_product_attention`'s XLA path, checked inputs: q `[B, T, N, D]`, k and v
-    `[B, S, N, D]`, boolean mask and finite bias broadcastable to `[B, N, T, S]` (or None).
-
-    Plain autodiff of the forward pass costs twice its time on the CPU (the softmax's gradient
-    through transposed `[B, N, T, S]` maps); this backward pass is the four products dV = P^T dO,
-    dP = dO V^T, dQ = dS K, dK = dS^T Q around one fused elementwise pass
-    dS = P * (dP - dO . O) / sqrt(D), with dS = 0 at masked logits.
-    """
-    return _attention_fwd(q, k, v, mask, bias, precision)[0]
-
-
-def _attention_fwd(q, k, v, mask, bias, precision):
-    weights = _weights(q, k, mask, bias, precision)
-    out = _product("bnts,bsnd->btnd", weights.astype(v.dtype), v, precision).astype(q.dtype)
-    return out, (q, k, v, mask, bias, weights, out)
-
-
-def _attention_bwd(precision, residuals, d_out):
-    q, k, v, mask, bias, weights, out = residuals
-    acc = weights.dtype
-    d_v = _product("bnts,btnd->bsnd", weights, d_out, precision)
-    d_weights = _product("btnd,bsnd->bnts", d_out, v, precision)
-    # sum_s P_ts dP_ts = dO_t . O_t: a [B, N, T] vector instead of a pass over the map.
-    row = jnp.einsum("btnd,btnd->bnt", d_out.astype(acc), out.astype(acc))
-    d_logits = weights * (d_weights - row[..., None])
-    if mask is not None:
-        d_logits = jnp.where(mask, d_logits, 0)
-    d_bias = None if bias is None else _sum_to(d_logits, bias.shape).astype(bias.dtype)
-    d_logits = d_logits / math.sqrt(q.shape[-1])
-    d_q = _product("bnts,bsnd->btnd", d_logits, k, precision)
-    d_k = _product("bnts,btnd->bsnd", d_logits, q, precision)
-    return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, d_bias)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+    return attention_weights(q, k, mask, _finite(bias), precision)
 
 
 def _check_masks(key_padding_mask, attn_mask) -> None:

@@ -35,12 +35,14 @@ from flax_attention._checks import (
     check_same,
 )
 from flax_attention.functional.sampling import (
+    corner_dots,
     corner_rows,
     corner_weights,
     gather_corners,
     grid_gradient,
+    inside_corner_weight_list,
     inside_corner_weights,
-    sample_vjp,
+    scatter_corners,
 )
 from flax_attention.kernels import bilinear as kernel
 from flax_attention.kernels._common import on_gpu, pick_implementation
@@ -218,23 +220,29 @@ def _sample(image: jax.Array, grid: jax.Array, padding_mode: str,
 
 # Images per step of the loops over the batch: the largest divisor of the batch whose output
 # has at most this many elements, so that a step's intermediates stay in cache. Measured on CPU
-# at B=64, C=32, 64x64: the backward, whose scatter-add reads 4x that many updates, runs 2.5x
+# at B=64, C=32, 64x64: the backward, whose scatter-adds read 4x that many updates, runs 2.5x
 # faster than in one step over the whole batch; the forward of a gradient in a loop keeps a
 # summed output (a loss) from materialising the four gathered neighbours: XLA:CPU's YNNPACK
 # fusion takes the sum and the weighting, and the gathers it cannot fuse become four arrays.
 _CHUNK_ELEMENTS = 2**18
 
 
+def _chunk(out_shape: tuple[int, ...]) -> int:
+    """Images per step for an output of shape `out_shape` (batch first)."""
+    batch, per_image = out_shape[0], math.prod(out_shape[1:])
+    return max(n for n in range(1, batch + 1)
+               if batch % n == 0 and (n == 1 or n * per_image <= _CHUNK_ELEMENTS))
+
+
+def _split(a: jax.Array, chunk: int) -> jax.Array:
+    """`[B, ...]` -> `[B / chunk, chunk, ...]`."""
+    return a.reshape(a.shape[0] // chunk, chunk, *a.shape[1:])
+
+
 def _over_chunks(fn, out_shape: tuple[int, ...], *arrays: jax.Array):
     """`fn(*arrays)` over chunks of the batch (the leading axis of every array), in sequence."""
-    batch, per_image = out_shape[0], math.prod(out_shape[1:])
-    chunk = max(n for n in range(1, batch + 1)
-                if batch % n == 0 and (n == 1 or n * per_image <= _CHUNK_ELEMENTS))
-
-    def split(a: jax.Array) -> jax.Array:
-        return a.reshape(batch // chunk, chunk, *a.shape[1:])
-
-    out = lax.map(lambda args: fn(*args), tuple(split(a) for a in arrays))
+    chunk = _chunk(out_shape)
+    out = lax.map(lambda args: fn(*args), tuple(_split(a, chunk) for a in arrays))
     return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:]), out)
 
 
@@ -251,23 +259,30 @@ def _sample_fwd(image, grid, padding_mode, align_corners):
     return out, (image, grid)
 
 
-def _backward(padding_mode: str, align_corners: bool, image: jax.Array, grid: jax.Array,
-              g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`sampling.sample_vjp` and the grid gradient from its corner dots and the slopes."""
-    hw = image.shape[1:3]
-    y0, x0, dy, dx, slope_y, slope_x = _locate(grid, hw, padding_mode, align_corners)
-    rows, inside = corner_rows(y0, x0, hw)
-    d_image, dots = sample_vjp(image, rows, inside, dy, dx, g.astype(dy.dtype))
-    return (d_image.astype(image.dtype),
-            grid_gradient(dots, dy, dx, slope_y, slope_x).astype(grid.dtype))
-
-
 def _sample_bwd(padding_mode, align_corners, residuals, g):
-    """`_backward` over chunks of the batch. The residuals are just the inputs: corners and
-    weights are cheap to recompute."""
+    """Over chunks of the batch, in sequence: the image gradient scatter-added in place into
+    one `[B * H * W, C]` accumulator (`sampling.scatter_corners`; no per-chunk buffers to zero
+    and copy out), the grid gradient from the corner dots and the slopes. The residuals are
+    just the inputs: corners and weights are cheap to recompute."""
     image, grid = residuals
-    return _over_chunks(functools.partial(_backward, padding_mode, align_corners), g.shape,
-                        image, grid, g)
+    hw, channels = image.shape[1:3], image.shape[-1]
+    dtype = jnp.promote_types(grid.dtype, jnp.float32)  # `_locate`'s
+    flat = jnp.asarray(image, dtype).reshape(-1, channels)
+    chunk = _chunk(g.shape)
+
+    def step(d_image, args):
+        index, grid, g = args
+        y0, x0, dy, dx, slope_y, slope_x = _locate(grid, hw, padding_mode, align_corners)
+        rows, inside = corner_rows(y0, x0, hw, index * chunk)
+        g = g.astype(dtype)
+        dots = corner_dots(gather_corners(flat, rows, inside), g)
+        d_image = scatter_corners(d_image, rows, inside_corner_weight_list(dy, dx, inside), g)
+        return d_image, grid_gradient(dots, dy, dx, slope_y, slope_x).astype(grid.dtype)
+
+    steps = jnp.arange(image.shape[0] // chunk, dtype=jnp.int32)
+    d_image, d_grid = lax.scan(step, jnp.zeros(flat.shape, dtype),
+                               (steps, _split(grid, chunk), _split(g, chunk)))
+    return d_image.reshape(image.shape).astype(image.dtype), d_grid.reshape(grid.shape)
 
 
 _bilinear_sample.defvjp(_sample_fwd, _sample_bwd)

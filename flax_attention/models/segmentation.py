@@ -260,6 +260,8 @@ danet_deep_resnet101 = functools.partial(
 # timm's deep stem `conv1.{0,1,3,4,6}`; no `fc`), the head under `head.` (`DANetHead`'s keys).
 # CCNet: the backbone at the top level, its deep stem named `conv1`, `bn1`, `conv2`, `bn2`,
 # `conv3`, `bn3` as in CCNet's ResNet; `head.*` (`RCCAModule`), `dsn.{0,1,3}`.
+# FCN: the `encoding` package's FCN, as DANet's backbone under `pretrained.` and its `FCNHead`
+# under `head.conv5.{0,1,4}` (conv, BatchNorm, the 1x1 classifier).
 
 # Our deep stem's torch names -> CCNet's.
 _CCNET_STEM = {"conv1.0": "conv1", "conv1.1": "bn1", "conv1.3": "conv2", "conv1.4": "bn2",
@@ -290,7 +292,13 @@ def _ccnet_rules(module: CCNet) -> Rules:
     return rules
 
 
-def _danet_inputs(module: DANet, shapes: Shapes) -> tuple[jax.ShapeDtypeStruct]:
+def _fcn_rules(module: FCN) -> Rules:
+    rules = nested(rules_for(module._backbone()), ("backbone",), "pretrained")
+    rules |= conv(("conv5_0",), "head.conv5.0", bias=False)
+    return rules | batch_norm(("conv5_1",), "head.conv5.1") | conv(("conv5_4",), "head.conv5.4")
+
+
+def _danet_inputs(module: DANet | FCN, shapes: Shapes) -> tuple[jax.ShapeDtypeStruct]:
     return image_input(shapes, "pretrained." + first_conv_key(module._backbone()), side=32)
 
 
@@ -300,3 +308,4 @@ def _ccnet_inputs(module: CCNet, shapes: Shapes) -> tuple[jax.ShapeDtypeStruct]:
 
 register(DANet)(Converter(_danet_rules, _danet_inputs))
 register(CCNet)(Converter(_ccnet_rules, _ccnet_inputs))
+register(FCN)(Converter(_fcn_rules, _danet_inputs))

@@ -51,7 +51,8 @@ class Backbone(nn.Module):
         del resnet.fc
         _freeze_batch_norms(resnet)
         self.body = resnet
-        self.num_channels = resnet.layer4[-1].planes * resnet.layer4[-1].expansion
+        last = getattr(resnet, f"layer{resnet.num_layers}")[-1]  # layer4 but in tiny ResNets
+        self.num_channels = last.planes * last.expansion
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor):
         x = self.body.forward_features(images)

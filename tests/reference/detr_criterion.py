@@ -8,6 +8,7 @@ Targets are DETR's list of per-image dicts with variable-length "labels" `[T_b]`
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -77,19 +78,25 @@ def match_cost(logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
     return cost_bbox * c_bbox + cost_class * c_class + cost_giou * c_giou
 
 
+Assignment = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
 @torch.no_grad()
-def hungarian_matcher(outputs: dict, targets: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per image, (query indices, target indices) of the minimum-cost matching."""
+def hungarian_matcher(outputs: dict, targets: list[dict],
+                      assignment: Assignment = brute_force_assignment
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image, (query indices, target indices) of the minimum-cost matching (`assignment`:
+    the exhaustive search, or DETR's `scipy.optimize.linear_sum_assignment`)."""
     return [
-        brute_force_assignment(match_cost(logits, boxes, t["labels"], t["boxes"]).numpy())
+        assignment(match_cost(logits, boxes, t["labels"], t["boxes"]).numpy())
         for logits, boxes, t in zip(outputs["pred_logits"], outputs["pred_boxes"], targets,
                                     strict=True)
     ]
 
 
 def _layer_losses(outputs: dict, targets: list[dict], num_classes: int, eos_coef: float,
-                  num_boxes: float) -> dict[str, torch.Tensor]:
-    indices = hungarian_matcher(outputs, targets)
+                  num_boxes: float, assignment: Assignment) -> dict[str, torch.Tensor]:
+    indices = hungarian_matcher(outputs, targets, assignment)
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     batch = np.concatenate([np.full(len(src), b) for b, (src, _) in enumerate(indices)])
     src = np.concatenate([src for src, _ in indices])
@@ -110,13 +117,15 @@ def _layer_losses(outputs: dict, targets: list[dict], num_classes: int, eos_coef
 
 
 def set_criterion(outputs: dict, targets: list[dict], num_classes: int, eos_coef: float = 0.1,
-                  weights: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DETR's SetCriterion with labels and boxes losses, auxiliary outputs suffixed `_i`."""
+                  weights: dict | None = None, assignment: Assignment = brute_force_assignment
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DETR's SetCriterion with labels and boxes losses, auxiliary outputs suffixed `_i`
+    (`assignment`: as `hungarian_matcher`'s)."""
     weights = dict(weights or {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2})
     num_boxes = max(sum(len(t["labels"]) for t in targets), 1)
-    losses = _layer_losses(outputs, targets, num_classes, eos_coef, num_boxes)
+    losses = _layer_losses(outputs, targets, num_classes, eos_coef, num_boxes, assignment)
     for i, aux in enumerate(outputs.get("aux_outputs", [])):
-        layer = _layer_losses(aux, targets, num_classes, eos_coef, num_boxes)
+        layer = _layer_losses(aux, targets, num_classes, eos_coef, num_boxes, assignment)
         losses.update({f"{k}_{i}": v for k, v in layer.items()})
         weights.update({f"{k}_{i}": weights[k] for k in layer})
     return sum(v * weights[k] for k, v in losses.items()), losses
