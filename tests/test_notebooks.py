@@ -22,7 +22,9 @@ def test_notebook_is_stripped(name):
     assert "FLAX_ATTENTION_NOTEBOOK_SMALL" in code[0].source  # the parameters cell
 
 
-@pytest.mark.parametrize("name", NAMES)
+# The quickstart runs by default; the longer notebooks (about a minute each) under -m slow.
+@pytest.mark.parametrize("name", [n if n == "quickstart.ipynb" else
+                                  pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
 def test_notebook_runs(name, monkeypatch):
     monkeypatch.setenv("FLAX_ATTENTION_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
