@@ -58,9 +58,9 @@ def _init(model, shape=SMALL, seed=0):
 IDENTITY_AT_INIT = ("stn-cnn", "cca-cnn", "nl-cnn")
 
 
-# The first classifiers run by default; the others (the timm family's, each also covered by the
-# mechanism table's test and its own bf16 test) with -m slow.
-_DEFAULT_CLASSIFIERS = ("cnn", "stn-cnn", "se-cnn", "cca-cnn", "nl-cnn", "pam-cnn")
+# These classifiers run by default; the others (SE, non-local and the timm family's, each also
+# covered by the mechanism table's test and its own bf16 test) with -m slow.
+_DEFAULT_CLASSIFIERS = ("cnn", "stn-cnn", "cca-cnn", "pam-cnn")
 
 
 @pytest.mark.parametrize("name", [
