@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flax_attention.functional.blockwise import accumulated_einsum as _product
 from flax_attention.kernels import flash
 
 
@@ -50,12 +51,6 @@ def _logits(q, k, mask, bias, precision) -> jax.Array:
 def _weights(q, k, mask, bias, precision) -> jax.Array:
     """`dot_product_attention_weights` without the checks; `bias` already finite."""
     return jax.nn.softmax(_logits(q, k, mask, bias, precision), axis=-1)
-
-
-def _product(spec: str, a: jax.Array, b: jax.Array, precision) -> jax.Array:
-    """`einsum(spec, a, b)` accumulated in float32 (float64 for a float64 operand)."""
-    dtype = _accumulator(jnp.result_type(a, b))
-    return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=dtype)
 
 
 def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
