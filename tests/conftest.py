@@ -1,9 +1,16 @@
-"""Test-wide settings: JAX on the CPU, full fp32 matmuls, deterministic torch."""
+"""Test-wide settings: JAX on the CPU, quicker XLA compiles, full fp32 matmuls, deterministic
+torch."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Compile faster: LLVM's expensive optimisation passes off (the suite about 20% faster; the
+# tests check values, which these passes do not change; benchmarks run without the flag).
+# Subprocesses started by the tests (CLI, notebooks) inherit it.
+if "xla_llvm_disable_expensive_passes" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_llvm_disable_expensive_passes=true").strip()
 
 import jax  # noqa: E402
 

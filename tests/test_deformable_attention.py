@@ -25,6 +25,7 @@ from flax_attention.deformable_attention import (
     MSDeformAttn,
     radial_offsets,
 )
+from flax_attention.functional import _xla_deformable_attention as XLA
 from flax_attention.functional import deformable_attention as F
 from flax_attention.interop.torch import from_torch
 from flax_attention.kernels import deformable_attention as K
@@ -158,8 +159,8 @@ def test_the_query_chunks_do_not_change_the_result(monkeypatch, per_chunk):
     """B * Q = 12 queries in chunks of 5 (the last padded) or of 1, against one chunk."""
     value, locations, weights, g = _inputs(seed=6)
     whole = _vjp("xla", value, locations, weights, g)
-    monkeypatch.setattr(F, "_CHUNK_ELEMENTS", per_chunk * N * L * P)
-    attend = jax.jit(F._ms_deform_attn, static_argnums=1)  # traced anew: sees the new chunks
+    monkeypatch.setattr(XLA, "_CHUNK_ELEMENTS", per_chunk * N * L * P)
+    attend = jax.jit(XLA._ms_deform_attn, static_argnums=1)  # traced anew: sees the new chunks
     out, vjp = jax.vjp(lambda v, loc, w: attend(v, F.SpatialShapes(SHAPES), loc, w),
                        *map(jnp.asarray, (value, locations, weights)))
     for a, b in zip((out, *vjp(jnp.asarray(g))), whole, strict=True):

@@ -540,7 +540,8 @@ def test_eight_devices_match_one(kind):
     one device only by the order of float sums. The batches of an epoch (after those skipped
     on a resume) do not depend on the device count."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + " --xla_force_host_platform_device_count=8"}
     done = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT, kind], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr

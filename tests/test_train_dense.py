@@ -248,7 +248,8 @@ def test_two_devices_match_one():
     """Three steps with the batch (images and dict labels) split over 2 host devices give the
     losses of one device: the matching and the losses see the whole batch."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + " --xla_force_host_platform_device_count=2"}
     done = subprocess.run([sys.executable, "-c", PARALLEL_SCRIPT], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr
