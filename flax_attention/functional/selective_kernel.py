@@ -60,9 +60,9 @@ def _check_paths(paths: jax.Array) -> None:
 def selective_kernel_fuse(paths: jax.Array) -> jax.Array:
     """The fuse step: the paths summed and averaged over space, in float32.
 
-    The P spatial sums are one variadic reduction: XLA:CPU then fuses the paths' producers
-    (BatchNorm, activation) into it, where its library reduction of the stacked paths made
-    them materialise (`benchmarks/selective_kernel.py`: the forward 25% faster).
+    A plain sum and mean, which XLA differentiates into broadcasts: a variadic `lax.reduce`
+    (one spatial sum per path) ran the forward pass about as fast, but its derivative made the
+    module's forward and backward 2.5x slower (`benchmarks/selective_kernel.py`).
 
     Args:
       paths: `[B, P, H, W, C]`, the outputs of the P branches.
@@ -72,14 +72,7 @@ def selective_kernel_fuse(paths: jax.Array) -> jax.Array:
     """
     paths = as_float(paths)
     _check_paths(paths)
-    dtype = jnp.promote_types(paths.dtype, jnp.float32)
-    entries = tuple(paths[:, i].astype(dtype) for i in range(paths.shape[1]))
-    zero = jnp.zeros((), dtype)
-    sums = lax.reduce(entries, (zero,) * len(entries),
-                      lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
-                      (1, 2)) if entries else ()
-    total = functools.reduce(jnp.add, sums, jnp.zeros((paths.shape[0], paths.shape[-1]), dtype))
-    return total / (paths.shape[2] * paths.shape[3])
+    return paths.astype(jnp.promote_types(paths.dtype, jnp.float32)).sum(1).mean((1, 2))
 
 
 def selective_kernel_weights(logits: jax.Array, num_paths: int) -> jax.Array:
