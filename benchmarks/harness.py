@@ -103,8 +103,22 @@ def format_row(case: Case, mode: str, jax_r: dict, torch_r: dict) -> str:
     )
 
 
+# Set (to "1") in a worker's environment by `--xla-defaults`: JAX programs compiled with XLA's
+# default options rather than `flax_attention.xla_options.compiler_options()`.
+XLA_DEFAULTS_ENV = "FLAX_ATTENTION_BENCH_XLA_DEFAULTS"
+
+
+def jax_compiler_options() -> dict[str, str]:
+    """The compiler options of the JAX side's programs: the library's
+    (`flax_attention.xla_options.compiler_options()`), or none under `--xla-defaults`."""
+    from flax_attention.xla_options import compiler_options
+
+    return {} if os.environ.get(XLA_DEFAULTS_ENV) == "1" else compiler_options()
+
+
 def jax_steps(fn: Callable, *args) -> dict[str, Thunk]:
-    """Forward and forward+backward (gradients w.r.t. every argument) of `fn(*args)`, jitted.
+    """Forward and forward+backward (gradients w.r.t. every argument) of `fn(*args)`, jitted
+    with `jax_compiler_options()`.
 
     The backward step returns the loss too (`value_and_grad`), so XLA cannot drop the part of the
     forward pass that only the loss needs, which torch always computes.
@@ -112,9 +126,11 @@ def jax_steps(fn: Callable, *args) -> dict[str, Thunk]:
     import jax
     import jax.numpy as jnp
 
-    fwd = jax.jit(fn)
+    options = jax_compiler_options()
+    fwd = jax.jit(fn, compiler_options=options)
     grad = jax.jit(
-        jax.value_and_grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(len(args))))
+        jax.value_and_grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(len(args)))),
+        compiler_options=options,
     )
     return {
         "fwd": lambda: jax.block_until_ready(fwd(*args)),
@@ -202,8 +218,16 @@ def result_records(case: Case, jax_r: dict, torch_r: dict) -> list[dict]:
         if j is not None and t is not None:
             records.append({"case": case.name, "mode": mode, "jax_ms": j["ms"],
                             "torch_ms": t["ms"], "speedup": t["ms"] / j["ms"], "goal": case.goal,
-                            "jax_peak_mib": j["peak_mib"], "torch_peak_mib": t["peak_mib"]})
+                            "jax_peak_mib": j["peak_mib"], "torch_peak_mib": t["peak_mib"],
+                            "jax_compiler_options": _options_label()})
     return records
+
+
+def _options_label() -> str:
+    """Which compiler options the JAX programs had (`jax_compiler_options`)."""
+    if os.environ.get(XLA_DEFAULTS_ENV) == "1":
+        return "XLA defaults"
+    return "flax_attention.xla_options.compiler_options()"
 
 
 def write_results(path: str, records: list[dict]) -> None:
@@ -239,6 +263,9 @@ def main(cases: list[Case], module: str, description: str | None,
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--json", default=os.path.join(RESULTS, machine_name() + ".json"),
                         help="where the full results go (default %(default)s)")
+    parser.add_argument("--xla-defaults", action="store_true",
+                        help="compile the JAX side with XLA's default options instead of "
+                        "flax_attention.xla_options.compiler_options()")
     parser.add_argument("--worker", nargs=2, metavar=("INDEX", "SIDE"), help=argparse.SUPPRESS)
     if gpu_main is not None:
         parser.add_argument("--gpu", action="store_true", help="the GPU comparison instead")
@@ -259,7 +286,10 @@ def main(cases: list[Case], module: str, description: str | None,
         print("\n".join(cases[i].name for i in chosen))
         return
     print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    if args.xla_defaults:
+        os.environ[XLA_DEFAULTS_ENV] = "1"  # the workers inherit it
     print(f"# {LEGEND}")
+    print(f"# JAX programs compiled with {_options_label()}")
     print(HEADER, flush=True)
     records = []
     for n, i in enumerate(chosen, 1):

@@ -76,11 +76,13 @@ from flax_attention.transformer import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
+from flax_attention.xla_options import compiler_options
 
 __version__ = "0.1.0"
 
 __all__ = [
     "functional",
+    "compiler_options",
     # the timm family, under timm's class names
     "CbamModule",
     "CecaModule",

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flax_attention.xla_options import compiler_options
+
 __all__ = ["DATA_AXIS", "batch_sharding", "check_batch_size", "data_mesh", "data_parallel",
            "describe_devices", "initialize_distributed", "replicated", "replicated_init", "to_host"]
 
@@ -87,11 +89,13 @@ def data_parallel(fn: Callable[..., Any], mesh: Mesh, num_batch_args: int,
 
     The state (first argument; parameters, optimiser state, ...) and every output are
     replicated, the `num_batch_args` batch arguments split along their leading axis; the state
-    is donated (its buffers reused for the outputs) when `donate_state`.
+    is donated (its buffers reused for the outputs) when `donate_state`. Compiled with the
+    library's options for the mesh's platform (`xla_options.compiler_options`).
     """
     rep, batch = replicated(mesh), batch_sharding(mesh)
     return jax.jit(fn, in_shardings=(rep, *[batch] * num_batch_args), out_shardings=rep,
-                   donate_argnums=(0,) if donate_state else ())
+                   donate_argnums=(0,) if donate_state else (),
+                   compiler_options=compiler_options(mesh.devices.flat[0].platform))
 
 
 def replicated_init(fn: Callable[[], Any], mesh: Mesh) -> Any:
