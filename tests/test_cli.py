@@ -138,9 +138,10 @@ def test_bench_progress_table_list_and_json(capsys, tmp_path, monkeypatch):
     assert captured.err == "[1/1] tiny sum 100 ...\n"
     lines = captured.out.splitlines()
     assert lines[1].startswith("# speedup: torch ms / jax ms") and "goal" in lines[1]
-    assert lines[2].split()[:3] == ["case", "mode", "jax"]
-    assert [line.split()[3] for line in lines[3:5]] == ["fwd", "fwd+bwd"]
-    assert lines[5] == f"# full results: {path}"
+    assert lines[2] == "# JAX programs compiled with flax_attention.xla_options.compiler_options()"
+    assert lines[3].split()[:3] == ["case", "mode", "jax"]
+    assert [line.split()[3] for line in lines[4:6]] == ["fwd", "fwd+bwd"]
+    assert lines[6] == f"# full results: {path}"
     saved = json.loads(path.read_text())
     assert saved["machine"] == harness.machine_name()
     records = saved["records"]
@@ -148,6 +149,14 @@ def test_bench_progress_table_list_and_json(capsys, tmp_path, monkeypatch):
         ("old", "fwd"), ("tiny sum 100", "fwd"), ("tiny sum 100", "fwd+bwd")]
     assert records[1]["goal"] == 2.0
     assert records[1]["speedup"] == records[1]["torch_ms"] / records[1]["jax_ms"]
+    assert records[1]["jax_compiler_options"] == "flax_attention.xla_options.compiler_options()"
+    monkeypatch.delenv(harness.XLA_DEFAULTS_ENV, raising=False)  # restored after the test
+    harness.main(cases, "m", None, argv=["--only", "other", "--xla-defaults", "--json", str(path)])
+    assert "# JAX programs compiled with XLA defaults" in capsys.readouterr().out.splitlines()
+    assert harness.jax_compiler_options() == {}
+    records = json.loads(path.read_text())["records"]
+    assert [r["jax_compiler_options"] for r in records if r["case"] == "other"] == [
+        "XLA defaults"] * 2
     with pytest.raises(SystemExit):
         harness.main(cases, "m", None, argv=["--only", "NoSuch"])
     assert "--only 'NoSuch' matches no benchmark case" in capsys.readouterr().err

@@ -232,15 +232,24 @@ def test_metrics_log_truncates_and_skips_a_torn_line(tmp_path):
     assert [r["step"] for r in log.read()] == [1, 2, 3]
 
 
+def _wait_for(done, seconds: float = 10.0) -> None:
+    """Polls `done()` until it holds or `seconds` pass. A signal may reach another thread of the
+    process, and then Python runs the handler in the main thread only at a later bytecode: a
+    single short sleep may end before it (seen once in CI under load)."""
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 def test_interrupt_sets_a_flag_then_a_second_signal_goes_through():
     before = signal.getsignal(signal.SIGINT)
     with Interrupt() as interrupt:
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)
+        _wait_for(lambda: interrupt.requested is not None)
         assert interrupt.requested == "SIGTERM"
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)
+            _wait_for(lambda: False)
     assert signal.getsignal(signal.SIGINT) is before
 
 
