@@ -252,7 +252,8 @@ def main(cases: list[Case], module: str, description: str | None,
          matches: Callable[[Case, str], bool] | None = None) -> None:
     """The command line of a benchmark module: each case's JAX and torch sides timed in their
     own processes, a progress line a case (stderr), a short table and the full results as JSON
-    (`--json`, default `benchmarks/results/<machine>.json`); `--list` names the cases;
+    (`--json`, default `benchmarks/results/<machine>.json`, merged after every case, so a
+    stopped run keeps the cases it finished); `--list` names the cases;
     `--gpu` runs `gpu_main(peak_gbs)` instead. `--only X` runs the cases for which
     `matches(case, X)` holds (e.g. X names their mechanism), else those whose name contains X;
     none is a usage error."""
@@ -291,12 +292,10 @@ def main(cases: list[Case], module: str, description: str | None,
     print(f"# {LEGEND}")
     print(f"# JAX programs compiled with {_options_label()}")
     print(HEADER, flush=True)
-    records = []
     for n, i in enumerate(chosen, 1):
         print(f"[{n}/{len(chosen)}] {cases[i].name} ...", file=sys.stderr, flush=True)
         jax_r, torch_r = measure(i, "jax", module), measure(i, "torch", module)
         for mode in MODES:
             print(format_row(cases[i], mode, jax_r, torch_r), flush=True)
-        records += result_records(cases[i], jax_r, torch_r)
-    write_results(args.json, records)
+        write_results(args.json, result_records(cases[i], jax_r, torch_r))  # kept if stopped
     print(f"# full results: {args.json}")
