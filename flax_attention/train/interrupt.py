@@ -15,8 +15,10 @@ class Interrupt:
     """A context in which SIGINT and SIGTERM set `requested` instead of killing the process.
 
     The loop checks `requested` after each step, saves a checkpoint and returns. A second
-    signal of either kind restores the default handlers and is re-raised, so a stuck run can
-    still be stopped. Outside the main thread it does nothing (signals cannot be caught there).
+    signal of either kind restores the previous handlers and goes to its own: a Python handler
+    (SIGINT's raises KeyboardInterrupt) is called at once, the default action is re-raised, so a
+    stuck run can still be stopped. Outside the main thread it does nothing (signals cannot be
+    caught there).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -27,8 +29,12 @@ class Interrupt:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is not None:
+            previous = self._previous.get(signum)
             self._restore()
-            signal.raise_signal(signum)
+            if callable(previous):  # Python's SIGINT handler: KeyboardInterrupt, here and now
+                previous(signum, frame)
+            elif previous != signal.SIG_IGN:
+                signal.raise_signal(signum)
             return
         self.requested = signal.Signals(signum).name
         print(f"\n{self.requested}: saving a checkpoint and stopping (send it again to stop "
