@@ -237,6 +237,12 @@ def table(op: Op, results: dict, modes: list[str]) -> list[str]:
     return [*rows, ""]
 
 
+def _noisy() -> str:
+    """A warning when the load average is above the CPU count."""
+    return (" (above the CPU count, times are noisy)"
+            if os.getloadavg()[0] > (os.cpu_count() or 1) else "")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -267,7 +273,7 @@ def main(argv=None) -> None:
              "resident set over one step (and XLA's compiled temporaries for JAX). Each cell "
              "its own process, "
              f"limited to {args.max_gib:g} GiB of address space (0: none). Load average at "
-             f"the start: {os.getloadavg()[0]:.1f} (above the CPU count, times are noisy).", ""]
+             f"the start: {os.getloadavg()[0]:.1f}{_noisy()}.", ""]
     for op in ops:
         results = {}
         for side in sizes:
