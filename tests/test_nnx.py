@@ -5,6 +5,8 @@ README's NNX training lines)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,7 +108,11 @@ def test_jit_grad_and_optimizer_step_equal_linen():
     (expected, state), expected_grads = jax.value_and_grad(linen_loss, has_aux=True)(
         variables["params"])
     assert_close(loss, expected)
-    jax.tree.map(assert_close, nnx.to_pure_dict(grads), expected_grads)
+    # The spatial gate's conv kernel gradient passes a train-mode BatchNorm, whose backward
+    # subtracts near-equal means: float32 summation order alone moves it by ~1e-5 of its largest
+    # entry between the jitted NNX step and the eager Linen one.
+    jax.tree.map(functools.partial(assert_close, rtol=1e-4), nnx.to_pure_dict(grads),
+                 expected_grads)
     after = fa_nnx.linen_variables(model)
     jax.tree.map(assert_close, after["batch_stats"], state["batch_stats"])
     jax.tree.map(lambda new, old, g: assert_close(new, old - 0.1 * g), after["params"],
