@@ -22,9 +22,10 @@ from flax_attention import mechanisms
 
 def benchmark_modules() -> list[str]:
     """The benchmark modules of every mechanism, in table order, each once, then the scaling
-    table's quick sizes (`benchmarks.scaling`)."""
+    table's quick sizes (`benchmarks.scaling`) and the matrix products under the attentions
+    (`benchmarks.matmul_floor`)."""
     names = [name for m in mechanisms.MECHANISMS for name in m.benchmarks]
-    return list(dict.fromkeys([*names, "benchmarks.scaling"]))
+    return list(dict.fromkeys([*names, "benchmarks.scaling", "benchmarks.matmul_floor"]))
 
 
 def all_cases() -> list[Case]:

@@ -174,6 +174,21 @@ def test_bench_only_takes_the_names_list_prints(capsys):
     assert "se_layer 32x56x56x256" in by_name and not any("criss" in n for n in by_name)
 
 
+@pytest.mark.parametrize("product", range(5))
+def test_matmul_floor_sides_compute_the_same_product(product):
+    """Each floor case's JAX and torch steps give the same product (at small sizes: every
+    dimension d as d % 11 + 2, so shared ones stay equal and the others differ), and the run
+    lists the cases."""
+    from benchmarks import matmul_floor, run
+
+    name, equation, a_shape, b_shape = matmul_floor.PRODUCTS[product]
+    a_shape, b_shape = ([d % 11 + 2 for d in shape] for shape in (a_shape, b_shape))
+    jax_out = matmul_floor._jax(equation, a_shape, b_shape)["fwd"]()
+    torch_out = matmul_floor._torch(equation, a_shape, b_shape)["fwd"]()
+    np.testing.assert_allclose(jax_out, torch_out.numpy(), rtol=1e-5, atol=1e-6)
+    assert f"matmul floor: {name}" in [case.name for case in run.all_cases()]
+
+
 def _namespace(**given) -> argparse.Namespace:
     return argparse.Namespace(resume=given.pop("resume", False), step_delay=0.0, **given)
 
