@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks import matmul_floor
 from flax_attention import cli
 from flax_attention.data import list_datasets
 from flax_attention.models.classifiers import list_classifiers
@@ -174,14 +175,14 @@ def test_bench_only_takes_the_names_list_prints(capsys):
     assert "se_layer 32x56x56x256" in by_name and not any("criss" in n for n in by_name)
 
 
-@pytest.mark.parametrize("product", range(5))
+@pytest.mark.parametrize("product", matmul_floor.PRODUCTS, ids=lambda p: p[0])
 def test_matmul_floor_sides_compute_the_same_product(product):
     """Each floor case's JAX and torch steps give the same product (at small sizes: every
     dimension d as d % 11 + 2, so shared ones stay equal and the others differ), and the run
     lists the cases."""
-    from benchmarks import matmul_floor, run
+    from benchmarks import run
 
-    name, equation, a_shape, b_shape = matmul_floor.PRODUCTS[product]
+    name, equation, a_shape, b_shape = product
     a_shape, b_shape = ([d % 11 + 2 for d in shape] for shape in (a_shape, b_shape))
     jax_out = matmul_floor._jax(equation, a_shape, b_shape)["fwd"]()
     torch_out = matmul_floor._torch(equation, a_shape, b_shape)["fwd"]()
