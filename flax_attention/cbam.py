@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention._checks import check_rank
+from flax_attention.functional.activations import Activation, activation_function
 from flax_attention.functional.cbam import cbam
 from flax_attention.interop.torch import (
     Converter,
@@ -32,7 +33,6 @@ from flax_attention.layers import ConvBN, PointwiseConv, make_divisible, numeric
 
 __all__ = ["CbamModule", "LightCbamModule"]
 
-Activation = Callable[[jax.Array], jax.Array]
 
 
 class _Cbam(nn.Module):
@@ -59,7 +59,7 @@ class _Cbam(nn.Module):
         return make_divisible(channels * self.rd_ratio, self.rd_divisor, round_limit=0.0)
 
     @nn.nowrap
-    def _gate(self) -> Activation:
+    def _gate(self) -> Callable[[jax.Array], jax.Array]:
         return nn.sigmoid
 
     @nn.compact
@@ -75,8 +75,9 @@ class _Cbam(nn.Module):
                          **numerics(self))
         if self.dtype is not None:
             x = x.astype(self.dtype)
+        act = activation_function(self.act_layer)
         out, channel_gates, spatial_gates = cbam(
-            x, lambda v: fc2(self.act_layer(fc1(v))), functools.partial(spatial, train=train),
+            x, lambda v: fc2(act(fc1(v))), functools.partial(spatial, train=train),
             self._gate(), self._light)
         self.sow("intermediates", "channel_gates", channel_gates)
         self.sow("intermediates", "attention", spatial_gates)
@@ -96,9 +97,10 @@ class CbamModule(_Cbam):
     gates `[B, H, W]` are sown as ("intermediates", "attention"), the channel gates `[B, C]` as
     "channel_gates" (both float32).
 
-    Differences from timm: `act_layer` and `gate_layer` are functions (not module classes or
-    names); the pools and gates run in float32 under bfloat16. The paper's MLP has biases
-    (`mlp_bias=True`) and its reduction ratio is 16, as timm's default.
+    Differences from timm: `act_layer` and `gate_layer` are timm's names
+    (`functional.activations.ACTIVATIONS`) or functions, not module classes; the pools and
+    gates run in float32 under bfloat16. The paper's MLP has biases (`mlp_bias=True`) and its
+    reduction ratio is 16, as timm's default.
 
     Attributes:
       rd_ratio: the MLP's hidden width as a fraction of C, when `rd_channels` is not given.
@@ -111,11 +113,11 @@ class CbamModule(_Cbam):
       mlp_bias: the MLP's convolutions have biases.
     """
 
-    gate_layer: Activation = nn.sigmoid
+    gate_layer: Activation = "sigmoid"
 
     @nn.nowrap
-    def _gate(self) -> Activation:
-        return self.gate_layer
+    def _gate(self) -> Callable[[jax.Array], jax.Array]:
+        return activation_function(self.gate_layer, "gate_layer")
 
 
 class LightCbamModule(_Cbam):

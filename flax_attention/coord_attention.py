@@ -20,8 +20,6 @@ NCHW there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,6 +28,7 @@ from jax import lax
 from flax_attention import layers
 from flax_attention._checks import check_choice, check_rank
 from flax_attention.functional import coord_attention as F
+from flax_attention.functional.activations import Activation, activation_function
 from flax_attention.interop.torch import (
     Converter,
     Rules,
@@ -47,7 +46,6 @@ VARIANTS = ("timm", "houqb", "houqb_mbv2")
 # The torch names of the gate convs `conv_h`, `conv_w` in each variant's state dict.
 _GATE_KEYS = {"timm": ("conv_h", "conv_w"), "houqb": ("conv_h", "conv_w"),
               "houqb_mbv2": ("conv2", "conv3")}
-_GATES = {"sigmoid": jax.nn.sigmoid, "hard_sigmoid": jax.nn.hard_sigmoid}
 
 
 class CoordAttention(nn.Module):
@@ -67,8 +65,9 @@ class CoordAttention(nn.Module):
       rd_channels: the hidden width, overriding both variants' rules.
       reduction: houqb's hidden width `max(8, C // reduction)` (`groups` in `mbv2_ca.py`).
       bias: biases on the three convs; None: the variant's (timm False, houqb True).
-      act_layer: after `bn1` (h-swish in both references).
-      gate_layer: "sigmoid" or "hard_sigmoid" (timm's `gate_layer`).
+      act_layer: after `bn1` (h-swish in both references), a name or a callable.
+      gate_layer: a name of timm's (`functional.activations.ACTIVATIONS`: "sigmoid",
+        "hard_sigmoid", ...) or a callable (timm's `gate_layer`).
       has_skip: add the input to the output (timm's `has_skip`).
       variant: "timm", "houqb" or "houqb_mbv2" (houqb's numerics, `mbv2_ca.py`'s names).
     """
@@ -79,8 +78,8 @@ class CoordAttention(nn.Module):
     se_factor: float = 2.0 / 3
     reduction: int = 32
     bias: bool | None = None
-    act_layer: Callable[[jax.Array], jax.Array] = jax.nn.hard_swish
-    gate_layer: str = "sigmoid"
+    act_layer: Activation = jax.nn.hard_swish
+    gate_layer: Activation = "sigmoid"
     has_skip: bool = False
     variant: str = "timm"
     dtype: jnp.dtype | None = None
@@ -111,12 +110,12 @@ class CoordAttention(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
         check_rank("x", x, 4, "[B, H, W, C]")
-        check_choice("gate_layer", self.gate_layer, tuple(_GATES))
+        gate = activation_function(self.gate_layer, "gate_layer")
         height, channels = x.shape[1], x.shape[-1]
         y = self._conv(self.hidden_channels(channels), "conv1")(F.coordinate_pool(x))
         y = layers.batch_norm(train, self.dtype, self.param_dtype, name="bn1")(y)
-        y = self.act_layer(y)
-        gate, dtype = _GATES[self.gate_layer], jnp.promote_types(y.dtype, jnp.float32)
+        y = activation_function(self.act_layer)(y)
+        dtype = jnp.promote_types(y.dtype, jnp.float32)
         gate_h = gate(self._conv(channels, "conv_h")(y[:, :height]).astype(dtype))
         gate_w = gate(self._conv(channels, "conv_w")(y[:, height:]).astype(dtype))
         self.sow("intermediates", "attention", F.coordinate_attention_map(gate_h, gate_w,

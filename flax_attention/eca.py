@@ -11,8 +11,6 @@ channels are neighbours.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,7 +19,7 @@ from jax import lax
 
 from flax_attention._checks import check_rank
 from flax_attention.functional import eca as F
-from flax_attention.functional.effective_se import Gate
+from flax_attention.functional.activations import Activation, activation_function
 from flax_attention.functional.squeeze_excitation import excite
 from flax_attention.interop.torch import Converter, Rules, Shapes, conv, register
 from flax_attention.layers import make_divisible
@@ -55,10 +53,13 @@ class ConvParams(nn.Module):
 
 
 class _AdaptiveKernel:
-    """The kernel size of ECA and CECA: `kernel_size` when given, else adapted to C."""
+    """The kernel size of ECA and CECA, as timm's: adapted to `channels` when given (which
+    overrides `kernel_size`), else `kernel_size`, else adapted to the input's C."""
 
     @nn.nowrap
     def kernel_size_for(self, channels: int) -> int:
+        if self.channels is not None:
+            return F.eca_kernel_size(self.channels, self.gamma, self.beta)
         if self.kernel_size is None:
             return F.eca_kernel_size(channels, self.gamma, self.beta)
         if self.kernel_size < 1 or self.kernel_size % 2 != 1:
@@ -73,27 +74,30 @@ class EcaModule(_AdaptiveKernel, nn.Module):
     `conv` of K taps along the channel axis (zero padding), the gate. The `[B, C]` float32
     gates are sown as ("intermediates", "attention").
 
-    Differences from timm: C is read from the input, so K is always the adaptive size unless
-    `kernel_size` is given (timm adapts K when it is given `channels`, which its networks always
-    do, and uses `kernel_size=3` otherwise); the gates are computed in float32 under bfloat16.
+    Differences from timm: without `channels` and `kernel_size`, K is adapted to the input's C
+    (timm's `EcaModule()` uses `kernel_size=3`; its networks always pass `channels`); the gates
+    are computed in float32 under bfloat16.
 
     Attributes:
-      kernel_size: K (odd), or None for `eca_kernel_size(C, gamma, beta)`.
+      channels: timm's `channels`: when given, K = `eca_kernel_size(channels, gamma, beta)`
+        (whatever `kernel_size`) and the MLP mode's R is computed from it.
+      kernel_size: K (odd), or None for `eca_kernel_size(C, gamma, beta)` of the input's C.
       gamma, beta: of the adaptive kernel size.
       act_layer: the hidden non-linearity of the MLP mode (ReLU when None); unused otherwise,
         as in timm.
-      gate_layer: "sigmoid", "hard_sigmoid", "tanh" or a callable.
+      gate_layer: a name of timm's (`functional.activations.ACTIVATIONS`) or a callable.
       rd_ratio, rd_channels, rd_divisor: the MLP mode's hidden features R
         (`make_divisible(C * rd_ratio, rd_divisor)` unless `rd_channels`).
       use_mlp: timm's experimental MLP mode ("ecam"): `conv` becomes a 1x1 convolution 1 -> R
         with bias, then `act_layer`, then `conv2`, K taps R -> 1 with bias.
     """
 
+    channels: int | None = None
     kernel_size: int | None = None
     gamma: float = 2
     beta: float = 1
-    act_layer: Callable[[jax.Array], jax.Array] | None = None
-    gate_layer: Gate = "sigmoid"
+    act_layer: Activation | None = None
+    gate_layer: Activation = "sigmoid"
     rd_ratio: float = 1 / 8
     rd_channels: int | None = None
     rd_divisor: int = 8
@@ -107,7 +111,7 @@ class EcaModule(_AdaptiveKernel, nn.Module):
         """R of the MLP mode."""
         if self.rd_channels is not None:
             return self.rd_channels
-        return make_divisible(channels * self.rd_ratio, self.rd_divisor)
+        return make_divisible((self.channels or channels) * self.rd_ratio, self.rd_divisor)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -125,9 +129,9 @@ class EcaModule(_AdaptiveKernel, nn.Module):
             k1, b1 = ConvParams((1, 1, hidden), True, self.param_dtype, name="conv")()
             k2, b2 = ConvParams((k, hidden, 1), True, self.param_dtype, name="conv2")()
             x, k1, b1, k2, b2 = promote_dtype(x, k1, b1, k2, b2, dtype=self.dtype)
+            act = activation_function(self.act_layer or nn.relu)
             gates = F.eca_mlp_gates(x, k1.reshape(hidden), b1, k2.reshape(k, hidden), b2,
-                                    act=self.act_layer or nn.relu, gate=self.gate_layer,
-                                    precision=self.precision)
+                                    act=act, gate=self.gate_layer, precision=self.precision)
         self.sow("intermediates", "attention", gates)
         return excite(x, gates.astype(x.dtype))
 
@@ -141,15 +145,16 @@ class CecaModule(_AdaptiveKernel, nn.Module):
     Differences from timm: as `EcaModule`'s (C from the input, float32 gates).
 
     Attributes:
-      kernel_size, gamma, beta, gate_layer: as in `EcaModule`.
+      channels, kernel_size, gamma, beta, gate_layer: as in `EcaModule`.
       act_layer: as in timm, only gives `conv` a bias when not None; it is never applied.
     """
 
+    channels: int | None = None
     kernel_size: int | None = None
     gamma: float = 2
     beta: float = 1
-    act_layer: Callable[[jax.Array], jax.Array] | None = None
-    gate_layer: Gate = "sigmoid"
+    act_layer: Activation | None = None
+    gate_layer: Activation = "sigmoid"
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None

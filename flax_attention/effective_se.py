@@ -18,6 +18,7 @@ from jax import lax
 from flax_attention._checks import check_rank
 from flax_attention.eca import ConvParams
 from flax_attention.functional import effective_se as F
+from flax_attention.functional.activations import Activation
 from flax_attention.functional.squeeze_excitation import excite
 from flax_attention.interop.torch import (
     Converter,
@@ -42,11 +43,11 @@ class EffectiveSEModule(nn.Module):
 
     Attributes:
       add_maxpool: squeeze with `0.5 mean + 0.5 max` (timm's experimental option).
-      gate_layer: "hard_sigmoid", "sigmoid", "tanh" or a callable.
+      gate_layer: a name of timm's (`functional.activations.ACTIVATIONS`) or a callable.
     """
 
     add_maxpool: bool = False
-    gate_layer: F.Gate = "hard_sigmoid"
+    gate_layer: Activation = "hard_sigmoid"
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None

@@ -12,7 +12,6 @@ or, with `extra_params`, a stack of depthwise stride-2 convolutions with BatchNo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -24,7 +23,8 @@ from flax_attention import layers
 from flax_attention._checks import check_rank
 from flax_attention.eca import ConvParams
 from flax_attention.functional import gather_excite as F
-from flax_attention.functional.effective_se import Gate, gate_function, stat_dtype
+from flax_attention.functional.activations import Activation, activation_function
+from flax_attention.functional.effective_se import stat_dtype
 from flax_attention.interop.torch import (
     Converter,
     Rules,
@@ -37,7 +37,6 @@ from flax_attention.layers import make_divisible
 
 __all__ = ["GatherExcite"]
 
-Activation = Callable[[jax.Array], jax.Array]
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -93,7 +92,7 @@ class ParametricGather(nn.Module):
             if self.norm_layer:
                 x = layers.batch_norm(train, self.dtype, self.param_dtype, name=f"norm{i}")(x)
             if i != len(convs):
-                x = self.act_layer(x)
+                x = activation_function(self.act_layer)(x)
         return x
 
 
@@ -139,9 +138,9 @@ class GatherExcite(nn.Module):
       rd_ratio, rd_channels, rd_divisor: R = `rd_channels`, else
         `make_divisible(C * rd_ratio, rd_divisor, round_limit=0)`.
       add_maxpool: parameter-free gather only: `0.5 mean + 0.5 max` pooling.
-      act_layer: of the MLP and between the gather convolutions.
+      act_layer: of the MLP and between the gather convolutions (a name or a callable).
       norm_layer: BatchNorm after every gather convolution.
-      gate_layer: "sigmoid", "hard_sigmoid", "tanh" or a callable.
+      gate_layer: a name of timm's (`functional.activations.ACTIVATIONS`) or a callable.
     """
 
     feat_size: int | tuple[int, int] | None = None
@@ -154,7 +153,7 @@ class GatherExcite(nn.Module):
     add_maxpool: bool = False
     act_layer: Activation = nn.relu
     norm_layer: bool = True
-    gate_layer: Gate = "sigmoid"
+    gate_layer: Activation = "sigmoid"
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
@@ -174,7 +173,7 @@ class GatherExcite(nn.Module):
         """`[B, H, W, C]` -> `[B, H, W, C]`; `train` updates the gather's BatchNorm statistics."""
         check_rank("x", x, 4, "[B, H, W, C]")
         F.check_extent(self.extent)
-        gate_fn = gate_function(self.gate_layer)
+        gate_fn = activation_function(self.gate_layer, "gate_layer")
         channels = x.shape[-1]
         mlp = ()
         if self.use_mlp:
@@ -185,12 +184,13 @@ class GatherExcite(nn.Module):
             gathered = self.gather_module()(x, train)
             gathered = gathered.astype(stat_dtype(gathered))
             if mlp:
-                gathered = F.conv_mlp(gathered, *mlp, act=self.act_layer,
+                gathered = F.conv_mlp(gathered, *mlp, act=activation_function(self.act_layer),
                                       precision=self.precision)
             gates = gate_fn(gathered)
         else:
             gates = F.gather_excite_gates(x, *mlp, extent=self.extent,
-                                          add_maxpool=self.add_maxpool, act=self.act_layer,
+                                          add_maxpool=self.add_maxpool,
+                                          act=activation_function(self.act_layer),
                                           gate=gate_fn, precision=self.precision)
         out = F.excite_spatial(x, gates)
         self._sow(gates, x.shape[1:3])

@@ -8,14 +8,13 @@ dicts of timm's `GlobalContext` (and, nested, the `se` module of timm's GC-ResNe
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from flax_attention._checks import check_rank
+from flax_attention.functional.activations import Activation, activation_function
 from flax_attention.functional.global_context import global_context
 from flax_attention.interop.torch import (
     Converter,
@@ -31,7 +30,6 @@ from flax_attention.layers import PointwiseConv, make_divisible, numerics
 
 __all__ = ["GlobalContext"]
 
-Activation = Callable[[jax.Array], jax.Array]
 
 _ATTN_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # timm: kaiming_normal_
 
@@ -54,9 +52,10 @@ class ConvMlp(nn.Module):
         """`[B, C]` -> `[B, C]`."""
         channels = v.shape[-1]
         v = PointwiseConv(self.hidden, name="fc1", **numerics(self))(v)
-        v = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="norm")(v)
-        v = self.act_layer(v)
+        # Two-pass variance, as torch's LayerNorm (Flax's one-pass loses digits at large means).
+        v = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="norm")(v)
+        v = activation_function(self.act_layer)(v)
         last_init = nn.initializers.zeros if self.zero_last else nn.initializers.lecun_normal()
         return PointwiseConv(channels, kernel_init=last_init, name="fc2", **numerics(self))(v)
 
@@ -73,9 +72,10 @@ class GlobalContext(nn.Module):
     fuse_scale=False` is timm's `gca` (the paper's block). The softmax weights `[B, H, W]`
     (float32) are sown as ("intermediates", "attention") when `use_attn`.
 
-    Differences from timm: `act_layer` and `gate_layer` are functions (not module classes or
-    names); timm's `init_last_zero` is left out (timm stores it and never uses it); the softmax
-    and the pooling run in float32 under bfloat16.
+    Differences from timm: `act_layer` and `gate_layer` are timm's names
+    (`functional.activations.ACTIVATIONS`) or functions, not module classes; timm's
+    `init_last_zero` is left out (timm stores it and never uses it); the softmax and the pooling
+    run in float32 under bfloat16.
 
     Attributes:
       use_attn: attention pooling (else average pooling).
@@ -96,7 +96,7 @@ class GlobalContext(nn.Module):
     rd_channels: int | None = None
     rd_divisor: int = 1
     act_layer: Activation = nn.relu
-    gate_layer: Activation = nn.sigmoid
+    gate_layer: Activation = "sigmoid"
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
@@ -126,7 +126,8 @@ class GlobalContext(nn.Module):
         mlp_add = self._mlp(channels, "mlp_add") if self.fuse_add else None
         if self.dtype is not None:
             x = x.astype(self.dtype)
-        out, weights = global_context(x, logits, mlp_scale, mlp_add, self.gate_layer,
+        out, weights = global_context(x, logits, mlp_scale, mlp_add,
+                                      activation_function(self.gate_layer, "gate_layer"),
                                       self.precision)
         if weights is not None:
             self.sow("intermediates", "attention", weights)

@@ -107,6 +107,7 @@ CASES = [
     pytest.param(_timm, {"bias": True, "gate_layer": "hard_sigmoid", "has_skip": True},
                  id="timm-bias-hardsigmoid-skip"),
     pytest.param(_timm, {"channels": 64, "rd_channels": 12}, id="timm-rd_channels"),
+    pytest.param(_timm, {"gate_layer": "hardsigmoid"}, id="timm-hardsigmoid-alias"),
     pytest.param(_houqb, {}, id="houqb"),
     pytest.param(_houqb, {"channels": 64, "reduction": 4}, id="houqb-reduction4"),
 ]
@@ -198,7 +199,7 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match=r"variant must be one of \('timm', 'houqb', 'houqb_m"):
         CoordAttention(variant="mbv2").init(key, jnp.zeros(_SHAPE))
     with pytest.raises(ValueError, match=r"gate_layer must be one of"):
-        CoordAttention(gate_layer="tanh").init(key, jnp.zeros(_SHAPE))
+        CoordAttention(gate_layer="softmax2").init(key, jnp.zeros(_SHAPE))
     with pytest.raises(ValueError, match=r"gate_h and gate_w must agree in batch and channels"):
         F.coordinate_attention_map(jnp.zeros((2, 4, 8)), jnp.zeros((2, 5, 6)))
     with pytest.raises(ValueError, match=r"x and gates must agree in shape.*\(2, 4, 6, 8\)"):

@@ -77,6 +77,14 @@ CASES = [
     pytest.param(EcaModule(use_mlp=True, rd_channels=3, act_layer=jnp.tanh),
                  lambda c: ref.EcaModule(c, use_mlp=True, rd_channels=3, act_layer=torch.nn.Tanh),
                  32, id="ecam-tanh"),
+    # timm's `channels` sets K (over `kernel_size`) whatever the input's C.
+    pytest.param(EcaModule(channels=256), lambda c: ref.EcaModule(256), 32, id="eca-channels"),
+    pytest.param(EcaModule(channels=64, kernel_size=7), lambda c: ref.EcaModule(64, 7), 32,
+                 id="eca-channels-over-kernel_size"),
+    pytest.param(EcaModule(channels=64, use_mlp=True), lambda c: ref.EcaModule(64, use_mlp=True),
+                 32, id="ecam-channels"),
+    pytest.param(CecaModule(channels=256), lambda c: ref.CecaModule(256), 32,
+                 id="ceca-channels"),
     pytest.param(CecaModule(), lambda c: ref.CecaModule(c), 32, id="ceca"),
     pytest.param(CecaModule(), lambda c: ref.CecaModule(c), 256, id="ceca-k5"),
     pytest.param(CecaModule(act_layer=jax.nn.relu),
@@ -147,8 +155,8 @@ def test_bad_input_raises():
         EcaModule().init(jax.random.key(0), x[0])
     with pytest.raises(ValueError, match=r"kernel_size must be odd and >= 1, got 4"):
         CecaModule(kernel_size=4).init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match=r"gate must be one of .*'relu'"):
-        EcaModule(gate_layer="relu").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"gate must be one of .*'softmax2'"):
+        EcaModule(gate_layer="softmax2").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"kernel must have rank 1 \(\[K\]\).*\(3, 1\)"):
         F.eca_gates(x, jnp.zeros((3, 1)))
     with pytest.raises(ValueError, match=r"kernel size \(kernel\[0\]\) must be odd.*got 2"):

@@ -101,8 +101,8 @@ def test_bad_input_raises():
     x = jnp.zeros((2, 4, 4, 8))
     with pytest.raises(ValueError, match=r"x must have rank 4.*\(2, 8\)"):
         EffectiveSEModule().init(jax.random.key(0), x[:, 0, 0])
-    with pytest.raises(ValueError, match=r"gate must be one of .*'swish'"):
-        EffectiveSEModule(gate_layer="swish").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"gate must be one of .*'softmax2'"):
+        EffectiveSEModule(gate_layer="softmax2").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"must agree in channels.*kernel \(8, 6\)"):
         F.effective_se(x, jnp.zeros((8, 6)), jnp.zeros(8))
     with pytest.raises(ValueError, match=r"bias must have rank 1"):

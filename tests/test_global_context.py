@@ -117,6 +117,30 @@ def test_matches_torch_values_weights_and_input_gradients(kwargs):
         assert "intermediates" not in state or not state["intermediates"]
 
 
+def test_gates_and_activations_by_timms_names():
+    module, variables, torch_module = _pair(1, fuse_add=True)
+    x = jnp.asarray(random_nhwc(SHAPE, 2))
+    named = GlobalContext(fuse_add=True, act_layer="ReLU", gate_layer="sigmoid")
+    np.testing.assert_array_equal(_run(named, variables, x), _run(module, variables, x))
+    hard = GlobalContext(gate_layer="hard_sigmoid")
+    torch_hard = randomize_(ref.GlobalContext(SHAPE[-1], gate_layer=torch.nn.Hardsigmoid), 1)
+    with torch.no_grad():
+        expected = torch_to_nhwc(torch_hard(nhwc_to_torch(np.asarray(x))))
+    assert_close(_run(hard, from_torch(hard, state_dict(torch_hard)), x), expected)
+
+
+def test_layer_norm_is_two_pass_as_torchs():
+    # Hidden features near 1000: a one-pass variance (E[v^2] - E[v]^2) loses about six digits.
+    module, variables, torch_module = _pair(1, fuse_add=True, fuse_scale=False)
+    with torch.no_grad():
+        torch_module.mlp_add.fc1.bias += 1000.0
+    variables = from_torch(module, state_dict(torch_module))
+    x = random_nhwc(SHAPE, 2)
+    with torch.no_grad():
+        expected = torch_to_nhwc(torch_module(nhwc_to_torch(x)))
+    assert_close(_run(module, variables, jnp.asarray(x)), expected)
+
+
 def test_in_a_resnet_block_attention_slot():
     block = BasicBlock(32, attention=functools.partial(GlobalContext, fuse_add=True))
     x = jnp.asarray(random_nhwc(SHAPE))

@@ -12,11 +12,17 @@ import pytest
 import torch
 
 from flax_attention.interop.torch import from_torch
-from flax_attention.models import ResNet, registry
+from flax_attention.models import ResNet, SelectiveKernelBasic, SkresnetBasic, registry
 from flax_attention.models.resnet import stem_widths
 from flax_attention.resnet_blocks import Bottleneck, avg_down_pool
 from flax_attention.squeeze_excitation import SEModule
-from tests.helpers import assert_close, nhwc_to_torch, random_nhwc, randomize_, state_dict
+from tests.helpers import (
+    assert_close,
+    nhwc_to_torch,
+    random_nhwc,
+    randomize_,
+    state_dict,
+)
 from tests.reference import timm_resnet as ref
 from tests.test_precision import assert_precision_reaches_every_layer
 
@@ -145,3 +151,17 @@ def test_bad_stem_type_and_avg_down_with_dilation_raise():
 
 def test_registry_lists_the_timm_names():
     assert set(COUNTS) <= set(registry.list_models())
+
+
+@pytest.mark.parametrize(("block", "sk_kwargs", "width"), [
+    (SelectiveKernelBasic, None, 8),  # timm's SelectiveKernel defaults: 1/16, divisor 8
+    (SkresnetBasic, {"rd_ratio": 1 / 8, "rd_divisor": 16, "split_input": True}, 16),
+])
+def test_selective_kernel_blocks_have_timms_defaults(block, sk_kwargs, width):
+    torch_block = randomize_(ref.SelectiveKernelBasic(64, 64, sk_kwargs=sk_kwargs), seed=1)
+    module = block(64, use_downsample=False)
+    variables = from_torch(module, state_dict(torch_block))
+    assert variables["params"]["conv1"]["attn"]["fc_reduce"]["kernel"].shape[-1] == width
+    x = random_nhwc((2, 9, 10, 64), seed=2)
+    expected = np.moveaxis(_torch_out(torch_block, x), 1, -1)
+    assert_close(jax.jit(module.apply)(variables, x), expected)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention._checks import as_float, check_rank, check_same
-from flax_attention.functional.effective_se import Gate, channel_squeeze, gate_function
+from flax_attention.functional.activations import Activation, activation_function
+from flax_attention.functional.effective_se import channel_squeeze
 from flax_attention.functional.squeeze_excitation import excite
 
 __all__ = [
@@ -85,7 +86,7 @@ def eca_gates(
     bias: jax.Array | None = None,
     *,
     circular: bool = False,
-    gate: Gate = "sigmoid",
+    gate: Activation = "sigmoid",
     precision: lax.PrecisionLike = None,
 ) -> jax.Array:
     """The ECA gates: `gate(conv1d(mean(x)))`, one K-tap filter sliding along the channels.
@@ -104,7 +105,7 @@ def eca_gates(
     x, kernel, bias = map(as_float, (x, kernel, bias))
     check_rank("x", x, 4, "[B, H, W, C]")
     check_rank("kernel", kernel, 1, "[K]")
-    gate_fn = gate_function(gate)
+    gate_fn = activation_function(gate, "gate")
     squeezed = channel_squeeze(x)
     logits = channel_conv(squeezed[..., None], kernel[:, None, None].astype(squeezed.dtype),
                           None if bias is None else jnp.reshape(bias, (1,)),
@@ -120,7 +121,7 @@ def eca_mlp_gates(
     bias2: jax.Array,
     *,
     act: Callable[[jax.Array], jax.Array] = jax.nn.relu,
-    gate: Gate = "sigmoid",
+    gate: Activation = "sigmoid",
     precision: lax.PrecisionLike = None,
 ) -> jax.Array:
     """The gates of timm's experimental ECA "mlp" mode (`create_attn` name "ecam"): a 1x1
@@ -141,7 +142,7 @@ def eca_mlp_gates(
     check_rank("x", x, 4, "[B, H, W, C]")
     check_rank("kernel1", kernel1, 1, "[R]")
     check_rank("kernel2", kernel2, 2, "[K, R]")
-    gate_fn = gate_function(gate)
+    gate_fn = activation_function(gate, "gate")
     squeezed = channel_squeeze(x)
     dtype = squeezed.dtype
     hidden = act(channel_conv(squeezed[..., None], kernel1[None, None].astype(dtype), bias1,
@@ -156,7 +157,7 @@ def eca(
     bias: jax.Array | None = None,
     *,
     circular: bool = False,
-    gate: Gate = "sigmoid",
+    gate: Activation = "sigmoid",
     precision: lax.PrecisionLike = None,
 ) -> jax.Array:
     """Efficient channel attention: `x` with every channel scaled by its ECA gate.

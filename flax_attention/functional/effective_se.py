@@ -9,45 +9,19 @@ next to `x`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import as_float, check_choice, check_rank, check_same
+from flax_attention._checks import as_float, check_rank, check_same
+from flax_attention.functional.activations import Activation, activation_function
 from flax_attention.functional.squeeze_excitation import excite
 
 __all__ = [
-    "GATES",
     "channel_squeeze",
     "effective_se",
     "effective_se_gates",
-    "gate_function",
 ]
-
-Gate = str | Callable[[jax.Array], jax.Array]
-
-# timm's `create_act_layer` names of the gates; `hard_sigmoid` is torch's `relu6(x + 3) / 6`.
-GATES: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "sigmoid": jax.nn.sigmoid,
-    "hard_sigmoid": jax.nn.hard_sigmoid,
-    "hardsigmoid": jax.nn.hard_sigmoid,
-    "tanh": jnp.tanh,
-}
-
-
-def gate_function(gate: Gate) -> Callable[[jax.Array], jax.Array]:
-    """The gate non-linearity: a name of `GATES` (timm's `gate_layer` strings) or a callable.
-
-    Raises:
-      ValueError: an unknown name.
-    """
-    if callable(gate):
-        return gate
-    check_choice("gate", gate, GATES)
-    return GATES[gate]
-
 
 def stat_dtype(x: jax.Array) -> jnp.dtype:
     """The dtype of statistics of `x`: float32, or float64 for float64 inputs."""
@@ -80,7 +54,7 @@ def effective_se_gates(
     bias: jax.Array,
     *,
     add_maxpool: bool = False,
-    gate: Gate = "hard_sigmoid",
+    gate: Activation = "hard_sigmoid",
     precision: lax.PrecisionLike = None,
 ) -> jax.Array:
     """The eSE gates: `gate(squeeze(x) @ kernel + bias)`, one fully connected C -> C layer.
@@ -104,7 +78,7 @@ def effective_se_gates(
     check_same(("x", "kernel", "kernel", "bias"),
                (channels, *kernel.shape, bias.shape[0]), "channels",
                (x.shape, kernel.shape, kernel.shape, bias.shape))
-    gate_fn = gate_function(gate)
+    gate_fn = activation_function(gate, "gate")
     squeezed = channel_squeeze(x, add_maxpool)
     dtype = squeezed.dtype
     logits = jnp.dot(squeezed, kernel.astype(dtype), precision=precision) + bias.astype(dtype)
@@ -117,7 +91,7 @@ def effective_se(
     bias: jax.Array,
     *,
     add_maxpool: bool = False,
-    gate: Gate = "hard_sigmoid",
+    gate: Activation = "hard_sigmoid",
     precision: lax.PrecisionLike = None,
 ) -> jax.Array:
     """Effective squeeze-excitation: `x` with every channel scaled by its eSE gate.

@@ -19,12 +19,8 @@ import numpy as np
 from jax import lax
 
 from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
-from flax_attention.functional.effective_se import (
-    Gate,
-    channel_squeeze,
-    gate_function,
-    stat_dtype,
-)
+from flax_attention.functional.activations import Activation, activation_function
+from flax_attention.functional.effective_se import channel_squeeze, stat_dtype
 
 __all__ = [
     "check_extent",
@@ -210,7 +206,7 @@ def gather_excite_gates(
     extent: int = 0,
     add_maxpool: bool = False,
     act: Callable[[jax.Array], jax.Array] = jax.nn.relu,
-    gate: Gate = "sigmoid",
+    gate: Activation = "sigmoid",
     precision: lax.PrecisionLike = None,
 ) -> jax.Array:
     """The gates of the parameter-free gather: `gate(conv_mlp(gather(x)))`.
@@ -227,7 +223,7 @@ def gather_excite_gates(
       `[B, h, w, C]` gates in float32 (float64 for float64 inputs).
     """
     x, w1, b1, w2, b2 = map(as_float, (x, w1, b1, w2, b2))
-    gate_fn = gate_function(gate)
+    gate_fn = activation_function(gate, "gate")
     gathered = gather(x, extent, add_maxpool)
     if w1 is None:
         return gate_fn(gathered)
@@ -244,7 +240,7 @@ def gather_excite(
     extent: int = 0,
     add_maxpool: bool = False,
     act: Callable[[jax.Array], jax.Array] = jax.nn.relu,
-    gate: Gate = "sigmoid",
+    gate: Activation = "sigmoid",
     precision: lax.PrecisionLike = None,
 ) -> jax.Array:
     """Gather-excite with the parameter-free gather: `x` times its nearest-resized gates.

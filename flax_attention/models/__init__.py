@@ -79,6 +79,7 @@ from flax_attention.models.small import (
 from flax_attention.models.stn_tutorial import STNTutorialNet
 from flax_attention.models.timm_resnet import (
     SelectiveKernelBasic,
+    SkresnetBasic,
     cbam_resnet50,
     ecaresnet26t,
     ecaresnet50d,
@@ -113,6 +114,7 @@ __all__ = [
     "se_resnet56",
     "se_resnet110",
     "SelectiveKernelBasic",
+    "SkresnetBasic",
     "ByobBottleneck",
     "ByobNet",
     "gcresnet50t",

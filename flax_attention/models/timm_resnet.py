@@ -40,6 +40,7 @@ from flax_attention.squeeze_excitation import SEModule
 
 __all__ = [
     "SelectiveKernelBasic",
+    "SkresnetBasic",
     "cbam_resnet50",
     "ecaresnet26t",
     "ecaresnet50d",
@@ -65,13 +66,14 @@ class SelectiveKernelBasic(ResidualBlock):
     `drop_block` are not supported.
 
     Attributes:
-      rd_ratio, rd_divisor: of the selective kernel's attention (skresnet's 1/8 and 16).
-      split_input: split the input channels across the kernel's paths (skresnet's True).
+      rd_ratio, rd_divisor: of the selective kernel's attention (timm's `SelectiveKernel`
+        defaults, 1/16 and 8; skresnet18/34 use `SkresnetBasic`'s 1/8 and 16).
+      split_input: split the input channels across the kernel's paths (timm's True).
       the others: `BasicBlock`'s (groups and base_width must be 1 and 64).
     """
 
-    rd_ratio: float = 1.0 / 8
-    rd_divisor: int = 16
+    rd_ratio: float = 1.0 / 16
+    rd_divisor: int = 8
     split_input: bool = True
 
     @nn.nowrap
@@ -94,6 +96,14 @@ class SelectiveKernelBasic(ResidualBlock):
         return self._attend_and_add(x, out, downsample, train)
 
 
+class SkresnetBasic(SelectiveKernelBasic):
+    """The block of skresnet18/34: `SelectiveKernelBasic` with their `sk_kwargs`
+    (`rd_ratio=1/8, rd_divisor=16, split_input=True`, timm's sknet.py)."""
+
+    rd_ratio: float = 1.0 / 8
+    rd_divisor: int = 16
+
+
 _D = dict(stem_type="deep", stem_width=32, avg_down=True)
 _T = dict(stem_type="deep_tiered", stem_width=32, avg_down=True)
 
@@ -107,8 +117,8 @@ ecaresnet50d = functools.partial(resnet50, attention=EcaModule, **_D)
 ecaresnet50t = functools.partial(resnet50, attention=EcaModule, **_T)
 # Not a timm model name: timm's ResNet-50 with `block_args=dict(attn_layer="cbam")`.
 cbam_resnet50 = functools.partial(resnet50, attention=CbamModule)
-skresnet18 = functools.partial(ResNet, block_cls=SelectiveKernelBasic, stage_sizes=(2, 2, 2, 2))
-skresnet34 = functools.partial(ResNet, block_cls=SelectiveKernelBasic, stage_sizes=(3, 4, 6, 3))
+skresnet18 = functools.partial(ResNet, block_cls=SkresnetBasic, stage_sizes=(2, 2, 2, 2))
+skresnet34 = functools.partial(ResNet, block_cls=SkresnetBasic, stage_sizes=(3, 4, 6, 3))
 
 
 # --- PyTorch weights (`interop.torch.from_torch`) ----------------------------------------

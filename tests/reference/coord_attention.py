@@ -29,7 +29,8 @@ class CoordAttn(nn.Module):
         self.act = act_layer()
         self.conv_h = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias)
         self.conv_w = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias)
-        self.gate = {"sigmoid": nn.Sigmoid, "hard_sigmoid": nn.Hardsigmoid}[gate_layer]()
+        self.gate = {"sigmoid": nn.Sigmoid, "hard_sigmoid": nn.Hardsigmoid,
+                     "hardsigmoid": nn.Hardsigmoid}[gate_layer]()
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """a_h `[B, C, H, 1]` and a_w `[B, C, 1, W]`."""
