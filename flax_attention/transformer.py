@@ -91,8 +91,9 @@ class _LayerBase(nn.Module):
                                   **layers.numerics(self))
 
     def _norm(self, name: str) -> nn.LayerNorm:
-        return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                            name=name)
+        # Two-pass variance, as torch's LayerNorm (Flax's one-pass loses digits at large means).
+        return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name=name)
 
     def _linear(self, features: int, fan_in: int, name: str) -> nn.Dense:
         return nn.Dense(features, kernel_init=XAVIER, bias_init=torch_linear_bias(fan_in),
