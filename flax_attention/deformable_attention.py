@@ -8,9 +8,12 @@ state dicts. Sequences are `[B, L, C]` (batch first, as upstream); padding masks
 padded (torch's convention). Legend: B batch, Q queries, S keys (the L levels' pixels,
 flattened), C channels (d_model), N heads, L levels, P points.
 
+The calls take upstream's arguments in upstream's order, `level_start_index` included.
 Differences from upstream: `spatial_shapes` is static (a sequence of (H_l, W_l) pairs, or a
-`functional.deformable_attention.SpatialShapes` to pass through `jax.jit` as an argument) and
-`level_start_index` is derived from it; the softmax runs in float32. The whole
+`functional.deformable_attention.SpatialShapes` to pass through `jax.jit` as an argument);
+`level_start_index` is optional and derived from it: when given, it is checked against
+`spatial_shapes` (its values when concrete; only its shape `[L]` when traced, under `jax.jit`)
+and otherwise unused. The softmax runs in float32. The whole
 `DeformableTransformer` (level embeddings, reference points, the decoder stack) is
 `flax_attention.deformable_transformer`'s.
 """
@@ -39,6 +42,7 @@ from flax_attention.functional.deformable_attention import (
     get_reference_points,
     ms_deform_attn,
 )
+from flax_attention.functional.deformable_attention import level_start_index as level_starts
 from flax_attention.interop.torch import (
     Converter,
     Rules,
@@ -58,6 +62,28 @@ from flax_attention.transformer import _ACTIVATIONS
 
 __all__ = ["DeformableTransformerDecoderLayer", "DeformableTransformerEncoder",
            "DeformableTransformerEncoderLayer", "MSDeformAttn", "radial_offsets"]
+
+
+def check_level_start_index(name: str, level_start_index, shapes_name: str,
+                            spatial_shapes) -> SpatialShapes:
+    """`spatial_shapes` as `SpatialShapes`, after checking upstream's `level_start_index`
+    against it: None, or an array or sequence `[L]` = `[0, H_0 * W_0, ...]` (each level's start
+    in the flattened keys), its values when concrete, only its shape when traced (`jax.jit`).
+    `name` and `shapes_name` are the caller's argument names; a ValueError names both."""
+    shapes = check_spatial_shapes(spatial_shapes)
+    if level_start_index is None:
+        return shapes
+    expected = list(level_starts(shapes))
+    traced = isinstance(level_start_index, jax.core.Tracer)
+    given = level_start_index if traced else np.asarray(level_start_index)
+    if given.shape != (len(expected),):
+        raise ValueError(f"{name} must have shape [L] = ({len(expected)},) for {shapes_name} "
+                         f"{tuple(shapes)} (values {expected}), got shape {tuple(given.shape)} "
+                         f"dtype {given.dtype}")
+    if not traced and not np.array_equal(given, expected):
+        raise ValueError(f"{name} must be {expected}, the levels' starts for {shapes_name} "
+                         f"{tuple(shapes)}, got {given.tolist()}")
+    return shapes
 
 
 def radial_offsets(n_heads: int, n_levels: int, n_points: int) -> np.ndarray:
@@ -110,7 +136,7 @@ class MSDeformAttn(nn.Module):
                         **layers.numerics(self))
 
     def _check(self, query, reference_points, input_flatten, spatial_shapes,
-               input_padding_mask) -> SpatialShapes:
+               input_level_start_index, input_padding_mask) -> SpatialShapes:
         for name in ("d_model", "n_levels", "n_heads", "n_points"):
             check_positive(name, getattr(self, name))
         check_divisible("d_model", self.d_model, self.n_heads, "n_heads")
@@ -127,7 +153,8 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"reference_points must have shape [B, Q, L, 2] or [B, Q, L, 4] = "
                              f"{(b, q, self.n_levels)} + (2 or 4,), got "
                              f"{tuple(reference_points.shape)}")
-        shapes = check_spatial_shapes(spatial_shapes)
+        shapes = check_level_start_index("input_level_start_index", input_level_start_index,
+                                         "spatial_shapes", spatial_shapes)
         if len(shapes) != self.n_levels:
             raise ValueError(f"spatial_shapes must have n_levels = {self.n_levels} pairs, got "
                              f"{shapes}")
@@ -140,13 +167,14 @@ class MSDeformAttn(nn.Module):
 
     @nn.compact
     def __call__(self, query: jax.Array, reference_points: jax.Array,
-                 input_flatten: jax.Array, spatial_shapes,
+                 input_flatten: jax.Array, spatial_shapes, input_level_start_index=None,
                  input_padding_mask: jax.Array | None = None) -> jax.Array:
         """`query` `[B, Q, C]`, `reference_points` `[B, Q, L, 2 or 4]` in [0, 1],
         `input_flatten` `[B, S, C]`, `spatial_shapes` the L levels' (H_l, W_l) (static, summing
-        to S), `input_padding_mask` boolean `[B, S]` True = padded -> `[B, Q, C]`."""
+        to S), `input_level_start_index` None or `[L]` (upstream's; checked, module docstring),
+        `input_padding_mask` boolean `[B, S]` True = padded -> `[B, Q, C]`."""
         shapes = self._check(query, reference_points, input_flatten, spatial_shapes,
-                             input_padding_mask)
+                             input_level_start_index, input_padding_mask)
         (b, q, _), s = query.shape, input_flatten.shape[1]
         n, levels, points = self.n_heads, self.n_levels, self.n_points
         value = self._dense(self.d_model, "value_proj")(input_flatten)
@@ -202,8 +230,10 @@ class _DeformableLayer(nn.Module):
                   deterministic: bool) -> jax.Array:
         """`norm(x + dropout(branch))` (post-norm, as upstream)."""
         branch = nn.Dropout(self.dropout)(branch, deterministic)
+        # Two-pass variance, as torch's LayerNorm: the one-pass E[x^2] - E[x]^2 cancels
+        # catastrophically on activations with a large mean.
         return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                            name=norm)(x + branch)
+                            use_fast_variance=False, name=norm)(x + branch)
 
     def _ffn(self, x: jax.Array, norm: str, deterministic: bool) -> jax.Array:
         """linear1 -> activation -> dropout -> linear2, then the residual and `norm`."""
@@ -226,13 +256,16 @@ class DeformableTransformerEncoderLayer(_DeformableLayer):
 
     @nn.compact
     def __call__(self, src: jax.Array, pos: jax.Array | None, reference_points: jax.Array,
-                 spatial_shapes, padding_mask: jax.Array | None = None,
+                 spatial_shapes, level_start_index=None,
+                 padding_mask: jax.Array | None = None,
                  deterministic: bool = True) -> jax.Array:
-        """`src`, `pos` `[B, S, C]`, `reference_points` `[B, S, L, 2]`, `padding_mask` `[B, S]`
-        (True = padded) -> `[B, S, C]`."""
+        """`src`, `pos` `[B, S, C]`, `reference_points` `[B, S, L, 2]`, `level_start_index`
+        None or `[L]` (checked), `padding_mask` `[B, S]` (True = padded) -> `[B, S, C]`."""
         self._check_fields()
+        check_level_start_index("level_start_index", level_start_index, "spatial_shapes",
+                                spatial_shapes)
         src2 = self._deformable("self_attn")(_with_pos(src, pos), reference_points, src,
-                                             spatial_shapes, padding_mask)
+                                             spatial_shapes, level_start_index, padding_mask)
         src = self._residual(src, src2, "norm1", deterministic)
         return self._ffn(src, "norm2", deterministic)
 
@@ -244,17 +277,25 @@ class DeformableTransformerEncoder(_DeformableLayer):
     num_layers: int = 6
 
     @nn.compact
-    def __call__(self, src: jax.Array, spatial_shapes, valid_ratios: jax.Array,
-                 pos: jax.Array | None = None, padding_mask: jax.Array | None = None,
+    def __call__(self, src: jax.Array, spatial_shapes, level_start_index=None,
+                 valid_ratios: jax.Array | None = None, pos: jax.Array | None = None,
+                 padding_mask: jax.Array | None = None,
                  deterministic: bool = True) -> jax.Array:
-        """`src`, `pos` `[B, S, C]`, `valid_ratios` `[B, L, 2]` (the unpadded (width, height)
-        fraction of each level), `padding_mask` `[B, S]` -> `[B, S, C]`."""
+        """`src`, `pos` `[B, S, C]`, `level_start_index` None or `[L]` (checked),
+        `valid_ratios` `[B, L, 2]` (required: the unpadded (width, height) fraction of each
+        level), `padding_mask` `[B, S]` -> `[B, S, C]`."""
         check_positive("num_layers", self.num_layers, minimum=0)
+        check_level_start_index("level_start_index", level_start_index, "spatial_shapes",
+                                spatial_shapes)
+        if valid_ratios is None:
+            raise TypeError("DeformableTransformerEncoder needs valid_ratios [B, L, 2] (upstream's "
+                            "order: src, spatial_shapes, level_start_index, valid_ratios, ...)")
         reference_points = get_reference_points(spatial_shapes, valid_ratios)
         fields = {f: getattr(self, f) for f in _LAYER_FIELDS}
         for i in range(self.num_layers):
             src = DeformableTransformerEncoderLayer(**fields, name=f"layers_{i}")(
-                src, pos, reference_points, spatial_shapes, padding_mask, deterministic)
+                src, pos, reference_points, spatial_shapes, level_start_index, padding_mask,
+                deterministic)
         return src
 
 
@@ -267,17 +308,21 @@ class DeformableTransformerDecoderLayer(_DeformableLayer):
     @nn.compact
     def __call__(self, tgt: jax.Array, query_pos: jax.Array | None,
                  reference_points: jax.Array, src: jax.Array, src_spatial_shapes,
-                 src_padding_mask: jax.Array | None = None,
+                 level_start_index=None, src_padding_mask: jax.Array | None = None,
                  deterministic: bool = True) -> jax.Array:
         """`tgt`, `query_pos` `[B, Q, C]`, `reference_points` `[B, Q, L, 2 or 4]`, `src`
-        `[B, S, C]`, `src_padding_mask` `[B, S]` (True = padded) -> `[B, Q, C]`."""
+        `[B, S, C]`, `level_start_index` None or `[L]` (checked), `src_padding_mask` `[B, S]`
+        (True = padded) -> `[B, Q, C]`."""
         self._check_fields()
+        check_level_start_index("level_start_index", level_start_index, "src_spatial_shapes",
+                                src_spatial_shapes)
         self_attn = MultiHeadAttention(self.n_heads, self.dropout, name="self_attn",
                                        **layers.numerics(self))
         tgt2 = self_attn(tgt, tgt, tgt, query_pos, query_pos, deterministic=deterministic)
         tgt = self._residual(tgt, tgt2, "norm2", deterministic)
         tgt2 = self._deformable("cross_attn")(_with_pos(tgt, query_pos), reference_points, src,
-                                              src_spatial_shapes, src_padding_mask)
+                                              src_spatial_shapes, level_start_index,
+                                              src_padding_mask)
         tgt = self._residual(tgt, tgt2, "norm1", deterministic)
         return self._ffn(tgt, "norm3", deterministic)
 
@@ -333,8 +378,8 @@ def _layer_inputs(decoder: bool, prefix: str = ""):
             return (tgt, None, jax.ShapeDtypeStruct((1, 1, levels, 2), jnp.float32),
                     _sequence(shapes, key, levels), shapes_)
         src = _sequence(shapes, key, levels)
-        if prefix:  # the encoder stack: (src, spatial_shapes, valid_ratios)
-            return src, shapes_, jax.ShapeDtypeStruct((1, levels, 2), jnp.float32)
+        if prefix:  # the encoder stack: (src, spatial_shapes, level_start_index, valid_ratios)
+            return src, shapes_, None, jax.ShapeDtypeStruct((1, levels, 2), jnp.float32)
         return src, None, jax.ShapeDtypeStruct((1, levels, levels, 2), jnp.float32), shapes_
 
     return example_inputs

@@ -10,10 +10,12 @@ levels' pixels, flattened).
 
 Differences from upstream: the feature maps, padding masks and position embeddings are lists of
 NHWC arrays (`[B, H_l, W_l, C]`, masks `[B, H_l, W_l]` True = padded as DETR, or None: no
-padding); the call returns `(hs, init_reference, inter_references)`, without upstream's two
-trailing two-stage outputs. Not built: two-stage proposals (`two_stage=True` raises
-NotImplementedError) and iterative box refinement (upstream's `decoder.bbox_embed`, set by the
-detector: the decoder's reference points stay fixed).
+padding); the stacks take upstream's arguments in upstream's order, with `level_start_index`
+optional and only checked (`deformable_attention`'s docstring); the call returns `(hs,
+init_reference, inter_references)`, without upstream's two trailing two-stage outputs. Not
+built: two-stage proposals (`two_stage=True` raises NotImplementedError) and iterative box
+refinement (upstream's `decoder.bbox_embed`, set by the detector: the decoder's reference
+points stay fixed).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from flax_attention.deformable_attention import (
     DeformableTransformerEncoder,
     _DeformableLayer,
     _layer_rules,
+    check_level_start_index,
 )
 from flax_attention.functional.deformable_attention import SpatialShapes, check_spatial_shapes
 from flax_attention.interop.torch import (
@@ -75,15 +78,23 @@ class DeformableTransformerDecoder(_DeformableLayer):
 
     @nn.compact
     def __call__(self, tgt: jax.Array, reference_points: jax.Array, src: jax.Array,
-                 src_spatial_shapes, src_valid_ratios: jax.Array,
+                 src_spatial_shapes, src_level_start_index=None,
+                 src_valid_ratios: jax.Array | None = None,
                  query_pos: jax.Array | None = None,
                  src_padding_mask: jax.Array | None = None,
                  deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
         """`tgt`, `query_pos` `[B, Q, C]`, `reference_points` `[B, Q, 2 or 4]` in [0, 1] of the
-        valid region, `src` `[B, S, C]`, `src_valid_ratios` `[B, L, 2]`, `src_padding_mask`
-        `[B, S]` -> the output `[B, Q, C]` and the reference points, each stacked over the
-        layers (`[num_layers, B, Q, ...]`) with `return_intermediate`."""
+        valid region, `src` `[B, S, C]`, `src_level_start_index` None or `[L]` (checked),
+        `src_valid_ratios` `[B, L, 2]` (required), `src_padding_mask` `[B, S]` -> the output
+        `[B, Q, C]` and the reference points, each stacked over the layers
+        (`[num_layers, B, Q, ...]`) with `return_intermediate`."""
         check_positive("num_layers", self.num_layers)
+        check_level_start_index("src_level_start_index", src_level_start_index,
+                                "src_spatial_shapes", src_spatial_shapes)
+        if src_valid_ratios is None:
+            raise TypeError("DeformableTransformerDecoder needs src_valid_ratios [B, L, 2] "
+                            "(upstream's order: tgt, reference_points, src, src_spatial_shapes, "
+                            "src_level_start_index, src_valid_ratios, ...)")
         if reference_points.ndim != 3 or reference_points.shape[-1] not in (2, 4):
             raise ValueError(f"reference_points must have shape [B, Q, 2 or 4], got "
                              f"{tuple(reference_points.shape)}")
@@ -98,8 +109,8 @@ class DeformableTransformerDecoder(_DeformableLayer):
         outputs = []
         for i in range(self.num_layers):
             tgt = DeformableTransformerDecoderLayer(**fields, name=f"layers_{i}")(
-                tgt, query_pos, reference_input, src, src_spatial_shapes, src_padding_mask,
-                deterministic)
+                tgt, query_pos, reference_input, src, src_spatial_shapes, src_level_start_index,
+                src_padding_mask, deterministic)
             outputs.append(tgt)
         if self.return_intermediate:
             return jnp.stack(outputs), jnp.broadcast_to(reference_points,
@@ -186,7 +197,8 @@ class DeformableTransformer(nn.Module):
         memory = DeformableTransformerEncoder(**self._fields(self.enc_n_points),
                                               num_layers=self.num_encoder_layers,
                                               name="encoder")(
-            src, shapes, ratios, pos, padding, deterministic)
+            src, shapes, valid_ratios=ratios, pos=pos, padding_mask=padding,
+            deterministic=deterministic)
         query_pos, tgt = (jnp.broadcast_to(x[None], (b, *x.shape))
                           for x in jnp.split(query_embed, 2, axis=1))
         reference_points = nn.sigmoid(nn.Dense(
@@ -194,7 +206,8 @@ class DeformableTransformer(nn.Module):
         hs, references = DeformableTransformerDecoder(
             **self._fields(self.dec_n_points), num_layers=self.num_decoder_layers,
             return_intermediate=self.return_intermediate_dec, name="decoder")(
-            tgt, reference_points, memory, shapes, ratios, query_pos, padding, deterministic)
+            tgt, reference_points, memory, shapes, src_valid_ratios=ratios, query_pos=query_pos,
+            src_padding_mask=padding, deterministic=deterministic)
         return hs, reference_points, references
 
     def _check(self, srcs, masks, pos_embeds, query_embed) -> SpatialShapes:
@@ -236,13 +249,13 @@ def _stack_rules(module: _DeformableLayer, num_layers: int, decoder: bool) -> Ru
 
 
 def _decoder_inputs(module: DeformableTransformerDecoder, shapes: Shapes) -> tuple:
-    """`(tgt, reference_points, src, spatial_shapes, valid_ratios)`: one query, one pixel a
-    level, of the channels of `layers.0.norm1.bias`."""
+    """`(tgt, reference_points, src, spatial_shapes, level_start_index, valid_ratios)`: one
+    query, one pixel a level, of the channels of `layers.0.norm1.bias`."""
     levels, c = module.n_levels, shapes["layers.0.norm1.bias"][0]
     return (jax.ShapeDtypeStruct((1, 1, c), jnp.float32),
             jax.ShapeDtypeStruct((1, 1, 2), jnp.float32),
             jax.ShapeDtypeStruct((1, levels, c), jnp.float32), SpatialShapes(((1, 1),) * levels),
-            jax.ShapeDtypeStruct((1, levels, 2), jnp.float32))
+            None, jax.ShapeDtypeStruct((1, levels, 2), jnp.float32))
 
 
 def _transformer_rules(m: DeformableTransformer) -> Rules:

@@ -5,6 +5,7 @@ module forms after `from_torch`, transformations, dtypes and bad input."""
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -238,8 +239,9 @@ def _module_pair(torch_cls, seed=0, **kwargs):
     fields = {renames.get(k, k): v for k, v in kwargs.items()}
     if torch_cls is ref.DeformConv2dPack:
         fields.setdefault("use_bias", False)
-    module = DeformConv2d(6, 3, offset_conv=torch_cls is not ref.DeformConv2d,
-                          modulated=torch_cls is ref.ModulatedDeformConv2dPack, **fields)
+    if torch_cls is ref.DeformConv2d:  # from_torch converts offset_conv=None as a Pack
+        fields["offset_conv"] = False
+    module = DeformConv2d(6, 3, modulated=torch_cls is ref.ModulatedDeformConv2dPack, **fields)
     return module, from_torch(module, state_dict(torch_module)), torch_module
 
 
@@ -274,6 +276,45 @@ def test_module_with_offsets_passed_in_matches_torchvision():
     assert_close(out, _nhwc(expected), rtol=1e-5)
 
 
+def test_torchvision_call_form_with_the_default_fields():
+    """`DeformConv2d(O, k)(x, offset, mask)` as torchvision's: no `conv_offset` is created, and
+    torchvision's weights (loaded with offset_conv=False) give the same output through it."""
+    _, variables, torch_module = _module_pair(ref.DeformConv2d, 3, padding=1, groups=2)
+    a = _case(SHAPE, (3, 3), 6, offset_groups=2, padding=(1, 1), masked=True, seed=4)
+    x, offset, mask = (jnp.asarray(a[k], jnp.float32) for k in ("x", "offset", "mask"))
+    module = DeformConv2d(6, 3, padding=1, groups=2)
+    fresh = jax.jit(module.init)(jax.random.key(0), x, offset)
+    assert set(fresh["params"]) == {"kernel", "bias"}
+    assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, variables)
+    expected = {"mask": torch_module(*map(nhwc_to_torch, (x, offset, mask))),
+                "no mask": torch_module(*map(nhwc_to_torch, (x, offset)))}
+    assert_close(jax.jit(module.apply)(variables, x, offset, mask=mask), _nhwc(expected["mask"]),
+                 rtol=1e-5)
+    assert_close(jax.jit(module.apply)(variables, x, offset), _nhwc(expected["no mask"]),
+                 rtol=1e-5)
+
+
+def test_initialisation_is_torchvisions():
+    """kaiming_uniform_(a=sqrt(5)) kernel and U(+-1/sqrt(fan_in)) bias, fan_in = C/groups*kh*kw
+    (torchvision's `reset_parameters`); `conv_offset` zero (mmcv's)."""
+    x = jnp.zeros((1, 5, 5, 32))
+    variables = DeformConv2d(64, 3, groups=2, padding=1, modulated=True).init(
+        jax.random.key(0), x)
+    params = variables["params"]
+    bound = 1 / math.sqrt(32 // 2 * 3 * 3)  # 1/12
+    torch_module = ref.DeformConv2d(32, 64, 3, groups=2)
+    torch_bound = float(torch_module.weight.detach().abs().max())
+    for name, value, samples in (("kernel", params["kernel"], 9216), ("bias", params["bias"], 64)):
+        value = np.asarray(value)
+        assert np.abs(value).max() <= bound, name
+        # U(-b, b): std b / sqrt(3); an estimate from n samples within ~4 / sqrt(n) of it
+        assert abs(value.std() * math.sqrt(3) / bound - 1) < 4 / math.sqrt(samples), name
+        assert abs(value.mean()) < 4 * bound / math.sqrt(3 * samples), name
+    assert params["kernel"].shape == (3, 3, 16, 64)
+    assert 0.95 * bound < torch_bound <= bound  # the reference draws from the same range
+    assert all(not np.any(v) for v in jax.tree.leaves(params["conv_offset"]))
+
+
 def test_fresh_module_is_a_plain_convolution_and_trains_its_offsets():
     module = DeformConv2d(5, (3, 2), padding=(1, 0), modulated=True)
     x = jnp.asarray(random_nhwc(SHAPE, 7))
@@ -287,7 +328,7 @@ def test_fresh_module_is_a_plain_convolution_and_trains_its_offsets():
         return jnp.sum(out ** 2), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-    assert_close(out, 0.5 * plain)  # the mask starts at sigmoid(0)
+    assert_close(out, 0.5 * plain + variables["params"]["bias"])  # mask: sigmoid(0)
     assert float(jnp.abs(grads["conv_offset"]["kernel"]).max()) > 0
 
 
@@ -307,12 +348,17 @@ def test_module_bad_calls_and_state_dicts():
     def init(module, *args):
         return jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a), *args)
 
-    with pytest.raises(ValueError, match="offset and mask are predicted by conv_offset"):
-        init(DeformConv2d(4), x, jnp.zeros((2, 5, 4, 18)))
+    offset = jnp.zeros((2, 5, 4, 18))
+    with pytest.raises(ValueError, match="offset was passed but offset_conv=True"):
+        init(DeformConv2d(4, offset_conv=True), x, offset)
+    with pytest.raises(ValueError, match="offset was passed but modulated=True"):
+        init(DeformConv2d(4, modulated=True), x, offset)
+    with pytest.raises(ValueError, match="mask was passed without offset"):
+        init(DeformConv2d(4), x, None, jnp.zeros((2, 5, 4, 9)))
     with pytest.raises(ValueError, match="offset is required with offset_conv=False"):
         init(DeformConv2d(4, offset_conv=False), x)
-    with pytest.raises(ValueError, match="modulated=True needs offset_conv=True"):
-        init(DeformConv2d(4, modulated=True, offset_conv=False), x, jnp.zeros((2, 5, 4, 18)))
+    with pytest.raises(ValueError, match="modulated=True needs conv_offset"):
+        init(DeformConv2d(4, modulated=True, offset_conv=False), x, offset)
     with pytest.raises(ValueError, match=r"x channels \(4\) must be divisible by groups \(3\)"):
         init(DeformConv2d(6, groups=3), x)
     pack = state_dict(ref.ModulatedDeformConv2dPack(4, 6, 3))

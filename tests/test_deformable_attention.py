@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import traverse_util
 
 from flax_attention.deformable_attention import (
     DeformableTransformerDecoderLayer,
@@ -35,6 +36,7 @@ from tests.reference import deformable_attention as R
 SHAPES = ((5, 7), (3, 2), (1, 4))
 B, Q, N, P, D = 2, 6, 3, 3, 5
 S, L = sum(h * w for h, w in SHAPES), len(SHAPES)
+STARTS = np.array([0, 35, 41])  # upstream's level_start_index of SHAPES
 
 
 def _inputs(seed: int = 0, spread: float = 0.3, dtype=np.float32):
@@ -245,13 +247,15 @@ def test_module_matches_torch_with_padding(box):
     rng = np.random.default_rng(11)
     reference = rng.uniform(0, 1, (B, Q, L, 4 if box else 2)).astype(np.float32)
     mask = rng.uniform(size=(B, S)) < 0.2
-    expected = torch_module(*map(torch.tensor, (query, reference, x)), SHAPES, None,
-                            torch.tensor(mask)).detach().numpy()
+    expected = torch_module(*map(torch.tensor, (query, reference, x)), SHAPES,
+                            torch.tensor(STARTS), torch.tensor(mask)).detach().numpy()
     module = MSDeformAttn(C, L, N, P)
     params = from_torch(module, state_dict(torch_module))
-    out, state = module.apply(params, query, reference, x, F.SpatialShapes(SHAPES), mask,
-                              mutable=["intermediates"])
+    out, state = module.apply(params, query, reference, x, F.SpatialShapes(SHAPES), STARTS,
+                              mask, mutable=["intermediates"])  # upstream's positional order
     assert_close(out, expected, rtol=2e-5)
+    np.testing.assert_array_equal(out, module.apply(params, query, reference, x, SHAPES,
+                                                    input_padding_mask=mask))
     # The sown locations and weights are the ones read: through the op they give the output.
     sown = state["intermediates"]
     locations, weights = sown["attention"][0], sown["sampling_weights"][0]
@@ -290,11 +294,14 @@ def _torch_encoder_layer(seed: int = 0) -> torch.nn.Module:
 def test_encoder_layer_matches_torch():
     torch_layer = _torch_encoder_layer()
     src, pos, _, reference = _encoder_inputs()
-    expected = torch_layer(torch.tensor(src), torch.tensor(pos), reference, SHAPES)
+    expected = torch_layer(torch.tensor(src), torch.tensor(pos), reference, SHAPES,
+                           torch.tensor(STARTS))
     layer = DeformableTransformerEncoderLayer(C, 40, 0.0, "relu", L, N, P)
-    out = layer.apply(from_torch(layer, state_dict(torch_layer)), src, pos, reference.numpy(),
-                      SHAPES)
+    variables = from_torch(layer, state_dict(torch_layer))
+    out = layer.apply(variables, src, pos, reference.numpy(), SHAPES, STARTS)
     assert_close(out, expected.detach().numpy(), rtol=2e-5)
+    np.testing.assert_array_equal(out, layer.apply(variables, src, pos, reference.numpy(),
+                                                   SHAPES))
 
 
 @pytest.mark.slow
@@ -307,7 +314,7 @@ def test_encoder_stack_matches_torch():
         expected = layer(expected, torch.tensor(pos), reference, SHAPES)
     stack = DeformableTransformerEncoder(C, 40, 0.0, "relu", L, N, P, num_layers=2)
     variables = from_torch(stack, {f"layers.{k}": v for k, v in state_dict(layers).items()})
-    out = stack.apply(variables, src, SHAPES, ratios, pos)
+    out = stack.apply(variables, src, SHAPES, STARTS, ratios, pos)  # upstream's order
     assert_close(out, expected.detach().numpy(), rtol=2e-5)
 
 
@@ -316,11 +323,73 @@ def test_decoder_layer_matches_torch():
                              scale=0.3)
     tgt, query_pos, src = _sequences(14, Q, Q, S)
     reference = np.random.default_rng(14).uniform(0, 1, (B, Q, L, 4)).astype(np.float32)
-    expected = torch_layer(*map(torch.tensor, (tgt, query_pos, reference, src)), SHAPES)
+    mask = np.random.default_rng(15).uniform(size=(B, S)) < 0.2
+    expected = torch_layer(*map(torch.tensor, (tgt, query_pos, reference, src)), SHAPES,
+                           torch.tensor(STARTS), torch.tensor(mask))
     layer = DeformableTransformerDecoderLayer(C, 40, 0.0, "relu", L, N, P)
-    out = layer.apply(from_torch(layer, state_dict(torch_layer)), tgt, query_pos, reference, src,
-                      SHAPES)
+    variables = from_torch(layer, state_dict(torch_layer))
+    out = layer.apply(variables, tgt, query_pos, reference, src, SHAPES, list(STARTS), mask)
     assert_close(out, expected.detach().numpy(), rtol=2e-5)
+    np.testing.assert_array_equal(out, layer.apply(variables, tgt, query_pos, reference, src,
+                                                   SHAPES, src_padding_mask=mask))
+
+
+def test_both_call_forms_agree_and_a_traced_level_start_index_is_checked_by_shape():
+    """The encoder stack in upstream's positional order and by keywords, eagerly and jitted
+    (where `level_start_index` is traced: its shape is checked, not its values)."""
+    stack = DeformableTransformerEncoder(C, 40, 0.0, "relu", L, N, P, num_layers=1)
+    src, pos, ratios, _ = _encoder_inputs()
+    mask = np.random.default_rng(16).uniform(size=(B, S)) < 0.2
+    variables = stack.init(jax.random.key(0), src, SHAPES, valid_ratios=ratios)
+    spatial = F.SpatialShapes(SHAPES)
+    keywords = stack.apply(variables, src, spatial, valid_ratios=ratios, pos=pos,
+                           padding_mask=mask)
+    positional = stack.apply(variables, src, spatial, STARTS, ratios, pos, mask)
+    jitted = jax.jit(stack.apply)(variables, src, spatial, jnp.asarray(STARTS), ratios, pos,
+                                  mask)
+    np.testing.assert_array_equal(positional, keywords)
+    assert_close(jitted, keywords, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"level_start_index must have shape \[L\] = \(3,\)"):
+        jax.jit(stack.apply)(variables, src, spatial, jnp.asarray(STARTS[:2]), ratios)
+    with pytest.raises(ValueError, match=r"level_start_index must be \[0, 35, 41\]"):
+        stack.apply(variables, src, spatial, STARTS[::-1], ratios)
+    with pytest.raises(TypeError, match="needs valid_ratios"):
+        stack.apply(variables, src, spatial)
+
+
+@pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "decoder"])
+def test_layer_norms_are_two_pass_on_a_large_mean(decoder):
+    """With the branches' output kernels zeroed, each branch adds its output bias b_i and a
+    layer is x -> LN(... LN(x + b_1) + b_2 ...) (fresh LayerNorms: weight 1, bias 0). On x of
+    mean 1e4 and unit spread that must hold to float32 accuracy: torch's two-pass variance;
+    Flax's one-pass E[x^2] - E[x]^2 gets the first norm's scale wrong by orders of magnitude."""
+    src, tgt = _sequences(17, S, Q)
+    x = (tgt if decoder else src) + np.float32(1e4)
+    reference = np.full((B, x.shape[1], L, 2), 0.5, np.float32)
+    layer_cls = DeformableTransformerDecoderLayer if decoder else DeformableTransformerEncoderLayer
+    layer = layer_cls(C, 40, 0.0, "relu", L, N, P)
+    shapes = F.SpatialShapes(SHAPES)
+    args = (x, None, reference, src, shapes) if decoder else (x, None, reference, shapes)
+    params = layer.init(jax.random.key(0), *args)["params"]
+    branches = ["self_attn/out_proj", "cross_attn/output_proj", "linear2"] if decoder else [
+        "self_attn/output_proj", "linear2"]  # in the order of their norms
+    biases = np.random.default_rng(18).standard_normal((len(branches), C)).astype(np.float32)
+
+    def branch_output(path, value):  # kernel 0, bias b_i
+        owner = "/".join(path[:-1])
+        if owner not in branches:
+            return value
+        return jnp.zeros_like(value) if path[-1] == "kernel" else biases[branches.index(owner)]
+
+    params = traverse_util.path_aware_map(branch_output, params)
+    out = jax.jit(layer.apply)({"params": params}, *args)
+    expected = x.astype(np.float64)
+    for bias in biases:
+        expected = expected + bias
+        expected = (expected - expected.mean(-1, keepdims=True)) / np.sqrt(
+            expected.var(-1, keepdims=True) + 1e-5)
+    assert_close(out, expected, rtol=2e-3)
+
 
 
 @pytest.mark.parametrize(
@@ -332,6 +401,12 @@ def test_decoder_layer_matches_torch():
         (MSDeformAttn(C, L, N, P), {"shapes": SHAPES[:2]}, "spatial_shapes must have n_levels"),
         (MSDeformAttn(C, L, N, P), {"mask": (B, S - 1)}, "input_padding_mask must be boolean"),
         (MSDeformAttn(C, L, N, 0), {}, "n_points must be an integer >= 1"),
+        (MSDeformAttn(C, L, N, P), {"starts": [0, 35, 42]},
+         r"input_level_start_index must be \[0, 35, 41\], the levels' starts for "
+         r"spatial_shapes \(\(5, 7\), \(3, 2\), \(1, 4\)\), got \[0, 35, 42\]"),
+        (MSDeformAttn(C, L, N, P), {"starts": np.zeros((B, S), bool)},
+         r"input_level_start_index must have shape \[L\] = \(3,\) for spatial_shapes .* got "
+         r"shape \(2, 45\)"),
     ],
 )
 def test_module_bad_input_raises(module, args, match):
@@ -339,7 +414,8 @@ def test_module_bad_input_raises(module, args, match):
     reference = np.zeros(args.get("reference", (B, Q, L, 2)), np.float32)
     mask = np.zeros(args["mask"], bool) if "mask" in args else None
     with pytest.raises(ValueError, match=match):
-        module.init(jax.random.key(0), query, reference, x, args.get("shapes", SHAPES), mask)
+        module.init(jax.random.key(0), query, reference, x, args.get("shapes", SHAPES),
+                    args.get("starts"), mask)
 
 
 def test_from_torch_reports_a_missing_key():

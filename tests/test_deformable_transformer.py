@@ -142,17 +142,31 @@ def test_decoder_stack_with_reference_boxes_matches_torch():
     boxes = rng.uniform(0.1, 0.9, (B, Q, 4)).astype(np.float32)
     src = rng.standard_normal((B, sum(h * w for h, w in LEVELS), C)).astype(np.float32)
     ratios = rng.uniform(0.5, 1, (B, len(LEVELS), 2)).astype(np.float32)
-    expected = torch_model.decoder(*map(torch.tensor, (tgt, boxes, src)), LEVELS, None,
-                                   torch.tensor(ratios), torch.tensor(query_pos))
+    starts = np.array([0, 30])  # upstream's level_start_index
+    expected = torch_model.decoder(*map(torch.tensor, (tgt, boxes, src)), LEVELS,
+                                   torch.tensor(starts), torch.tensor(ratios),
+                                   torch.tensor(query_pos))
     decoder = DeformableTransformerDecoder(C, FFN, 0.0, "relu", len(LEVELS), HEADS, 2,
                                            num_layers=1, return_intermediate=True)
     variables = from_torch(decoder, weights)
-    out = jax.jit(decoder.apply)(variables, tgt, boxes, src, SpatialShapes(LEVELS), ratios,
-                                 query_pos)
+    # upstream's positional order; jitted, the level_start_index is traced (shape checked)
+    out = jax.jit(decoder.apply)(variables, tgt, boxes, src, SpatialShapes(LEVELS), starts,
+                                 ratios, query_pos)
     for a, b in zip(out, expected, strict=True):
         assert_close(a, b.detach().numpy(), rtol=2e-5)
+    by_keyword = decoder.apply(variables, tgt, boxes, src, LEVELS, src_valid_ratios=ratios,
+                               query_pos=query_pos)
+    eager = decoder.apply(variables, tgt, boxes, src, LEVELS, starts, ratios, query_pos)
+    for a, b, c in zip(eager, by_keyword, out, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert_close(c, b, rtol=1e-6)
     with pytest.raises(ValueError, match=r"src_valid_ratios must have shape \[B, L, 2\]"):
-        decoder.apply(variables, tgt, boxes, src, LEVELS, ratios[:, :1], query_pos)
+        decoder.apply(variables, tgt, boxes, src, LEVELS, src_valid_ratios=ratios[:, :1])
+    with pytest.raises(ValueError, match=r"src_level_start_index must be \[0, 30\], the levels' "
+                                         r"starts for src_spatial_shapes \(\(6, 5\), \(3, 3\)\)"):
+        decoder.apply(variables, tgt, boxes, src, LEVELS, [0, 9], ratios)
+    with pytest.raises(TypeError, match="needs src_valid_ratios"):
+        decoder.apply(variables, tgt, boxes, src, LEVELS, starts)
 
 
 @pytest.mark.parametrize(

@@ -91,13 +91,13 @@ _OTHER_BLOCKS = {
          _zeros(3, 16)), {}),
     "DeformableTransformerDecoder": (
         fa.DeformableTransformerDecoder(8, 16, num_layers=1, **_DEFORMABLE),
-        (_zeros(1, 3, 8), _zeros(1, 3, 2), _SEQ, _LEVELS, jnp.ones((1, 2, 2))), {}),
+        (_zeros(1, 3, 8), _zeros(1, 3, 2), _SEQ, _LEVELS, None, jnp.ones((1, 2, 2))), {}),
     "DeformableTransformerDecoderLayer": (
         fa.DeformableTransformerDecoderLayer(8, 16, **_DEFORMABLE),
         (_zeros(1, 3, 8), None, _zeros(1, 3, 2, 2), _SEQ, _LEVELS), {}),
     "DeformableTransformerEncoder": (
         fa.DeformableTransformerEncoder(8, 16, num_layers=1, **_DEFORMABLE),
-        (_SEQ, _LEVELS, jnp.ones((1, 2, 2))), {}),
+        (_SEQ, _LEVELS, None, jnp.ones((1, 2, 2))), {}),
     "DeformableTransformerEncoderLayer": (
         fa.DeformableTransformerEncoderLayer(8, 16, **_DEFORMABLE),
         (_SEQ, None, _zeros(1, 5, 2, 2), _LEVELS), {}),
