@@ -20,6 +20,7 @@ Conventions (the one module contract):
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
+from flax.linen.normalization import _compute_stats  # private; this signature since flax 0.10
 
 from flax_attention._checks import check_positive
 
@@ -75,9 +77,70 @@ def max_pool(x: jax.Array, window: Sequence[int]) -> jax.Array:
     return x.max(axis=tuple(range(2, 2 + 2 * len(window), 2)))
 
 
-def batch_norm(train: bool, dtype, param_dtype, name: str | None = None, **kwargs) -> nn.BatchNorm:
-    """A BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5); statistics in float32."""
-    return nn.BatchNorm(
+class BatchNorm(nn.BatchNorm):
+    """`nn.BatchNorm` whose training step is torch's `BatchNormNd`'s (`batch_norm` builds it).
+
+    Why: torch parity, so that a training step and its running statistics match PyTorch's.
+    Fields, variables ("params": scale, bias; "batch_stats": mean, var) and evaluation
+    (`use_running_average=True`) are `nn.BatchNorm`'s. In training:
+
+    - the output is normalised with the biased batch variance, two-pass (`E[(x - E[x])^2]`,
+      at least float32): the default here is `use_fast_variance=False`, as Flax's one-pass
+      `E[x^2] - E[x]^2` loses the variance of data with a large mean;
+    - the running mean takes the batch mean (`momentum` keeps Flax's meaning: 0.9 is torch's
+      `momentum=0.1`), the running variance the UNBIASED batch variance (times n / (n - 1),
+      n the elements a channel reduces: over `axis_name` too, only the unmasked with `mask`);
+    - a channel of a single value is refused, as torch does (not in `init`, whose input, as
+      for `nn.BatchNorm`, only gives the shapes: the statistics do not change there).
+    """
+
+    use_fast_variance: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """`[B, *S, C]` -> `[B, *S, C]` (C: the features on `axis`); see `nn.BatchNorm`.
+
+        Raises:
+          ValueError: in training (not `init`), `x` has a single value per channel (e.g.
+            `[1, 1, 1, C]`).
+        """
+        train = not nn.merge_param("use_running_average", self.use_running_average,
+                                   use_running_average)
+        features = {a % x.ndim for a in (self.axis if isinstance(self.axis, Sequence)
+                                         else (self.axis,))}
+        axes = tuple(a for a in range(x.ndim) if a not in features)
+        update = train and not self.is_initializing()  # init's input only gives the shapes
+        if update and mask is None and self.axis_name is None and all(
+                x.shape[a] == 1 for a in axes):
+            raise ValueError("x: expected more than 1 value per channel when training, got "
+                             f"shape {tuple(x.shape)}")
+        old = self.get_variable("batch_stats", "var") if update else None
+        y = super().__call__(x, use_running_average, mask=mask)  # stores the biased variance
+        if update:
+            self.put_variable("batch_stats", "var", self.momentum * old
+                              + (1 - self.momentum) * self._unbiased_var(x, axes, mask))
+        return y
+
+    def _unbiased_var(self, x: jax.Array, axes: tuple[int, ...],
+                      mask: jax.Array | None) -> jax.Array:
+        """The batch variance of the parent's training call (the same expression, so one
+        computation under jit) times n / (n - 1): `[C]`."""
+        _, var = _compute_stats(
+            x, axes, self.dtype, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, use_fast_variance=self.use_fast_variance,
+            mask=mask, force_float32_reductions=self.force_float32_reductions)
+        count = (math.prod(x.shape[a] for a in axes) if mask is None
+                 else jnp.sum(jnp.broadcast_to(mask, x.shape), axes))
+        if self.axis_name is not None:
+            count = jax.lax.psum(count, self.axis_name, axis_index_groups=self.axis_index_groups)
+        return var * (count / (count - 1))
+
+
+def batch_norm(train: bool, dtype, param_dtype, name: str | None = None, **kwargs) -> BatchNorm:
+    """A `BatchNorm` (torch's training statistics) with PyTorch's defaults (momentum 0.1, eps
+    1e-5); statistics in float32. `kwargs`: other `nn.BatchNorm` fields (`scale_init`, ...)."""
+    return BatchNorm(
         use_running_average=not train,
         momentum=0.9,
         epsilon=1e-5,
