@@ -17,6 +17,7 @@ from jax import lax
 from flax_attention import layers
 from flax_attention._checks import check_divisible, check_rank
 from flax_attention.eca import ConvParams
+from flax_attention.functional.activations import Activation
 from flax_attention.functional.squeeze_excitation import (
     check_spatial_input,
     excite,
@@ -78,24 +79,29 @@ class SEModule(nn.Module):
     """The squeeze-and-excitation layer in timm's form (`timm/layers/squeeze_excite.py`,
     `SEModule`, the `attn_layer='se'` of timm's SE-ResNets).
 
-    Global average pool, `fc1` (1x1 conv C -> R with bias), ReLU, `fc2` (1x1 conv R -> C with
-    bias), sigmoid, each channel scaled by its gate; R = `rd_channels` or
-    `make_divisible(C * rd_ratio, rd_divisor, round_limit=0)`. The `[B, C]` gates are sown as
-    ("intermediates", "attention").
+    Global average pool (with `add_maxpool`, the mean of it and the global max), `fc1` (1x1 conv
+    C -> R with bias), ReLU, `fc2` (1x1 conv R -> C with bias), sigmoid, each channel scaled by
+    its gate; R = `rd_channels` or `make_divisible(C * rd_ratio, rd_divisor, round_limit=0)`.
+    The `[B, C]` gates are sown as ("intermediates", "attention").
 
-    Differences from timm: C is read from the input; timm's options `add_maxpool`, `act_layer`,
-    `norm_layer` and `gate_layer` are left out (its SE-ResNets use the defaults kept here); the
-    gates are computed in float32 under bfloat16.
+    Differences from timm: C is read from the input; timm's `norm_layer` (a norm between `fc1`
+    and the activation, unused by its networks) is left out; the gates are computed in float32
+    under bfloat16.
 
     Attributes:
       rd_ratio, rd_channels, rd_divisor: the hidden width R.
+      add_maxpool: squeeze with `(mean + max) / 2` (timm's option).
       bias: of both 1x1 convolutions.
+      act_layer, gate_layer: timm's names (`functional.activations.ACTIVATIONS`) or functions.
     """
 
     rd_ratio: float = 1.0 / 16
     rd_channels: int | None = None
     rd_divisor: int = 8
+    add_maxpool: bool = False
     bias: bool = True
+    act_layer: Activation = "relu"
+    gate_layer: Activation = "sigmoid"
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
@@ -117,7 +123,9 @@ class SEModule(nn.Module):
         w2, b2 = ConvParams((1, 1, hidden, channels), self.bias, self.param_dtype, name="fc2")()
         x, w1, b1, w2, b2 = promote_dtype(x, w1, b1, w2, b2, dtype=self.dtype)
         gates = squeeze_excitation_gates(x, w1.reshape(channels, hidden),
-                                         w2.reshape(hidden, channels), self.precision, b1, b2)
+                                         w2.reshape(hidden, channels), self.precision, b1, b2,
+                                         add_maxpool=self.add_maxpool, act=self.act_layer,
+                                         gate=self.gate_layer)
         self.sow("intermediates", "attention", gates)
         return excite(x, gates)
 

@@ -115,9 +115,14 @@ def test_se_module_with_zero_weights_halves_the_input():
     assert_close(module.apply(variables, x), 0.5 * x)
 
 
-def test_se_module_matches_torch():
-    torch_module = randomize_(ref.SEModule(48, rd_ratio=0.25, rd_divisor=4))
-    module = SEModule(rd_ratio=0.25, rd_divisor=4)
+@pytest.mark.parametrize(("kwargs", "torch_kwargs"), [
+    ({}, {}),
+    ({"add_maxpool": True, "act_layer": "silu", "gate_layer": "hard_sigmoid"},
+     {"add_maxpool": True, "act_layer": torch.nn.SiLU, "gate_layer": torch.nn.Hardsigmoid}),
+], ids=["default", "maxpool-silu-hard_sigmoid"])
+def test_se_module_matches_torch(kwargs, torch_kwargs):
+    torch_module = randomize_(ref.SEModule(48, rd_ratio=0.25, rd_divisor=4, **torch_kwargs))
+    module = SEModule(rd_ratio=0.25, rd_divisor=4, **kwargs)
     x = random_nhwc((2, 5, 4, 48), seed=3)
     out = module.apply(from_torch(module, state_dict(torch_module)), x)
     assert_close(out, np.moveaxis(_torch_out(torch_module, x), 1, -1))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
+from flax_attention.functional.activations import Activation, activation_function
 
 __all__ = ["squeeze_excitation", "squeeze_excitation_gates", "excite"]
 
@@ -40,7 +41,8 @@ def _check_gate_inputs(x: jax.Array, w1: jax.Array, w2: jax.Array) -> None:
 
 def squeeze_excitation_gates(
     x: jax.Array, w1: jax.Array, w2: jax.Array, precision: lax.PrecisionLike = None,
-    b1: jax.Array | None = None, b2: jax.Array | None = None,
+    b1: jax.Array | None = None, b2: jax.Array | None = None, *, add_maxpool: bool = False,
+    act: Activation = "relu", gate: Activation = "sigmoid",
 ) -> jax.Array:
     """The excitation gates: `sigmoid(relu(mean(x) @ w1 + b1) @ w2 + b2)`.
 
@@ -54,6 +56,9 @@ def squeeze_excitation_gates(
       w2: `[R, C]`, the expansion layer (torch `fc.2.weight` transposed).
       precision: of both matrix products.
       b1, b2: `[R]`, `[C]` biases of the two layers (timm's `SEModule`); None for none.
+      add_maxpool: squeeze with `(mean + max) / 2` over space (timm's `add_maxpool`).
+      act, gate: the hidden activation and the gate, timm's names
+        (`functional.activations.ACTIVATIONS`) or functions.
 
     Returns:
       `[B, C]` gates in (0, 1), in x's dtype (float32 for an integer or boolean x).
@@ -64,11 +69,15 @@ def squeeze_excitation_gates(
     x, w1, w2, b1, b2 = map(as_float, (x, w1, w2, b1, b2))
     _check_gate_inputs(x, w1, w2)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
-    squeezed = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), dtype=dtype)
+    act, gate = activation_function(act, "act"), activation_function(gate, "gate")
+    space = tuple(range(1, x.ndim - 1))
+    squeezed = jnp.mean(x, axis=space, dtype=dtype)
+    if add_maxpool:
+        squeezed = 0.5 * squeezed + 0.5 * jnp.max(x, axis=space).astype(dtype)
     hidden = jnp.dot(squeezed, w1.astype(dtype), precision=precision)
-    hidden = jax.nn.relu(hidden if b1 is None else hidden + b1.astype(dtype))
+    hidden = act(hidden if b1 is None else hidden + b1.astype(dtype))
     logits = jnp.dot(hidden, w2.astype(dtype), precision=precision)
-    gates = jax.nn.sigmoid(logits if b2 is None else logits + b2.astype(dtype))
+    gates = gate(logits if b2 is None else logits + b2.astype(dtype))
     return gates.astype(x.dtype)
 
 

@@ -20,18 +20,22 @@ from tests.reference.selective_kernel import ConvNormAct, SelectiveKernel
 
 
 class SEModule(nn.Module):
-    def __init__(self, channels, rd_ratio=1.0 / 16, rd_channels=None, rd_divisor=8, bias=True):
+    def __init__(self, channels, rd_ratio=1.0 / 16, rd_channels=None, rd_divisor=8,
+                 add_maxpool=False, bias=True, act_layer=nn.ReLU, gate_layer=nn.Sigmoid):
         super().__init__()
+        self.add_maxpool = add_maxpool
         if not rd_channels:
             rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
         self.fc1 = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias)
         self.bn = nn.Identity()
-        self.act = nn.ReLU(inplace=True)
+        self.act = act_layer()
         self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias)
-        self.gate = nn.Sigmoid()
+        self.gate = gate_layer()
 
     def forward(self, x):
         x_se = x.mean((2, 3), keepdim=True)
+        if self.add_maxpool:
+            x_se = 0.5 * x_se + 0.5 * x.amax((2, 3), keepdim=True)
         x_se = self.act(self.bn(self.fc1(x_se)))
         return x * self.gate(self.fc2(x_se))
 
