@@ -141,20 +141,23 @@ def test_stn_tutorial_net_loads_the_tutorials_net(tmp_path):
 
 
 
-@pytest.mark.parametrize("name, g, s, std, legacy", [("ram_6_8x8_1", 8, 1, 0.05, False),
-                                                     ("ram_6_8x8_2", 8, 2, 0.17, True)])
-def test_ram_loads_kevinzakkas_recurrent_attention(name, g, s, std, legacy, tmp_path):
+@pytest.mark.parametrize("name, g, s, std, legacy, channels", [
+    ("ram_6_8x8_1", 8, 1, 0.05, False, 1), ("ram_6_8x8_2", 8, 2, 0.17, True, 1),
+    ("ram_6_8x8_1", 8, 1, 0.05, False, 3)])
+def test_ram_loads_kevinzakkas_recurrent_attention(name, g, s, std, legacy, channels,
+                                                   tmp_path):
     """kevinzakka/recurrent-visual-attention's `RecurrentAttention` (28 x 28 x 1, one g x g
     patch, h_g = h_l = 128, 256 hidden): `ram_6_8x8_1` its current code with config.py's
     defaults, `ram_6_8x8_2` its code of 2018 that saved the shipped checkpoint. With a near-zero
     policy std each next location is the policy's noiseless one: the reference, driven through
     our locations, gives our baselines, our class scores (as log-softmax) and our next
-    locations."""
-    torch_net = ram_ref.RecurrentAttention(g, 1, s, 1, 128, 128, 1e-6, 256, 10, legacy)
+    locations. With 3 channels, `sensor.fc1` reads the patches in the reference's (C, g, g)
+    order."""
+    torch_net = ram_ref.RecurrentAttention(g, 1, s, channels, 128, 128, 1e-6, 256, 10, legacy)
     sd = _saved_and_loaded(torch_net, tmp_path, scale=0.05)
     net = registry.create(name, std=1e-6)
     assert registry.create(name).std == std
-    x = random_nhwc((3, 28, 28, 1), seed=5)
+    x = random_nhwc((3, 28, 28, channels), seed=5)
     out = jax.jit(net.apply)(from_torch(net, sd), x, rngs={"sample": jax.random.key(0)})
     locations = torch.from_numpy(np.array(out.locations))
     assert (np.abs(np.asarray(out.locations)) < 0.95).mean() > 0.5  # not saturated

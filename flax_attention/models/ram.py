@@ -150,7 +150,9 @@ class GlimpseNetwork(_Dense):
         seen = locations
         if self.snap_locations:
             seen = snap_to_pixels(locations, *images.shape[1:3], self.patch_size)
-        phi = sensor(images, seen)
+        # [B, k, g, g, C] flattened in the reference's order, (k, C, g, g) (its `cat` of the
+        # NCHW patches), so that `sensor.fc1` loads as it is saved for any C.
+        phi = jnp.moveaxis(sensor(images, seen), -1, 2)
         what = nn.relu(self.dense(self.what_features, "fc1")(phi.reshape(phi.shape[0], -1)))
         where = nn.relu(self.dense(self.where_features, "fc2")(locations))
         return nn.relu(self.dense(self.features, "fc3")(what)
