@@ -35,13 +35,9 @@ from flax_attention.interop.torch import (
     param,
     register,
 )
-from flax_attention.multi_head_attention import torch_linear_bias
+from flax_attention.layers import TORCH_KERNEL, torch_linear_bias
 
 __all__ = ["DeformConv2d"]
-
-# torch's conv default, torchvision's `DeformConv2d.reset_parameters`: kaiming_uniform_(a=sqrt(5)),
-# U(+-1 / sqrt(fan_in)) with fan_in = C / groups * kh * kw (Flax's fan_in of an HWIO kernel).
-TORCH_CONV_KERNEL = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 class DeformConv2d(nn.Module):
@@ -67,7 +63,7 @@ class DeformConv2d(nn.Module):
     `deform_conv2d_points`) are sown as ("intermediates", "attention").
 
     Initialisation: torchvision's (`DeformConv2d.reset_parameters`): the kernel
-    `kaiming_uniform_(a=sqrt(5))` (`TORCH_CONV_KERNEL`, U(+-1 / sqrt(fan_in))) and the bias
+    `kaiming_uniform_(a=sqrt(5))` (`TORCH_KERNEL`, U(+-1 / sqrt(fan_in))) and the bias
     U(+-1 / sqrt(fan_in)), fan_in = C / groups * kh * kw; `conv_offset` zero (mmcv's). mmcv's
     main convolutions start otherwise (DCNv1: `kaiming_uniform_(nonlinearity="relu")`; DCNv2:
     U(+-1 / sqrt(C * kh * kw)) and a zero bias): pass `kernel_init`/`bias_init` for those.
@@ -100,7 +96,7 @@ class DeformConv2d(nn.Module):
     use_bias: bool = True
     modulated: bool = False
     offset_conv: bool | None = None
-    kernel_init: nn.initializers.Initializer = TORCH_CONV_KERNEL
+    kernel_init: nn.initializers.Initializer = TORCH_KERNEL
     bias_init: nn.initializers.Initializer | None = None
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32

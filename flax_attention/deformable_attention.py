@@ -52,11 +52,11 @@ from flax_attention.interop.torch import (
     nested,
     register,
 )
+from flax_attention.layers import torch_linear_bias
 from flax_attention.multi_head_attention import (
     XAVIER,
     MultiHeadAttention,
     attention_rules,
-    torch_linear_bias,
 )
 from flax_attention.transformer import _ACTIVATIONS
 

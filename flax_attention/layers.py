@@ -77,6 +77,22 @@ def max_pool(x: jax.Array, window: Sequence[int]) -> jax.Array:
     return x.max(axis=tuple(range(2, 2 + 2 * len(window), 2)))
 
 
+# torch's default init of `nn.Linear` and `nn.ConvNd` weights, `kaiming_uniform_(a=sqrt(5))`:
+# U(+-1 / sqrt(fan_in)), fan_in = the input features times the kernel's taps (Flax's fan_in of
+# a `[..., I, O]` kernel).
+TORCH_KERNEL = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def torch_linear_bias(fan_in: int) -> Callable:
+    """torch's default bias init of `nn.Linear` and `nn.ConvNd`: U(+-1 / sqrt(fan_in))."""
+    bound = 1 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
 class BatchNorm(nn.BatchNorm):
     """`nn.BatchNorm` whose training step is torch's `BatchNormNd`'s (`batch_norm` builds it).
 

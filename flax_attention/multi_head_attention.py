@@ -8,7 +8,6 @@ added to query and key (not value). Sequences are `[B, L, C]` (batch first, wher
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -44,16 +43,6 @@ from flax_attention.interop.torch import (
 __all__ = ["MultiHeadAttention"]
 
 XAVIER = nn.initializers.xavier_uniform()  # DETR: every parameter with dim > 1
-
-
-def torch_linear_bias(fan_in: int) -> Callable:
-    """torch.nn.Linear's bias init: uniform in +-1/sqrt(fan_in)."""
-    bound = 1 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 def _with_pos(x: jax.Array, pos: jax.Array | None) -> jax.Array:

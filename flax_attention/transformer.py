@@ -37,12 +37,12 @@ from flax_attention.interop.torch import (
     nested,
     register,
 )
+from flax_attention.layers import torch_linear_bias
 from flax_attention.multi_head_attention import (
     XAVIER,
     MultiHeadAttention,
     attention_rules,
     check_same_shape,
-    torch_linear_bias,
     zero_sequence,
 )
 

@@ -185,6 +185,21 @@ def _heads_by_hand(params, hs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return logits, h
 
 
+def test_detr_heads_start_as_torchs_defaults():
+    """`input_proj`, `class_embed` and `bbox_embed` as torch's `nn.Conv2d`/`nn.Linear` start:
+    weights and biases uniform in +-1 / sqrt(fan_in) (std bound / sqrt(3)); queries N(0, 1).
+    DETR-small (hidden 128) stands for every DETR of the registry."""
+    model = registry.create("detr-small")
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    for path in ("input_proj", "class_embed", "bbox_embed/layers_0", "bbox_embed/layers_2"):
+        layer = functools.reduce(lambda tree, key: tree[key], path.split("/"), params)
+        kernel, bias = np.asarray(layer["kernel"]), np.asarray(layer["bias"])
+        bound = 1 / np.sqrt(kernel.shape[-2])  # fan_in: 128 inputs (a 1x1 conv for input_proj)
+        assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound, path
+        assert abs(kernel.std() / (bound / np.sqrt(3)) - 1) < 0.15, path
+    assert abs(np.asarray(params["query_embed"]).std() - 1) < 0.15
+
+
 def test_detr_forward_shapes_heads_and_padding_mask():
     """DETR-small (stride 8, 10 queries, 10 classes, 2 decoder layers) stands for every DETR of
     the registry: they share the module; detr_resnet50's checkpoint is tested in test_convert."""

@@ -15,7 +15,9 @@ Differences from the reference:
   its scale and bias are ordinary parameters: to freeze them as DETR does, leave them out of the
   optimizer (e.g. `optax.masked`). They are counted among the parameters (53,120 for ResNet-50),
   so DETR-R50 has 41.58M here against the paper's 41.3M.
-- Initialisation is Flax's default outside the Transformer (DETR's is torch's default).
+- Initialisation: as DETR's outside the backbone (the Transformer's xavier; `input_proj`,
+  `class_embed` and `bbox_embed` torch's defaults, U(+-1 / sqrt(fan_in)); `query_embed`
+  N(0, 1)); the backbone's is Flax's default (DETR starts from a pretrained one).
 """
 
 from __future__ import annotations
@@ -82,9 +84,16 @@ def downsample_mask(mask: jax.Array, size: tuple[int, int]) -> jax.Array:
     return mask[:, rows][:, :, cols]
 
 
+def _torch_dense(features: int, fan_in: int, **kwargs) -> nn.Dense:
+    """An `nn.Dense` initialised as torch's `nn.Linear` (DETR's heads keep torch's defaults)."""
+    return nn.Dense(features, kernel_init=layers.TORCH_KERNEL,
+                    bias_init=layers.torch_linear_bias(fan_in), **kwargs)
+
+
 class MLP(nn.Module):
     """DETR's MLP: `num_layers` Dense layers (`layers_0`, ...; torch's `layers.N`), ReLU
-    between them.
+    between them; initialised as torch's `nn.Linear` (`layers.TORCH_KERNEL`, U(+-1 / sqrt(fan_in))
+    biases).
 
     Attributes:
       hidden_dim: features of every layer but the last.
@@ -104,8 +113,8 @@ class MLP(nn.Module):
         """`[..., C]` -> `[..., output_dim]`."""
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
-            x = nn.Dense(self.output_dim if last else self.hidden_dim, name=f"layers_{i}",
-                         **layers.numerics(self))(x)
+            x = _torch_dense(self.output_dim if last else self.hidden_dim, x.shape[-1],
+                             name=f"layers_{i}", **layers.numerics(self))(x)
             x = x if last else nn.relu(x)
         return x
 
@@ -175,7 +184,9 @@ class DETR(nn.Module):
         features = self.backbone(features_only=True, name="backbone", **common)(images, False)
         if mask is not None:
             mask = downsample_mask(mask, features.shape[1:3])
-        src = layers.PointwiseConv(self.hidden_dim, name="input_proj", **common)(features)
+        src = layers.PointwiseConv(self.hidden_dim, kernel_init=layers.TORCH_KERNEL,
+                                   bias_init=layers.torch_linear_bias(features.shape[-1]),
+                                   name="input_proj", **common)(features)
         pos = PositionEmbeddingSine(self.hidden_dim // 2, normalize=True, dtype=self.dtype)(
             src, mask)
         query_embed = self.param("query_embed", nn.initializers.normal(1.0),
@@ -183,7 +194,8 @@ class DETR(nn.Module):
         (query_embed,) = promote_dtype(query_embed, dtype=self.dtype)
         transformer = _transformer(self, name="transformer")
         hs, _ = transformer(src, mask, query_embed, pos, deterministic)
-        logits = nn.Dense(self.num_classes + 1, name="class_embed", **common)(hs)
+        logits = _torch_dense(self.num_classes + 1, hs.shape[-1], name="class_embed",
+                              **common)(hs)
         boxes = nn.sigmoid(MLP(self.hidden_dim, 4, 3, name="bbox_embed", **common)(hs))
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
