@@ -8,8 +8,8 @@ Differences from the reference:
   0.01) is a `layers.ConvBN` with `activation` (default that same leaky ReLU); batch
   statistics are per device, not synchronised.
 - `RCCAModule` takes `recurrence` as a field (default 2, the paper's and README's setting; the
-  reference's code defaults to 0) and ends with the 1x1 classifier only when `num_classes` is
-  given.
+  reference's `Seg_Model` defaults to 0, where `cca` keeps its unused parameters, as here) and
+  ends with the 1x1 classifier only when `num_classes` is given.
 """
 
 from __future__ import annotations
@@ -139,6 +139,8 @@ class RCCAModule(nn.Module):
                                   name="cca", **numerics(self))
         for _ in range(self.recurrence):
             out = cca(out)
+        if self.recurrence == 0 and self.is_initializing():
+            cca(out)  # its parameters exist unused, as in the reference (and its checkpoints)
         out = conv_bn(inter, name="convb")(out, train)
         out = conv_bn(self.out_channels, name="bottleneck")(
             jnp.concatenate([x, out], axis=-1), train

@@ -2,7 +2,7 @@
 
 Fu, Liu, Tian, Li, Bao, Fang, Lu: "Dual Attention Network for Scene Segmentation", CVPR 2019;
 reference code junfu1115/DANet, `encoding/nn/da_att.py` (`PAM_Module`, `CAM_Module`) and
-`encoding/models/danet.py` (`DANetHead`). NHWC here, NCHW there; parameter names follow the
+`encoding/models/sseg/danet.py` (`DANetHead`). NHWC here, NCHW there; parameter names follow the
 reference so `flax_attention.interop.torch.from_torch` imports its state dicts.
 """
 

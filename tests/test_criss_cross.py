@@ -250,11 +250,13 @@ def test_from_torch_reports_missing_extra_and_misshaped_keys():
         from_torch(RCCAModule(16, num_classes=5), rcca)
 
 
-@pytest.mark.parametrize("num_classes", [None, 5])
-def test_rcca_module_matches_torch_reference_in_eval_mode(num_classes):
-    torch_module = randomize_(ref.RCCAModule(32, 16, num_classes, recurrence=2), scale=0.3)
+@pytest.mark.parametrize(("num_classes", "recurrence"), [(None, 2), (5, 2), (5, 0)])
+def test_rcca_module_matches_torch_reference_in_eval_mode(num_classes, recurrence):
+    # recurrence 0 (the reference Seg_Model's default): `cca` is loaded and left unused.
+    torch_module = randomize_(ref.RCCAModule(32, 16, num_classes, recurrence=recurrence),
+                              scale=0.3)
     x = random_nhwc((2, 6, 5, 32))
-    module = RCCAModule(16, num_classes, recurrence=2)
+    module = RCCAModule(16, num_classes, recurrence=recurrence)
     out = _apply(module, _load(module, torch_module), x)
     chex.assert_shape(out, (2, 6, 5, num_classes or 16))
     with torch.no_grad():
