@@ -15,7 +15,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_divisible, check_rank
+from flax_attention._checks import check_rank
 from flax_attention.eca import ConvParams
 from flax_attention.functional.activations import Activation
 from flax_attention.functional.squeeze_excitation import (
@@ -42,16 +42,16 @@ __all__ = ["SELayer", "SEBasicBlock", "SEBottleneck", "SEModule"]
 class SELayer(nn.Module):
     """The squeeze-and-excitation layer (the reference's `SELayer`).
 
-    Global average pool over every spatial axis, `fc_0` (C -> C / reduction, no bias), ReLU,
-    `fc_2` (C / reduction -> C, no bias), sigmoid, and each channel scaled by its gate. Works on
-    `[B, L, C]`, `[B, H, W, C]` and `[B, T, H, W, C]`. The `[B, C]` gates are sown as
+    Global average pool over every spatial axis, `fc_0` (C -> C // reduction, no bias), ReLU,
+    `fc_2` (C // reduction -> C, no bias), sigmoid, and each channel scaled by its gate. Works
+    on `[B, L, C]`, `[B, H, W, C]` and `[B, T, H, W, C]`. The `[B, C]` gates are sown as
     ("intermediates", "attention").
 
-    Differences from the reference: channels must be divisible by `reduction` (the reference
-    floors C / reduction); the gates are computed in float32 under bfloat16.
+    Differences from the reference: C < reduction (no hidden unit: gates of 0.5) is refused; the
+    gates are computed in float32 under bfloat16.
 
     Attributes:
-      reduction: the hidden layer has C / reduction units.
+      reduction: the hidden layer has C // reduction units (floored, as the reference's).
     """
 
     reduction: int = 16
@@ -64,7 +64,9 @@ class SELayer(nn.Module):
         """`[B, *S, C]` -> `[B, *S, C]`."""
         check_spatial_input("x", x)
         channels = x.shape[-1]
-        check_divisible("x channels", channels, self.reduction, "reduction")
+        if channels < self.reduction:
+            raise ValueError(f"x channels ({channels}) must be at least reduction "
+                             f"({self.reduction}): the hidden layer has C // reduction units")
         init = nn.initializers.lecun_normal()
         hidden = channels // self.reduction
         w1 = self.param("fc_0", init, (channels, hidden), self.param_dtype)
@@ -147,7 +149,7 @@ class SEBasicBlock(_SEHook, BasicBlock):
     differ from `planes`, as torchvision's ResNet builds it.
 
     Differences from the reference: the projection is decided from the input (or forced by
-    `use_downsample`) instead of being passed in as a module; `planes` must be divisible by
+    `use_downsample`) instead of being passed in as a module; `planes` must be at least
     `reduction`.
 
     Attributes:

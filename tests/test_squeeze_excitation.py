@@ -70,12 +70,14 @@ def test_gates_by_hand():
 # --- equivalence with the reference ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 16), (2, 5, 3, 16), (1, 2, 3, 4, 16)])
-def test_se_layer_matches_torch_any_rank(shape):
-    torch_se = ref.SELayer(16, reduction=4)
-    variables = _imported(SELayer(reduction=4), torch_se)
+@pytest.mark.parametrize(("shape", "reduction"), [
+    ((2, 6, 16), 4), ((2, 5, 3, 16), 4), ((1, 2, 3, 4, 16), 4),
+    ((2, 5, 3, 24), 16)])  # 24 // 16: one hidden unit, floored as the reference's
+def test_se_layer_matches_torch_any_rank(shape, reduction):
+    torch_se = ref.SELayer(shape[-1], reduction=reduction)
+    variables = _imported(SELayer(reduction=reduction), torch_se)
     x = random_nhwc(shape, seed=1)
-    out, state = SELayer(reduction=4).apply(variables, x, mutable=["intermediates"])
+    out, state = SELayer(reduction=reduction).apply(variables, x, mutable=["intermediates"])
     assert_close(out, _torch_out(torch_se, x))
     with torch.no_grad():
         gates = torch_se.gates(nhwc_to_torch(x)).numpy()
@@ -176,12 +178,12 @@ def test_bad_input_raises():
         squeeze_excitation(x, jnp.zeros((12, 3)), jnp.zeros((4, 12)))
     with pytest.raises(ValueError, match=r"x and gates must agree in batch and channels"):
         excite(x, jnp.zeros((3, 12)))
-    with pytest.raises(ValueError, match=r"x channels \(12\) must be divisible by reduction"):
-        SELayer(reduction=8).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"x channels \(12\) must be at least reduction \(16"):
+        SELayer(reduction=16).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"x must have rank 4.*\(4, 4, 12\)"):
         SEBasicBlock(12, reduction=4).init(jax.random.key(0), x[0])
-    with pytest.raises(ValueError, match=r"channels \(12\) must be divisible by reduction"):
-        SEBasicBlock(12, reduction=8).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"channels \(12\) must be at least reduction"):
+        SEBasicBlock(12, reduction=16).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"use_downsample=False needs stride 1"):
         SEBasicBlock(12, stride=2, reduction=4, use_downsample=False).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"width .* must be >= 1"):
