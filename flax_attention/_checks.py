@@ -79,6 +79,14 @@ def check_nonempty(name: str, x: jax.Array, layout: str) -> None:
         )
 
 
+def check_reducible(name: str, channels: int, reduction: int, what: str = "reduction") -> None:
+    """Raises ValueError unless `channels // reduction` (floored, as the torch references'
+    `C // reduction`) is at least 1."""
+    if channels < reduction:
+        raise ValueError(f"{name} ({channels}) must be at least {what} ({reduction}): the "
+                         f"projection has {name} // {what} channels")
+
+
 def check_positive(name: str, value, minimum: int = 1) -> None:
     """Raises ValueError unless the integer setting `value` is at least `minimum`."""
     try:

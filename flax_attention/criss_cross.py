@@ -2,8 +2,8 @@
 Segmentation", ICCV 2019; reference: speedinghzl/CCNet).
 
 Differences from the reference:
-- NHWC; channels are inferred from the input and must be divisible by the reductions (the
-  reference floors `C // 8` and `C // 4` silently).
+- NHWC; channels are inferred from the input; the projections have `C // 8` and `C // 4`
+  channels, floored as the reference's (a projection to no channel is refused).
 - CCNet's InPlaceABNSync (BatchNorm fused with its default activation, leaky ReLU of slope
   0.01) is a `layers.ConvBN` with `activation` (default that same leaky ReLU); batch
   statistics are per device, not synchronised.
@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_attention._checks import (
-    check_divisible,
     check_nonempty,
     check_positive,
     check_probability,
     check_rank,
+    check_reducible,
 )
 from flax_attention.functional.criss_cross import criss_cross_attention, criss_cross_weights
 from flax_attention.interop.torch import (
@@ -85,7 +85,7 @@ class CrissCrossAttention(nn.Module):
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
         check_rank("x", x, 4, "[B, H, W, C]")
         check_nonempty("x", x, "[B, H, W, C]")
-        check_divisible("channels of x", x.shape[-1], self.reduction, "reduction")
+        check_reducible("channels of x", x.shape[-1], self.reduction)
         q, k, v = query_key_value(self, x, self.reduction)
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "attention", criss_cross_weights(q, k, self.precision))
@@ -128,7 +128,7 @@ class RCCAModule(nn.Module):
         """`[B, H, W, C]` -> `[B, H, W, num_classes or out_channels]`."""
         check_rank("x", x, 4, "[B, H, W, C]")
         check_nonempty("x", x, "[B, H, W, C]")
-        check_divisible("channels of x", x.shape[-1], 4 * self.reduction, "4 * reduction")
+        check_reducible("channels of x", x.shape[-1], 4 * self.reduction, "4 * reduction")
         check_positive("out_channels", self.out_channels)
         check_positive("recurrence", self.recurrence, minimum=0)
         check_probability("dropout", self.dropout)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_divisible, check_nonempty, check_positive, check_rank
+from flax_attention._checks import check_nonempty, check_positive, check_rank, check_reducible
 from flax_attention.functional import danet as F
 from flax_attention.interop.torch import (
     Converter,
@@ -41,15 +41,15 @@ class PositionAttention(nn.Module):
     `query_conv`, `key_conv` (C -> C / reduction) and `value_conv` (C -> C) are 1x1 convolutions
     with bias; `out = gamma * position_attention(q, k, v) + x`, `gamma` starting at zero.
 
-    Differences from the reference: channels must be divisible by `reduction` (the reference
-    floors C / 8); above `chunk_size` positions the attention runs block by block in O(H * W)
-    memory (the reference builds the `[B, L, L]` map), on a GPU by cuDNN or a Pallas flash
-    kernel (`implementation`); `attention_fn` can swap in another kernel. The `[B, L, L]` map
-    is sown as ("intermediates", "attention") only when that collection is mutable, since it is
-    not otherwise built at large sizes.
+    Differences from the reference: C < `reduction` (no query channel) is refused; above
+    `chunk_size` positions the attention runs block by block in O(H * W) memory (the reference
+    builds the `[B, L, L]` map), on a GPU by cuDNN or a Pallas flash kernel (`implementation`);
+    `attention_fn` can swap in another kernel. The `[B, L, L]` map is sown as ("intermediates",
+    "attention") only when that collection is mutable, since it is not otherwise built at large
+    sizes.
 
     Attributes:
-      reduction: query/key channels are C / reduction.
+      reduction: query/key channels are C // reduction (floored, as the reference's).
       chunk_size: queries per block of `functional.position_attention`; None for its default.
       implementation: None, "xla" or "pallas", as in `functional.position_attention`; passed
         to `attention_fn`.
@@ -72,7 +72,7 @@ class PositionAttention(nn.Module):
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
         check_rank("x", x, 4, "[B, H, W, C]")
         check_nonempty("x", x, "[B, H, W, C]")
-        check_divisible("x channels", x.shape[-1], self.reduction, "reduction")
+        check_reducible("x channels", x.shape[-1], self.reduction)
         attention_fn = layers.bind_attention_fn(self.attention_fn, F.position_attention,
                                                 chunk_size=self.chunk_size)
         q, k, v = layers.query_key_value(self, x, self.reduction)
@@ -119,7 +119,8 @@ class DANetHead(nn.Module):
 
     Returns, like the reference, the tuple `(fused, pam_out, cam_out)`: `conv8` of the sum, then
     `conv6` and `conv7` of the branches (DANet trains on all three, infers with the first).
-    Differences: C must be divisible by 32 (inter by PAM's reduction 8; the reference floors).
+    Differences: C must be at least 32 (inter = C // 4 at least PAM's reduction 8); the
+    channel counts are floored, as the reference's.
     Batch statistics are used when `train`, dropout (rng stream "dropout") when not
     `deterministic`.
 
@@ -147,7 +148,7 @@ class DANetHead(nn.Module):
         check_rank("x", x, 4, "[B, H, W, C]")
         check_nonempty("x", x, "[B, H, W, C]")
         check_positive("out_channels", self.out_channels)
-        check_divisible("x channels", x.shape[-1], _HEAD_REDUCTION * pam.reduction,
+        check_reducible("x channels", x.shape[-1], _HEAD_REDUCTION * pam.reduction,
                         "4 * PositionAttention reduction")
         inter = x.shape[-1] // _HEAD_REDUCTION
 
