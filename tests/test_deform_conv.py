@@ -298,7 +298,7 @@ def test_initialisation_is_torchvisions():
     """kaiming_uniform_(a=sqrt(5)) kernel and U(+-1/sqrt(fan_in)) bias, fan_in = C/groups*kh*kw
     (torchvision's `reset_parameters`); `conv_offset` zero (mmcv's)."""
     x = jnp.zeros((1, 5, 5, 32))
-    variables = DeformConv2d(64, 3, groups=2, padding=1, modulated=True).init(
+    variables = jax.jit(DeformConv2d(64, 3, groups=2, padding=1, modulated=True).init)(
         jax.random.key(0), x)
     params = variables["params"]
     bound = 1 / math.sqrt(32 // 2 * 3 * 3)  # 1/12
