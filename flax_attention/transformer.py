@@ -10,7 +10,6 @@ queries.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -28,6 +27,7 @@ from flax_attention._checks import (
     check_rank,
     check_same,
 )
+from flax_attention.functional.activations import ACTIVATIONS
 from flax_attention.interop.torch import (
     Converter,
     Rules,
@@ -55,9 +55,10 @@ __all__ = [
     "TransformerEncoderLayer",
 ]
 
+# DETR's `_get_activation_fn` names: two of timm's (gelu the erf form, as torch's) and glu.
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": nn.relu,
-    "gelu": functools.partial(nn.gelu, approximate=False),  # torch's F.gelu is the erf form
+    "relu": ACTIVATIONS["relu"],
+    "gelu": ACTIVATIONS["gelu"],
     "glu": nn.glu,
 }
 
