@@ -242,6 +242,7 @@ def write_results(path: str, records: list[dict]) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump({"machine": machine_name(), "python": platform.python_version(),
                    "jax_platforms": os.environ.get("JAX_PLATFORMS", "cpu"),
+                   "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                    "date": time.strftime("%Y-%m-%d"), "records": kept + records}, f, indent=1)
         f.write("\n")
     os.replace(path + ".tmp", path)
@@ -286,7 +287,9 @@ def main(cases: list[Case], module: str, description: str | None,
     if args.list:
         print("\n".join(cases[i].name for i in chosen))
         return
-    print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}"
+          + (f", GLIBC_TUNABLES={tunables}" if tunables else ""))
     if args.xla_defaults:
         os.environ[XLA_DEFAULTS_ENV] = "1"  # the workers inherit it
     print(f"# {LEGEND}")

@@ -150,7 +150,7 @@ def test_check_grads():
 def test_jit_and_vmap_equal_eager():
     module = SEBottleneck(4, stride=2, reduction=4)
     x = jnp.asarray(random_nhwc((2, 6, 6, 8)))
-    variables = module.init(jax.random.key(0), x)
+    variables = jax.jit(module.init)(jax.random.key(0), x)
     eager = module.apply(variables, x)
     chex.assert_trees_all_close(jax.jit(module.apply)(variables, x), eager, atol=1e-5)
 
