@@ -2,12 +2,14 @@
 and the XLA path of `deformable_attention.ms_deform_attn` (the public function, its checks and
 its Pallas path are in `functional.deformable_attention`).
 
-The XLA path walks the queries in chunks: for each, it gathers the upper and the lower pair of
-horizontal neighbours of every point (two-row slices of the flattened values) and reduces them
-with a dot; its hand-written VJP recomputes the corners, scatter-adds the value gradient (one
-scatter a corner) and takes the location and weight gradients from the channel dot products of
-the corners with the output gradient. The largest intermediate is one chunk's sampled values
-(no one-hot over the levels, no `[B, Q, N, L, P, D]` array).
+The XLA path computes every point's corner rows and bilinear weights once (`_points`), then
+walks the queries in chunks: for each, it gathers the upper and the lower pair of horizontal
+neighbours of every point (two-row slices of the flattened values) and reduces them with a dot.
+Its hand-written VJP takes the corners and weights from the forward pass, scatter-adds the value
+gradient (one scatter a corner) and takes the location and weight gradients from the channel dot
+products of the corners with the output gradient. The largest intermediates are the points'
+rows and weights (56 bytes a point) and one chunk's sampled values (no one-hot over the
+levels, no `[B, Q, N, L, P, D]` array).
 
 Axis legend: B batch, S keys (the L levels' H_l * W_l pixels, flattened level after level, row
 by row), Q queries, N heads, D channels per head, L levels, P points per head and level.
@@ -175,87 +177,78 @@ def _pair_values(padded: jax.Array, top: jax.Array) -> jax.Array:
                       mode="promise_in_bounds")
 
 
-def _scan_ahead(prepare, step, carry, count: int, xs=None):
-    """`lax.scan` of `step(carry, prepare(i), xs[i]) -> (carry, y)` over the chunks i < count,
-    where `prepare(i)` (a chunk's corners and weights) is computed one step ahead and carried:
-    XLA:CPU then materialises it once, instead of fusing its computation into every consumer
-    (a gather's indices, an update's weights) and recomputing it per channel (measured:
-    forward and backward each about 1.1x faster; `functional.spatial`'s backward, whose
-    weights are cheaper, ran slower this way).
-
-    Returns:
-      the last carry and the ys stacked over the chunks.
-    """
-
-    def body(state, args):
-        carry, prepared = state
-        index, x = args
-        carry, y = step(carry, prepared, x)
-        return (carry, prepare(jnp.minimum(index + 1, count - 1))), y
-
-    (carry, _), ys = lax.scan(body, (carry, prepare(0)),
-                              (jnp.arange(count, dtype=jnp.int32), xs))
-    return carry, ys
-
-
-def _forward(value: jax.Array, spatial_shapes: SpatialShapes, locations: jax.Array,
-             attention: jax.Array) -> jax.Array:
-    b, q, n, d = locations.shape[0], locations.shape[1], value.shape[2], value.shape[3]
-    padded = _padded_values(value)
+def _points(spatial_shapes: SpatialShapes, heads: int, rows: int, locations: jax.Array,
+            attention: jax.Array):
+    """`_pair_rows_and_weights` of every chunk, computed once before the chunks' scans (and
+    kept by the forward pass for the backward's): the rows `[K, c, N, L, P]` of the pairs, the
+    bilinear weights, the same times the attention weights, and whether each corner is inside
+    (each a list of two `[K, c, N, L, P, 2]`), the distances dy, dx `[K, c, N, L, P]`, and the
+    attention weights `[K, c, N, L, P]` (K chunks of c queries, `_chunked`)."""
     batch, locations, attention = _chunked(locations, attention)
 
-    def prepare(index):
-        tops, weights, _, _, _ = _pair_rows_and_weights(spatial_shapes, n, padded.shape[0],
-                                                        batch[index], locations[index])
-        att = attention[index].astype(weights[0].dtype)[..., None]
-        return tops, [w * att for w in weights]
+    def chunk(batch, locations, attention):
+        tops, weights, insides, dy, dx = _pair_rows_and_weights(spatial_shapes, heads, rows,
+                                                                batch, locations)
+        att = attention.astype(weights[0].dtype)
+        return tops, weights, [w * att[..., None] for w in weights], insides, dy, dx, att
 
-    def step(carry, prepared, _):
-        tops, weights = prepared
-        c = tops[0].shape[0]
+    return jax.vmap(chunk)(batch, locations, attention)
+
+
+def _sample(padded: jax.Array, tops: list[jax.Array], updates: list[jax.Array]) -> jax.Array:
+    """The attention-weighted sum `[K, c, N, D]` of the pairs `tops` of `padded`, with the
+    weights `updates` (`_points`), chunk by chunk."""
+    n, d = tops[0].shape[2], padded.shape[1]
+
+    def step(_, chunk):
         out = 0
-        for top, weight in zip(tops, weights, strict=True):
+        for top, weight in zip(*chunk, strict=True):
+            c = top.shape[0]
             # A dot: XLA:CPU reduces it faster than a fused multiply and sum.
             out = out + jnp.einsum("cnk,cnkd->cnd", weight.reshape(c, n, -1),
                                    _pair_values(padded, top).reshape(c, n, -1, d),
                                    precision=lax.Precision.HIGHEST)
-        return carry, out
+        return None, out
 
-    _, out = _scan_ahead(prepare, step, None, len(batch))
-    return _unchunked(out, b, q).reshape(b, q, n * d).astype(value.dtype)
+    return lax.scan(step, None, (tops, updates))[1]
+
+
+def _forward_and_points(value: jax.Array, spatial_shapes: SpatialShapes, locations: jax.Array,
+                        attention: jax.Array):
+    b, q, n, d = locations.shape[0], locations.shape[1], value.shape[2], value.shape[3]
+    padded = _padded_values(value)
+    points = _points(spatial_shapes, n, padded.shape[0], locations, attention)
+    out = _sample(padded, points[0], points[2])
+    return _unchunked(out, b, q).reshape(b, q, n * d).astype(value.dtype), points
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _ms_deform_attn(value: jax.Array, spatial_shapes: SpatialShapes, locations: jax.Array,
                     attention: jax.Array) -> jax.Array:
-    return _forward(value, spatial_shapes, locations, attention)
+    return _forward_and_points(value, spatial_shapes, locations, attention)[0]
 
 
 def _ms_deform_attn_fwd(value, spatial_shapes, locations, attention):
-    return _forward(value, spatial_shapes, locations, attention), (value, locations, attention)
+    out, points = _forward_and_points(value, spatial_shapes, locations, attention)
+    return out, (value, locations, attention, points)
 
 
 def _ms_deform_attn_bwd(spatial_shapes, residuals, g):
-    """Chunk by chunk (`_scan_ahead`): the value gradient, scatter-adds of the weighted
-    output gradient into the corners' rows of one accumulator (a scatter a corner: one of the
-    four stacked would be built by a loop that recomputes the weights per channel); the weight
-    and location gradients, from the corners' dot products with the output gradient."""
-    value, locations, attention = residuals
+    """Chunk by chunk, from the forward pass's `_points`: the value gradient, scatter-adds of
+    the weighted output gradient into the corners' rows of one accumulator (a scatter a corner:
+    one of the four stacked would be built by a loop that recomputes the weights per channel);
+    the weight and location gradients, from the corners' dot products with the output
+    gradient."""
+    value, locations, attention, points = residuals
     b, s, n, d = value.shape
     q = locations.shape[1]
     padded = _padded_values(value)
     heights, widths = _level_sizes(spatial_shapes)
-    batch, locations, attention, g = _chunked(locations, attention, g.reshape(b, q, n, d))
     corners = [(r, i) for r in (0, 1) for i in (0, 1)]  # nw, ne, sw, se: pair r, member i
+    g = _chunked(locations, attention, g.reshape(b, q, n, d))[-1]
 
-    def prepare(index):
-        att = attention[index].astype(padded.dtype)
-        tops, weights, insides, dy, dx = _pair_rows_and_weights(
-            spatial_shapes, n, padded.shape[0], batch[index], locations[index])
-        return tops, weights, [w * att[..., None] for w in weights], insides, dy, dx, att
-
-    def step(d_value, prepared, g):
-        tops, weights, updates, insides, dy, dx, att = prepared
+    def step(d_value, chunk):
+        (tops, weights, updates, insides, dy, dx, att), g = chunk
         c = g.shape[0]
         g = g.astype(padded.dtype).reshape(c, n, 1, d)
         pairs = [_pair_values(padded, top).reshape(c, n, -1, 2, d) for top in tops]
@@ -270,8 +263,7 @@ def _ms_deform_attn_bwd(spatial_shapes, residuals, g):
                 mode="promise_in_bounds")
         return d_value, (d_loc, d_att)
 
-    d_value, (d_loc, d_att) = _scan_ahead(prepare, step, jnp.zeros(padded.shape, padded.dtype),
-                                          len(batch), g)
+    d_value, (d_loc, d_att) = lax.scan(step, jnp.zeros(padded.shape, padded.dtype), (points, g))
     d_value = d_value[1:-1].reshape(b, n, s, d).transpose(0, 2, 1, 3)
     return (d_value.astype(value.dtype), _unchunked(d_loc, b, q).astype(locations.dtype),
             _unchunked(d_att, b, q).astype(attention.dtype))
