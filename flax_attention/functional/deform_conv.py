@@ -126,26 +126,34 @@ def _neighbours(image: jax.Array, y: jax.Array, x: jax.Array):
 
 
 @jax.custom_vjp
-def _sample(image: jax.Array, y: jax.Array, x: jax.Array) -> jax.Array:
+def _sample(image: jax.Array, y: jax.Array, x: jax.Array, scale: jax.Array | None) -> jax.Array:
     """Bilinear samples of `image` `[N, H, W, C]` at pixel coordinates y, x `[N, h, w]`, the
-    neighbours outside the image counting 0: `[N, h, w, C]` in y's dtype."""
+    neighbours outside the image counting 0, each times `scale` `[N, h, w]` (None: 1; folded
+    into the four bilinear weights, so that no unscaled samples are made): `[N, h, w, C]` in
+    y's dtype."""
     rows, inside, dy, dx = _neighbours(image, y, x)
+    weights = corner_weights(dy, dx)
+    if scale is not None:
+        weights = [w * scale for w in weights]
     values = gather_corners(image.astype(y.dtype), rows, inside)
-    return sum(w[..., None] * v for w, v in zip(corner_weights(dy, dx), values, strict=True))
+    return sum(w[..., None] * v for w, v in zip(weights, values, strict=True))
 
 
-def _sample_fwd(image, y, x):
-    return _sample(image, y, x), (image, y, x)
+def _sample_fwd(image, y, x, scale):
+    return _sample(image, y, x, scale), (image, y, x, scale)
 
 
 def _sample_bwd(residuals, g):
     """`sampling.sample_vjp`; coordinate gradients from its corner dots (`grid_gradient`,
-    slope 1)."""
-    image, y, x = residuals
+    slope 1) times the scale, the scale's gradient the dots' bilinear sum."""
+    image, y, x, scale = residuals
     rows, inside, dy, dx = _neighbours(image, y, x)
-    d_image, dots = sample_vjp(image, rows, inside, dy, dx, g.astype(y.dtype))
+    d_image, dots = sample_vjp(image, rows, inside, dy, dx, g.astype(y.dtype), scale)
     d_x, d_y = jnp.moveaxis(grid_gradient(dots, dy, dx, 1.0, 1.0), -1, 0)
-    return d_image.astype(image.dtype), d_y, d_x
+    if scale is None:
+        return d_image.astype(image.dtype), d_y, d_x, None
+    d_scale = sum(w * dot for w, dot in zip(corner_weights(dy, dx), dots, strict=True))
+    return d_image.astype(image.dtype), d_y * scale, d_x * scale, d_scale.astype(scale.dtype)
 
 
 _sample.defvjp(_sample_fwd, _sample_bwd)
@@ -189,12 +197,12 @@ def deform_im2col(x: jax.Array, offset: jax.Array, kernel_size: Pair, stride: Pa
                              f"{tuple(offset.shape)}, got {tuple(mask.shape)}")
     y, x_loc = _locations(offset, kernel_hw, stride, padding, dilation)  # [B, G, Ho, Wo, K]
     image = jnp.moveaxis(x.reshape(b, height, width, groups, channels // groups), 3, 1)
+    if mask is not None:  # [B, G, Ho, Wo, K], like y and x
+        mask = jnp.moveaxis(mask.reshape(b, ho, wo, groups, taps), 3, 1).astype(y.dtype)
     samples = _sample(image.reshape(b * groups, height, width, -1),
-                      *(a.reshape(b * groups, ho * wo, taps) for a in (y, x_loc)))
+                      *(a if a is None else a.reshape(b * groups, ho * wo, taps)
+                        for a in (y, x_loc, mask)))
     samples = samples.reshape(b, groups, ho, wo, taps, -1)
-    if mask is not None:
-        mask = jnp.moveaxis(mask.reshape(b, ho, wo, groups, taps), 3, 1)
-        samples = samples * mask[..., None].astype(samples.dtype)
     return jnp.moveaxis(samples, 1, 4).reshape(b, ho, wo, taps, channels).astype(x.dtype)
 
 

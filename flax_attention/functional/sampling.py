@@ -142,21 +142,27 @@ def scatter_corners(d_flat: jax.Array, rows: jax.Array, weights, g: jax.Array) -
 
 
 def sample_vjp(image: jax.Array, rows: jax.Array, inside: jax.Array, dy: jax.Array,
-               dx: jax.Array, g: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """The backward pass of bilinear sampling, but for the coordinate slopes.
+               dx: jax.Array, g: jax.Array, scale: jax.Array | None = None
+               ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """The backward pass of bilinear sampling (each sample times `scale`), but for the
+    coordinate slopes and the scale.
 
     Args:
       image: `[B, H, W, C]`, the sampled image.
       rows, inside: `[4, B, h, w]` from `corner_rows`.
       dy, dx: `[B, h, w]` distances to the top-left neighbours.
       g: `[B, h, w, C]` gradient of the samples, in dy's dtype.
+      scale: None (1), or `[B, h, w]` multiplying each sample.
 
     Returns:
       The image gradient `[B, H, W, C]` in g's dtype (`scatter_corners`) and `corner_dots` of
-      the neighbours with g, for `grid_gradient`.
+      the neighbours with g (not scaled), for `grid_gradient` and the scale's gradient.
     """
     channels = image.shape[-1]
     dots = corner_dots(gather_corners(image.astype(g.dtype), rows, inside), g)
+    weights = inside_corner_weight_list(dy, dx, inside)
+    if scale is not None:
+        weights = [w * scale for w in weights]
     d_image = scatter_corners(jnp.zeros((image.size // channels, channels), g.dtype), rows,
-                              inside_corner_weight_list(dy, dx, inside), g)
+                              weights, g)
     return d_image.reshape(image.shape), dots
