@@ -19,12 +19,15 @@ number of point axes `...` where noted).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 __all__ = ["corner_dots", "corner_rows", "corner_weights", "gather_corners", "grid_gradient",
-           "inside_corner_weight_list", "inside_corner_weights", "sample_vjp", "scatter_corners"]
+           "images_per_step", "inside_corner_weight_list", "inside_corner_weights",
+           "scatter_corners", "split_batch"]
 
 
 def corner_rows(y0: jax.Array, x0: jax.Array, hw: tuple[int, int],
@@ -141,28 +144,16 @@ def scatter_corners(d_flat: jax.Array, rows: jax.Array, weights, g: jax.Array) -
     return d_flat
 
 
-def sample_vjp(image: jax.Array, rows: jax.Array, inside: jax.Array, dy: jax.Array,
-               dx: jax.Array, g: jax.Array, scale: jax.Array | None = None
-               ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """The backward pass of bilinear sampling (each sample times `scale`), but for the
-    coordinate slopes and the scale.
+def images_per_step(out_shape: tuple[int, ...], max_elements: int) -> int:
+    """Images per step of a loop over the batch: the largest divisor of the batch (the leading
+    axis of `out_shape`) whose share of the output has at most `max_elements` elements (at
+    least 1). Inside a loop, XLA allocates a step's intermediates once and reuses them, so
+    they stay in cache and fault in no fresh pages."""
+    batch, per_image = out_shape[0], math.prod(out_shape[1:])
+    return max(n for n in range(1, batch + 1)
+               if batch % n == 0 and (n == 1 or n * per_image <= max_elements))
 
-    Args:
-      image: `[B, H, W, C]`, the sampled image.
-      rows, inside: `[4, B, h, w]` from `corner_rows`.
-      dy, dx: `[B, h, w]` distances to the top-left neighbours.
-      g: `[B, h, w, C]` gradient of the samples, in dy's dtype.
-      scale: None (1), or `[B, h, w]` multiplying each sample.
 
-    Returns:
-      The image gradient `[B, H, W, C]` in g's dtype (`scatter_corners`) and `corner_dots` of
-      the neighbours with g (not scaled), for `grid_gradient` and the scale's gradient.
-    """
-    channels = image.shape[-1]
-    dots = corner_dots(gather_corners(image.astype(g.dtype), rows, inside), g)
-    weights = inside_corner_weight_list(dy, dx, inside)
-    if scale is not None:
-        weights = [w * scale for w in weights]
-    d_image = scatter_corners(jnp.zeros((image.size // channels, channels), g.dtype), rows,
-                              weights, g)
-    return d_image.reshape(image.shape), dots
+def split_batch(a: jax.Array, chunk: int) -> jax.Array:
+    """`[B, ...]` -> `[B / chunk, chunk, ...]`."""
+    return a.reshape(a.shape[0] // chunk, chunk, *a.shape[1:])

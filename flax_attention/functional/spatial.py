@@ -20,7 +20,6 @@ Axis legend: B batch, H height, W width, C channels; h, w the size of the sampli
 from __future__ import annotations
 
 import functools
-import math
 import operator
 
 import jax
@@ -40,9 +39,11 @@ from flax_attention.functional.sampling import (
     corner_weights,
     gather_corners,
     grid_gradient,
+    images_per_step,
     inside_corner_weight_list,
     inside_corner_weights,
     scatter_corners,
+    split_batch,
 )
 from flax_attention.kernels import bilinear as kernel
 from flax_attention.kernels._common import on_gpu, pick_implementation
@@ -227,22 +228,10 @@ def _sample(image: jax.Array, grid: jax.Array, padding_mode: str,
 _CHUNK_ELEMENTS = 2**18
 
 
-def _chunk(out_shape: tuple[int, ...]) -> int:
-    """Images per step for an output of shape `out_shape` (batch first)."""
-    batch, per_image = out_shape[0], math.prod(out_shape[1:])
-    return max(n for n in range(1, batch + 1)
-               if batch % n == 0 and (n == 1 or n * per_image <= _CHUNK_ELEMENTS))
-
-
-def _split(a: jax.Array, chunk: int) -> jax.Array:
-    """`[B, ...]` -> `[B / chunk, chunk, ...]`."""
-    return a.reshape(a.shape[0] // chunk, chunk, *a.shape[1:])
-
-
 def _over_chunks(fn, out_shape: tuple[int, ...], *arrays: jax.Array):
     """`fn(*arrays)` over chunks of the batch (the leading axis of every array), in sequence."""
-    chunk = _chunk(out_shape)
-    out = lax.map(lambda args: fn(*args), tuple(_split(a, chunk) for a in arrays))
+    chunk = images_per_step(out_shape, _CHUNK_ELEMENTS)
+    out = lax.map(lambda args: fn(*args), tuple(split_batch(a, chunk) for a in arrays))
     return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:]), out)
 
 
@@ -268,7 +257,7 @@ def _sample_bwd(padding_mode, align_corners, residuals, g):
     hw, channels = image.shape[1:3], image.shape[-1]
     dtype = jnp.promote_types(grid.dtype, jnp.float32)  # `_locate`'s
     flat = jnp.asarray(image, dtype).reshape(-1, channels)
-    chunk = _chunk(g.shape)
+    chunk = images_per_step(g.shape, _CHUNK_ELEMENTS)
 
     def step(d_image, args):
         index, grid, g = args
@@ -281,7 +270,7 @@ def _sample_bwd(padding_mode, align_corners, residuals, g):
 
     steps = jnp.arange(image.shape[0] // chunk, dtype=jnp.int32)
     d_image, d_grid = lax.scan(step, jnp.zeros(flat.shape, dtype),
-                               (steps, _split(grid, chunk), _split(g, chunk)))
+                               (steps, split_batch(grid, chunk), split_batch(g, chunk)))
     return d_image.reshape(image.shape).astype(image.dtype), d_grid.reshape(grid.shape)
 
 
