@@ -153,6 +153,29 @@ def test_custom_vjp_against_numerical_gradients():
                     order=1, modes=["rev"])
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_backward_in_chunks_of_one_image_equals_one_step(monkeypatch, masked):
+    """Three images with two offset groups: six sampled images, each its own step of the
+    backward's loop (its rows offset by the step), give the gradients of one step."""
+    a = _case((3, 5, 6, 4), (3, 3), 4, offset_groups=2, padding=(1, 1), masked=masked, seed=7)
+    names = ("x", "offset", "mask", "weight") if masked else ("x", "offset", "weight")
+    values = [jnp.asarray(a[k], jnp.float32) for k in names]
+
+    def grads():
+        def loss(x, offset, *rest):
+            mask, weight = rest if masked else (None, *rest)
+            out = F.deform_conv2d(x, offset, weight, padding=1, mask=mask)
+            return jnp.sum(out * jnp.cos(out))
+
+        return jax.jit(jax.grad(loss, range(len(names))))(*values)
+
+    one_step = grads()
+    monkeypatch.setattr(F, "_CHUNK_ELEMENTS", 1)
+    for name, chunked, expected in zip(names, grads(), one_step, strict=True):
+        assert float(jnp.abs(expected).max()) > 0, name
+        assert_close(chunked, expected, rtol=1e-6)
+
+
 def test_float32_matches_float64_reference():
     a = _case((2, 6, 6, 4), (3, 3), 5, offset_groups=2, padding=(1, 1), masked=True, seed=4)
     f32 = {k: v.astype(np.float32) for k, v in a.items()}
