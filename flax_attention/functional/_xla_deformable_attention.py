@@ -116,10 +116,10 @@ def batch_index(batch: int, queries: int) -> jax.Array:
 _CHUNK_ELEMENTS = 2**12
 
 
-def _chunked(locations: jax.Array, attention: jax.Array, *more: jax.Array):
-    """The inputs flattened to `[B * Q, ...]` and split into chunks of c queries,
-    `[B * Q / c, c, ...]` (zero-padded: padded queries have zero weights), with each query's
-    batch entry `[B * Q / c, c]`."""
+def _chunked(locations: jax.Array, *inputs: jax.Array) -> tuple[jax.Array, ...]:
+    """Each query's batch entry and the inputs `[B, Q, ...]` (locations `[B, Q, N, L, P, 2]`
+    first) flattened to `[B * Q, ...]` and split into chunks of c queries, `[B * Q / c, c, ...]`
+    (zero-padded: padded queries have zero weights)."""
     b, q, n, levels, points, _ = locations.shape
     count = b * q
     size = max(1, min(count, _CHUNK_ELEMENTS // (n * levels * points)))
@@ -130,8 +130,7 @@ def _chunked(locations: jax.Array, attention: jax.Array, *more: jax.Array):
         x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
         return x.reshape(-1, size, *x.shape[1:])
 
-    return split(batch_index(b, q).reshape(b, q)), split(locations), split(
-        attention), *(split(x) for x in more)
+    return split(batch_index(b, q).reshape(b, q)), *(split(x) for x in (locations, *inputs))
 
 
 def _unchunked(x: jax.Array, batch: int, queries: int) -> jax.Array:
@@ -245,7 +244,7 @@ def _ms_deform_attn_bwd(spatial_shapes, residuals, g):
     padded = _padded_values(value)
     heights, widths = _level_sizes(spatial_shapes)
     corners = [(r, i) for r in (0, 1) for i in (0, 1)]  # nw, ne, sw, se: pair r, member i
-    g = _chunked(locations, attention, g.reshape(b, q, n, d))[-1]
+    g = _chunked(locations, g.reshape(b, q, n, d))[-1]
 
     def step(d_value, chunk):
         (tops, weights, updates, insides, dy, dx, att), g = chunk
