@@ -403,10 +403,10 @@ def main(argv: list[str] | None = None) -> int:
 def entry_point() -> NoReturn:
     """The `flax-attention` command: `main`, then exit with its status. It leaves with
     `os._exit` once `main` has returned (its checkpoints saved) and the output is flushed: a
-    normal interpreter shutdown with XLA's and the data prefetch threads still alive can abort
-    (SIGABRT, "terminate called after throwing...", seen after finished runs too) instead of
-    exiting with the documented status. Only a run that finished runs the `atexit` hooks
-    (`jax.distributed`'s shutdown) first."""
+    normal interpreter shutdown with a thread still inside XLA can abort (SIGABRT, "terminate
+    called after throwing...") instead of exiting with the documented status
+    (`data.prefetch_to_device` joins its thread; this guards against any other). Only a run
+    that finished runs the `atexit` hooks (`jax.distributed`'s shutdown) first."""
     code = main()
     if code not in (EXIT_INTERRUPTED, EXIT_STOPPED):
         atexit._run_exitfuncs()

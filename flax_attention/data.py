@@ -366,7 +366,10 @@ def prefetch_to_device(iterator: Iterable, size: int = 2,
     A background thread pulls from `iterator` and calls `jax.device_put(batch, sharding)`
     (the default device when `sharding` is None; e.g. a `NamedSharding` over the batch axis
     spreads a batch over a mesh), so reading and copying overlap the computation. An error in
-    `iterator` is raised here; leaving the loop early stops the thread.
+    `iterator` is raised here; leaving the loop early (or the end of the batches) stops the
+    thread and waits for it to finish the batch it is on, so that no thread is left running
+    in JAX when the program exits (a daemon thread inside `device_put` at interpreter shutdown
+    aborts the process: "terminate called after throwing an instance of ''").
     """
     if size < 1:
         raise ValueError(f"size must be at least 1, got {size}")
@@ -377,7 +380,9 @@ def _prefetch(iterator: Iterable, size: int, sharding: jax.sharding.Sharding | N
               ) -> Iterator[Any]:
     slots: queue.Queue = queue.Queue(maxsize=size)
     stop = threading.Event()
-    threading.Thread(target=_produce, args=(iterator, slots, stop, sharding), daemon=True).start()
+    producer = threading.Thread(target=_produce, args=(iterator, slots, stop, sharding),
+                                daemon=True)
+    producer.start()
     try:
         while True:
             batch, error = slots.get()
@@ -388,3 +393,4 @@ def _prefetch(iterator: Iterable, size: int, sharding: jax.sharding.Sharding | N
             yield batch
     finally:
         stop.set()
+        producer.join()

@@ -397,12 +397,21 @@ def test_prefetch_raises_the_iterator_error():
         data.prefetch_to_device(iter([]), size=0)
 
 
-def test_prefetch_stops_when_left_early():
+def _slowly(items):
+    """Yields each item after a pause, so the producer is mid-batch when the consumer stops."""
+    for item in items:
+        time.sleep(0.05)
+        yield item
+
+
+def test_prefetch_stops_and_joins_its_thread_when_left_early_or_at_the_end():
+    """No producer thread outlives the loop (one inside `device_put` at interpreter exit
+    aborts the process): leaving early waits for the batch it is on; so does the end."""
     before = threading.active_count()
-    fetched = data.prefetch_to_device(np.full(3, i) for i in itertools.count())
+    fetched = data.prefetch_to_device(_slowly(np.full(3, i) for i in itertools.count()))
     assert int(next(fetched)[0]) == 0 and int(next(fetched)[0]) == 1
     fetched.close()
-    deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert threading.active_count() == before
+    assert [int(b[0]) for b in data.prefetch_to_device(_slowly(np.full(3, i) for i in range(3)))
+            ] == [0, 1, 2]
     assert threading.active_count() == before
