@@ -182,7 +182,9 @@ def _points(spatial_shapes: SpatialShapes, heads: int, rows: int, locations: jax
     kept by the forward pass for the backward's): the rows `[K, c, N, L, P]` of the pairs, the
     bilinear weights, the same times the attention weights, and whether each corner is inside
     (each a list of two `[K, c, N, L, P, 2]`), the distances dy, dx `[K, c, N, L, P]`, and the
-    attention weights `[K, c, N, L, P]` (K chunks of c queries, `_chunked`)."""
+    attention weights `[K, c, N, L, P]` (K chunks of c queries, `_chunked`). The weighted
+    products are kept rather than formed in the scans: the backward's scatter-updates would
+    recompute them per channel (measured: fwd+bwd 613 ms kept, 693 ms formed in the scan)."""
     batch, locations, attention = _chunked(locations, attention)
 
     def chunk(batch, locations, attention):
