@@ -25,6 +25,7 @@ from flax_attention._checks import (
     check_rank,
     check_same,
 )
+from flax_attention.functional.sampling import images_per_step, split_batch
 from flax_attention.kernels._common import check_implementation
 
 __all__ = [
@@ -165,16 +166,14 @@ _KERNEL_GRAD_CHUNK_ELEMENTS = 2**19
 
 def _kernel_grad(x, g, shape, stride, dilation, padding, groups, precision):
     """`_chunk_kernel_grad` summed over chunks of the batch, in float32 (at least)."""
-    batch, per_image = x.shape[0], g[0].size
-    chunk = max(n for n in range(1, batch + 1)
-                if batch % n == 0 and (n == 1 or n * per_image <= _KERNEL_GRAD_CHUNK_ELEMENTS))
+    chunk = images_per_step(g.shape, _KERNEL_GRAD_CHUNK_ELEMENTS)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
 
     def step(total, chunks):
         grad = _chunk_kernel_grad(*chunks, shape, stride, dilation, padding, groups, precision)
         return total + grad.astype(dtype), None
 
-    chunks = tuple(a.reshape(batch // chunk, chunk, *a.shape[1:]) for a in (x, g))
+    chunks = tuple(split_batch(a, chunk) for a in (x, g))
     return lax.scan(step, jnp.zeros(shape, dtype), chunks)[0]
 
 
