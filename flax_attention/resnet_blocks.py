@@ -77,6 +77,7 @@ class ResidualBlock(nn.Module):
     planes: int
     stride: int = 1
     dilation: int = 1
+    first_dilation: int | None = None
     groups: int = 1
     base_width: int = 64
     attention: AttentionFactory | None = None
@@ -93,10 +94,15 @@ class ResidualBlock(nn.Module):
     def out_channels(self) -> int:
         return self.planes * self.expansion
 
+    @property
+    def entry_dilation(self) -> int:
+        """The dilation of the block's first 3x3 convolution: `first_dilation`, or `dilation`."""
+        return self.dilation if self.first_dilation is None else self.first_dilation
+
     def _check(self, x: jax.Array) -> bool:
         """Checks `x` and the fields; returns whether the shortcut is projected."""
         check_rank("x", x, 4, "[B, H, W, C]")
-        for name in ("planes", "stride", "dilation", "groups", "base_width"):
+        for name in ("planes", "stride", "dilation", "entry_dilation", "groups", "base_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         needed = self.stride != 1 or x.shape[-1] != self.out_channels
@@ -152,14 +158,17 @@ class BasicBlock(ResidualBlock):
 
     conv3x3(stride)-BN-ReLU, conv3x3-BN, attention, plus the shortcut, ReLU.
 
-    Differences from torchvision: dilation > 1 is allowed (torchvision refuses it) and dilates
-    both 3x3 convolutions; the projection is decided from the input (or forced by
-    `use_downsample`) instead of being passed in as a module.
+    Differences from torchvision: dilation > 1 is allowed (torchvision refuses it), as in timm's
+    `BasicBlock`: the first 3x3 convolution takes `first_dilation`, the second `dilation`; the
+    projection is decided from the input (or forced by `use_downsample`) instead of being
+    passed in as a module.
 
     Attributes:
       planes: output channels.
       stride: of the first convolution and of the projection.
-      dilation: of both 3x3 convolutions.
+      dilation: of the second 3x3 convolution, and of the first unless `first_dilation` is set.
+      first_dilation: of the first 3x3 convolution (timm's `first_dilation`: the first block of
+        a dilated stage keeps the previous stage's dilation there); None: `dilation`.
       groups, base_width: must be 1 and 64 (present so that `ResNet` can build any block alike).
       attention: factory of the module applied after the last BN (named `se`); None for none.
       use_downsample: force (True) or forbid (False) the projection; None decides from the input.
@@ -174,9 +183,9 @@ class BasicBlock(ResidualBlock):
             raise ValueError(
                 f"BasicBlock needs groups=1 and base_width=64, got {self.groups}, {self.base_width}"
             )
-        d = self.dilation
-        out = nn.relu(self._conv_bn(1, x, train, self.planes, 3, stride=self.stride, dilation=d))
-        out = self._conv_bn(2, out, train, self.planes, 3, dilation=d)
+        out = nn.relu(self._conv_bn(1, x, train, self.planes, 3, stride=self.stride,
+                                    dilation=self.entry_dilation))
+        out = self._conv_bn(2, out, train, self.planes, 3, dilation=self.dilation)
         return self._attend_and_add(x, out, downsample, train)
 
 
@@ -192,7 +201,9 @@ class Bottleneck(ResidualBlock):
     Attributes:
       planes: the block outputs 4 * planes channels.
       stride: of the 3x3 convolution and of the projection.
-      dilation: of the 3x3 convolution.
+      dilation, first_dilation: of the 3x3 convolution, `first_dilation` when set (timm's
+        `Bottleneck`; torchvision passes the first block of a dilated stage the previous
+        stage's dilation, which `ResNet` does as `first_dilation`).
       groups: of the 3x3 convolution.
       base_width: width per group at planes = 64.
       attention, use_downsample: as in `BasicBlock`.
@@ -215,7 +226,7 @@ class Bottleneck(ResidualBlock):
             )
         out = nn.relu(self._conv_bn(1, x, train, self.width, 1))
         out = nn.relu(self._conv_bn(2, out, train, self.width, 3, stride=self.stride,
-                                    dilation=self.dilation, groups=self.groups))
+                                    dilation=self.entry_dilation, groups=self.groups))
         out = self._conv_bn(3, out, train, self.out_channels, 1)
         return self._attend_and_add(x, out, downsample, train)
 

@@ -14,7 +14,7 @@ import torch
 from flax_attention.interop.torch import from_torch
 from flax_attention.models import ResNet, SelectiveKernelBasic, SkresnetBasic, registry
 from flax_attention.models.resnet import stem_widths
-from flax_attention.resnet_blocks import Bottleneck, avg_down_pool
+from flax_attention.resnet_blocks import BasicBlock, Bottleneck, avg_down_pool
 from flax_attention.squeeze_excitation import SEModule
 from tests.helpers import (
     assert_close,
@@ -23,6 +23,7 @@ from tests.helpers import (
     randomize_,
     state_dict,
 )
+from tests.reference import resnet as resnet_ref
 from tests.reference import timm_resnet as ref
 from tests.test_precision import assert_precision_reaches_every_layer
 
@@ -168,5 +169,19 @@ def test_selective_kernel_blocks_have_timms_defaults(block, sk_kwargs, width):
     variables = from_torch(module, state_dict(torch_block))
     assert variables["params"]["conv1"]["attn"]["fc_reduce"]["kernel"].shape[-1] == width
     x = random_nhwc((2, 9, 10, 64), seed=2)
+    expected = np.moveaxis(_torch_out(torch_block, x), 1, -1)
+    assert_close(jax.jit(module.apply)(variables, x), expected)
+
+
+@pytest.mark.parametrize("block", [SelectiveKernelBasic, BasicBlock])
+def test_first_block_of_a_dilated_stage_dilates_as_timm(block):
+    """timm's `make_blocks`: the first block of a stage that dilates (output stride 16 or 8)
+    keeps the previous dilation in its first 3x3 convolution and takes the new one in its
+    second; here 1 and 2, which differ from the both-1 or both-2 readings."""
+    torch_cls = ref.SelectiveKernelBasic if block is SelectiveKernelBasic else resnet_ref.BasicBlock
+    torch_block = randomize_(torch_cls(16, 16, dilation=2, first_dilation=1), seed=1)
+    module = block(16, dilation=2, first_dilation=1, use_downsample=False)
+    variables = from_torch(module, state_dict(torch_block))
+    x = random_nhwc((2, 9, 10, 16), seed=2)
     expected = np.moveaxis(_torch_out(torch_block, x), 1, -1)
     assert_close(jax.jit(module.apply)(variables, x), expected)

@@ -99,8 +99,9 @@ def block_specs(net: ResNet) -> list[BlockSpec]:
 
     Stage k (from 0) has `stage_sizes[k]` blocks of `64 * 2**k` planes; stages after the first
     halve the resolution in their first block, unless `replace_stride_with_dilation[k - 1]`
-    multiplies the dilation by 2 instead (the first block of that stage keeps the previous one,
-    or with `dilate_first_block` takes the new one too).
+    multiplies the dilation by 2 instead (the first block of that stage keeps the previous one
+    in its first 3x3 convolution, its `first_dilation`, as torchvision and timm do, or with
+    `dilate_first_block` takes the new one there too).
 
     Raises:
       ValueError: if `stage_sizes` or `replace_stride_with_dilation` do not fit.
@@ -123,8 +124,8 @@ def block_specs(net: ResNet) -> list[BlockSpec]:
             first = n == 0
             out_channels = planes * net.block_cls.expansion
             kwargs = dict(
-                planes=planes, stride=stride if first else 1,
-                dilation=previous if first else dilation, groups=net.groups,
+                planes=planes, stride=stride if first else 1, dilation=dilation,
+                first_dilation=previous if first else None, groups=net.groups,
                 base_width=net.width_per_group, attention=net.attention,
                 use_downsample=first and (stride != 1 or in_channels != out_channels),
                 avg_down=net.avg_down, **layers.numerics(net),

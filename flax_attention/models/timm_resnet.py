@@ -58,9 +58,10 @@ __all__ = [
 class SelectiveKernelBasic(ResidualBlock):
     """timm's `SelectiveKernelBasic` (sknet.py), the block of skresnet18/34 (expansion 1).
 
-    `conv1` = `SelectiveKernel(planes, stride)` (its paths conv-BN-ReLU, the input split across
-    them), `conv2` = 3x3 conv + BN without activation (timm's `ConvNormAct(apply_act=False)`,
-    keys `conv2.conv`, `conv2.bn`), the optional attention `se`, plus the shortcut, ReLU.
+    `conv1` = `SelectiveKernel(planes, stride, first_dilation)` (its paths conv-BN-ReLU, the
+    input split across them), `conv2` = 3x3 conv (`dilation`) + BN without activation (timm's
+    `ConvNormAct(apply_act=False)`, keys `conv2.conv`, `conv2.bn`), the optional attention `se`,
+    plus the shortcut, ReLU.
 
     Differences from timm: the projection is decided as in `BasicBlock`; `aa_layer` and
     `drop_block` are not supported.
@@ -78,7 +79,7 @@ class SelectiveKernelBasic(ResidualBlock):
 
     @nn.nowrap
     def selective_kernel(self) -> SelectiveKernel:
-        return SelectiveKernel(self.planes, stride=self.stride, dilation=self.dilation,
+        return SelectiveKernel(self.planes, stride=self.stride, dilation=self.entry_dilation,
                                rd_ratio=self.rd_ratio, rd_divisor=self.rd_divisor,
                                split_input=self.split_input, name="conv1",
                                **layers.numerics(self))

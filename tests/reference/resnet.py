@@ -1,8 +1,10 @@
 """PyTorch reference ResNets (NCHW), written from the ResNet and SE papers and the facts of
 torchvision (v1.5 bottleneck, `replace_stride_with_dilation`, the first block of a dilated stage
 keeping the previous dilation) and moskomule/senet.pytorch (`se` after the last BatchNorm, before
-the residual add). `reduction=None` gives a plain ResNet. BasicBlock accepts dilation, dilating
-both 3x3 convolutions, as the Flax one does (torchvision refuses it)."""
+the residual add). `reduction=None` gives a plain ResNet. BasicBlock accepts dilation as timm's
+does (torchvision refuses it): `first_dilation` on its first 3x3 convolution, `dilation` on the
+second, the first block of a dilated stage taking the previous dilation as `first_dilation`
+(timm `resnet.py`, `make_blocks`)."""
 
 from __future__ import annotations
 
@@ -35,11 +37,12 @@ class _Block(nn.Module):
 
 class BasicBlock(_Block):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
-                 groups: int = 1, base_width: int = 64, reduction: int | None = None):
+                 groups: int = 1, base_width: int = 64, reduction: int | None = None,
+                 first_dilation: int | None = None):
         super().__init__()
         del groups, base_width
         self.planes = planes
-        self.conv1 = _conv(inplanes, planes, 3, stride, dilation)
+        self.conv1 = _conv(inplanes, planes, 3, stride, first_dilation or dilation)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = _conv(planes, planes, 3, 1, dilation)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -54,13 +57,14 @@ class Bottleneck(_Block):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
-                 groups: int = 1, base_width: int = 64, reduction: int | None = None):
+                 groups: int = 1, base_width: int = 64, reduction: int | None = None,
+                 first_dilation: int | None = None):
         super().__init__()
         self.planes = planes
         width = int(planes * base_width / 64) * groups
         self.conv1 = _conv(inplanes, width, 1)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = _conv(width, width, 3, stride, dilation, groups)
+        self.conv2 = _conv(width, width, 3, stride, first_dilation or dilation, groups)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = _conv(width, planes * 4, 1)
         self.bn3 = nn.BatchNorm2d(planes * 4)
@@ -90,9 +94,9 @@ class ResNet(nn.Module):
                 dilation, stride = dilation * stride, 1
             blocks = []
             for n in range(size):
-                blocks.append(block(inplanes, 64 * 2**k, stride if n == 0 else 1,
-                                    previous if n == 0 else dilation, groups, width_per_group,
-                                    reduction))
+                blocks.append(block(inplanes, 64 * 2**k, stride if n == 0 else 1, dilation,
+                                    groups, width_per_group, reduction,
+                                    first_dilation=previous if n == 0 else dilation))
                 inplanes = 64 * 2**k * block.expansion
             setattr(self, f"layer{k + 1}", nn.Sequential(*blocks))
         self.num_layers = len(layers)

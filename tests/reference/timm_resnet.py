@@ -111,10 +111,12 @@ class SelectiveKernelBasic(nn.Module):
     expansion = 1
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, attn_layer=None,
-                 sk_kwargs=None):
+                 sk_kwargs=None, dilation=1, first_dilation=None):
         super().__init__()
-        self.conv1 = SelectiveKernel(inplanes, planes, stride=stride, **(sk_kwargs or {}))
-        self.conv2 = ConvNormAct(planes, planes, kernel_size=3, act_layer=nn.Identity)
+        self.conv1 = SelectiveKernel(inplanes, planes, stride=stride,
+                                     dilation=first_dilation or dilation, **(sk_kwargs or {}))
+        self.conv2 = ConvNormAct(planes, planes, kernel_size=3, dilation=dilation,
+                                 act_layer=nn.Identity)
         self.se = create_attn(attn_layer, planes)
         self.act = nn.ReLU(inplace=True)
         self.downsample = downsample
