@@ -25,7 +25,7 @@ from flax_attention._checks import (
     check_rank,
     check_same,
 )
-from flax_attention.functional.sampling import images_per_step, split_batch
+from flax_attention.functional.sampling import images_per_step
 from flax_attention.kernels._common import check_implementation
 
 __all__ = [
@@ -169,12 +169,15 @@ def _kernel_grad(x, g, shape, stride, dilation, padding, groups, precision):
     chunk = images_per_step(g.shape, _KERNEL_GRAD_CHUNK_ELEMENTS)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
 
-    def step(total, chunks):
+    def step(i, total):
+        chunks = [lax.dynamic_slice_in_dim(a, i * chunk, chunk) for a in (x, g)]
         grad = _chunk_kernel_grad(*chunks, shape, stride, dilation, padding, groups, precision)
-        return total + grad.astype(dtype), None
+        return total + grad.astype(dtype)
 
-    chunks = tuple(split_batch(a, chunk) for a in (x, g))
-    return lax.scan(step, jnp.zeros(shape, dtype), chunks)[0]
+    # Slices of x and g taken inside the loop, not `lax.scan` over `[steps, chunk, ...]` views:
+    # scan's inputs are copied into the loop's buffers, and with them XLA also computed g
+    # (the BatchNorm/ReLU backward of SelectiveKernel) a second time for the copy.
+    return lax.fori_loop(0, x.shape[0] // chunk, step, jnp.zeros(shape, dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
