@@ -89,6 +89,30 @@ def measure(case_index: int, side: str, module: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def combine(runs: list[dict]) -> dict:
+    """One side's result over several processes: per mode, the median of the processes'
+    medians (and of their peak memory), with every process's time in `ms_runs`; the first
+    error if any process failed. A process's speed on a shared 2-core machine can differ by
+    a quarter from the next one's, so one process's median is not the side's."""
+    errors = [r for r in runs if "error" in r]
+    if errors:
+        return errors[0]
+    modes = [m for m in MODES if all(m in r for r in runs)]
+    return {m: {"ms": statistics.median(r[m]["ms"] for r in runs),
+                "peak_mib": statistics.median(r[m]["peak_mib"] for r in runs),
+                "ms_runs": [r[m]["ms"] for r in runs]} for m in modes}
+
+
+def measure_sides(case_index: int, module: str, processes: int) -> tuple[dict, dict]:
+    """Both sides of one case, each timed in `processes` fresh interpreters, alternating
+    (JAX, torch, JAX, ...) so that a slow spell of the machine falls on both."""
+    runs = {"jax": [], "torch": []}
+    for _ in range(processes):
+        for side, results in runs.items():
+            results.append(measure(case_index, side, module))
+    return combine(runs["jax"]), combine(runs["torch"])
+
+
 def format_row(case: Case, mode: str, jax_r: dict, torch_r: dict) -> str:
     if "error" in jax_r or "error" in torch_r:
         return f"{case.name:<34} {mode:<8} error: {jax_r.get('error') or torch_r.get('error')}"
@@ -219,6 +243,8 @@ def result_records(case: Case, jax_r: dict, torch_r: dict) -> list[dict]:
             records.append({"case": case.name, "mode": mode, "jax_ms": j["ms"],
                             "torch_ms": t["ms"], "speedup": t["ms"] / j["ms"], "goal": case.goal,
                             "jax_peak_mib": j["peak_mib"], "torch_peak_mib": t["peak_mib"],
+                            "jax_ms_runs": j.get("ms_runs", [j["ms"]]),
+                            "torch_ms_runs": t.get("ms_runs", [t["ms"]]),
                             "jax_compiler_options": _options_label()})
     return records
 
@@ -255,7 +281,8 @@ def main(cases: list[Case], module: str, description: str | None,
     own processes, a progress line a case (stderr), a short table and the full results as JSON
     (`--json`, default `benchmarks/results/<machine>.json`, merged after every case, so a
     stopped run keeps the cases it finished); `--list` names the cases;
-    `--gpu` runs `gpu_main(peak_gbs)` instead. `--only X` runs the cases for which
+    `--gpu` runs `gpu_main(peak_gbs)` instead; `--processes N` times each side in N processes
+    (`measure_sides`). `--only X` runs the cases for which
     `matches(case, X)` holds (e.g. X names their mechanism), else those whose name contains X;
     none is a usage error."""
     parser = argparse.ArgumentParser(description=description,
@@ -268,6 +295,9 @@ def main(cases: list[Case], module: str, description: str | None,
     parser.add_argument("--xla-defaults", action="store_true",
                         help="compile the JAX side with XLA's default options instead of "
                         "flax_attention.xla_options.compiler_options()")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="time each side in N fresh processes, alternating, and report the "
+                        "median of their medians (default %(default)s)")
     parser.add_argument("--worker", nargs=2, metavar=("INDEX", "SIDE"), help=argparse.SUPPRESS)
     if gpu_main is not None:
         parser.add_argument("--gpu", action="store_true", help="the GPU comparison instead")
@@ -276,6 +306,8 @@ def main(cases: list[Case], module: str, description: str | None,
     if args.worker:
         print(json.dumps(run_worker(cases[int(args.worker[0])], args.worker[1])))
         return
+    if args.processes < 1:
+        parser.error(f"--processes must be at least 1, got {args.processes}")
     if getattr(args, "gpu", False):
         gpu_main(args.peak_gbs)
         return
@@ -297,7 +329,7 @@ def main(cases: list[Case], module: str, description: str | None,
     print(HEADER, flush=True)
     for n, i in enumerate(chosen, 1):
         print(f"[{n}/{len(chosen)}] {cases[i].name} ...", file=sys.stderr, flush=True)
-        jax_r, torch_r = measure(i, "jax", module), measure(i, "torch", module)
+        jax_r, torch_r = measure_sides(i, module, args.processes)
         for mode in MODES:
             print(format_row(cases[i], mode, jax_r, torch_r), flush=True)
         write_results(args.json, result_records(cases[i], jax_r, torch_r))  # kept if stopped

@@ -1,11 +1,12 @@
-"""`python -m benchmarks.run [--only NAME] [--list] [--json PATH]`: every mechanism against its
-PyTorch reference.
+"""`python -m benchmarks.run [--only NAME] [--list] [--json PATH] [--processes N]`: every
+mechanism against its PyTorch reference.
 
 Prints a progress line per case (stderr) and, per case and mode, the median time of the jitted
 JAX step and of the PyTorch reference, the speedup (torch ms / jax ms: above 1 means JAX is
 faster), the goal (the speedup the issue asked for), and each side's peak memory growth over
 one call; the full results go to `benchmarks/results/<machine>.json` (merged: the cases run
-replace their old records). Each side of each case runs in its own process. The cases are those
+replace their old records). Each side of each case runs in its own process (in N of them,
+alternating, with `--processes N`: the median of their medians). The cases are those
 of the benchmark modules that the mechanism table (`flax_attention.mechanisms`) names; `--only`
 takes a name `flax-attention list` prints (a mechanism's name or short name: its modules'
 cases) or else part of a case's name; `--list` prints the cases chosen and exits.

@@ -163,6 +163,33 @@ def test_bench_progress_table_list_and_json(capsys, tmp_path, monkeypatch):
     assert "--only 'NoSuch' matches no benchmark case" in capsys.readouterr().err
 
 
+def test_bench_processes_alternate_sides_and_take_the_median(capsys, tmp_path, monkeypatch):
+    """--processes 3: three workers a side, JAX and torch alternating; each mode's time is the
+    median of the three (the slow middle call is not the result), all three kept in the JSON."""
+    from benchmarks import harness
+
+    calls, times = [], iter([1.0, 4.0, 9.0, 3.0, 2.0, 5.0])
+
+    def fake_measure(i, side, module):
+        calls.append(side)
+        ms = next(times)
+        return {mode: {"ms": ms * (1 + k), "peak_mib": ms} for k, mode in enumerate(harness.MODES)}
+
+    monkeypatch.setattr(harness, "measure", fake_measure)
+    path = tmp_path / "r.json"
+    harness.main(_tiny_cases(), "m", None,
+                 argv=["--only", "tiny", "--processes", "3", "--json", str(path)])
+    assert calls == ["jax", "torch"] * 3
+    fwd, fwd_bwd = json.loads(path.read_text())["records"]
+    assert (fwd["jax_ms"], fwd["torch_ms"]) == (2.0, 4.0)  # medians of 1, 9, 2 and 4, 3, 5
+    assert fwd["jax_ms_runs"] == [1.0, 9.0, 2.0] and fwd["torch_ms_runs"] == [4.0, 3.0, 5.0]
+    assert fwd_bwd["jax_ms"] == 4.0 and fwd["speedup"] == 2.0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        harness.main(_tiny_cases(), "m", None, argv=["--processes", "0"])
+    assert "--processes must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_bench_only_takes_the_names_list_prints(capsys):
     """`--only` with a mechanism's name or short name of `flax-attention list` picks that
     mechanism's cases, not every case whose name contains the text."""
