@@ -102,8 +102,8 @@ class ResidualBlock(nn.Module):
     def _check(self, x: jax.Array) -> bool:
         """Checks `x` and the fields; returns whether the shortcut is projected."""
         check_rank("x", x, 4, "[B, H, W, C]")
-        for name in ("planes", "stride", "dilation", "entry_dilation", "groups", "base_width"):
-            if getattr(self, name) < 1:
+        for name in ("planes", "stride", "dilation", "groups", "base_width", "first_dilation"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         needed = self.stride != 1 or x.shape[-1] != self.out_channels
         if self.use_downsample is None:

@@ -238,6 +238,7 @@ def test_bad_stage_configuration(fields):
     (BasicBlock(8, groups=2), "groups=1 and base_width=64"),
     (BasicBlock(8, stride=2, use_downsample=False), r"use_downsample=False .*\(1, 8, 8, 8\)"),
     (Bottleneck(4, dilation=0), "dilation must be >= 1"),
+    (BasicBlock(8, first_dilation=0), "first_dilation must be >= 1, got 0"),
 ])
 def test_bad_block_fields(block, match):
     with pytest.raises(ValueError, match=match):
