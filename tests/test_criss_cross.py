@@ -13,6 +13,7 @@ import torch
 from jax.test_util import check_grads
 
 from flax_attention.criss_cross import CrissCrossAttention, RCCAModule
+from flax_attention.functional import criss_cross as criss_cross_ops
 from flax_attention.functional.criss_cross import (
     criss_cross_aggregate,
     criss_cross_attention,
@@ -125,7 +126,13 @@ def test_gradients_numerically():
         check_grads(aggregate, (weights_of(q, k), v), order=1, modes=["rev"])
 
 
-def test_custom_vjp_matches_autodiff_of_the_unfused_ops():
+@pytest.mark.parametrize("block_elements", [None, 80])
+def test_custom_vjp_matches_autodiff_of_the_unfused_ops(monkeypatch, block_elements):
+    """With `block_elements` (80 of v's 200 elements: blocks of 2, 2 and 1 of its 5 channels)
+    the differentiated forward pass and the value cotangents go by blocks of channels, as they
+    do for large inputs."""
+    if block_elements:
+        monkeypatch.setattr(criss_cross_ops, "_CHANNEL_BLOCK_ELEMENTS", block_elements)
     q, k, v = _qkv(2, 5, 4)
     cotangent = random_nhwc((2, 5, 4, 5), seed=9)
 
