@@ -17,6 +17,7 @@ from jax.test_util import check_grads
 
 from flax_attention.functional.squeeze_excitation import (
     excite,
+    spatial_mean,
     squeeze_excitation,
     squeeze_excitation_gates,
 )
@@ -44,6 +45,18 @@ def _torch_out(torch_module, x: np.ndarray) -> np.ndarray:
 
 
 # --- hand-checkable values ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 56, 56, 3), (2, 7, 5), (1, 13, 4), (3, 2, 3, 5, 4),
+                                   (0, 4, 4, 2)])
+def test_spatial_mean_is_the_float64_mean(shape):
+    """Rows of 8, 7, 5 (35 positions), 1 (13, prime) or 6 positions side by side, any rank."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) + 3.0
+    expected = x.astype(np.float64).mean(tuple(range(1, x.ndim - 1)))
+    got = jax.jit(spatial_mean, static_argnums=1)(jnp.asarray(x), jnp.float32)
+    assert got.dtype == jnp.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=2e-7, atol=0)
+
 
 
 def test_zero_weights_give_gates_of_one_half():
