@@ -17,7 +17,6 @@ from jax.test_util import check_grads
 
 from flax_attention.functional.squeeze_excitation import (
     excite,
-    spatial_max,
     spatial_mean,
     squeeze_excitation,
     squeeze_excitation_gates,
@@ -50,16 +49,13 @@ def _torch_out(torch_module, x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("shape", [(2, 56, 56, 3), (2, 7, 5), (1, 13, 4), (3, 2, 3, 5, 4),
                                    (0, 4, 4, 2)])
-def test_spatial_mean_and_max_are_numpys(shape):
-    """Rows of 8, 7, 5 (35 positions), 1 (13, prime) or 6 positions side by side, any rank:
-    the float64 mean to float32 rounding, the exact maximum."""
+def test_spatial_mean_is_the_float64_mean(shape):
+    """Rows of 8, 7, 5 (35 positions), 1 (13, prime) or 6 positions side by side, any rank."""
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) + 3.0
     expected = x.astype(np.float64).mean(tuple(range(1, x.ndim - 1)))
     got = jax.jit(spatial_mean, static_argnums=1)(jnp.asarray(x), jnp.float32)
     assert got.dtype == jnp.float32 and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=2e-7, atol=0)
-    peak = jax.jit(spatial_max)(jnp.asarray(x))
-    np.testing.assert_array_equal(peak, x.max(tuple(range(1, x.ndim - 1)), initial=-np.inf))
 
 
 

@@ -16,14 +16,12 @@ from jax import lax
 from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
 from flax_attention.functional.activations import Activation, activation_function
 
-__all__ = ["excite", "spatial_max", "spatial_mean", "squeeze_excitation",
-           "squeeze_excitation_gates"]
+__all__ = ["excite", "spatial_mean", "squeeze_excitation", "squeeze_excitation_gates"]
 
-# Positions whose channel rows `spatial_mean` and `spatial_max` reduce side by side in their
-# first pass. XLA:CPU's reduction over the spatial axes keeps one accumulator row of C channels;
-# rows of 8 C ran the mean of x [32, 56, 56, 256] in 3.2 ms instead of 5.1 (2 positions 4.1,
-# 4: 3.4, 16: 3.3; torch's NCHW mean 2.6 ms) on a 2-core CPU, the values equal to float32
-# rounding (1e-8).
+# Positions whose channel rows `spatial_mean` sums side by side in its first pass. XLA:CPU's
+# reduction over the spatial axes keeps one accumulator row of C channels; rows of 8 C ran the
+# mean of x [32, 56, 56, 256] in 3.2 ms instead of 5.1 (2 positions 4.1, 4: 3.4, 16: 3.3; torch's
+# NCHW mean 2.6 ms) on a 2-core CPU, the values equal to float32 rounding (1e-8).
 _SIDE_BY_SIDE = 8
 
 
@@ -50,23 +48,11 @@ def spatial_mean(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     Returns:
       `[B, C]` in `dtype`.
     """
-    rows, k = _side_by_side(x)
-    return rows.sum(1, dtype=dtype).reshape(x.shape[0], k, x.shape[-1]).sum(1) / (rows.shape[1] * k)
-
-
-def spatial_max(x: jax.Array) -> jax.Array:
-    """The maximum of every channel over the spatial axes, `[B, *S, C]` -> `[B, C]`, reduced
-    side by side as `spatial_mean`."""
-    rows, k = _side_by_side(x)
-    return rows.max(1).reshape(x.shape[0], k, x.shape[-1]).max(1)
-
-
-def _side_by_side(x: jax.Array) -> tuple[jax.Array, int]:
-    """`[B, *S, C]` -> `[B, S / k, k C]`: the channel rows of k positions side by side, k the
-    largest divisor of the number of positions up to `_SIDE_BY_SIDE`."""
     positions = math.prod(x.shape[1:-1])
+    batch, channels = x.shape[0], x.shape[-1]
     k = max(n for n in range(1, _SIDE_BY_SIDE + 1) if positions % n == 0)
-    return x.reshape(x.shape[0], positions // k, k * x.shape[-1]), k
+    rows = x.reshape(batch, positions // k, k * channels).sum(1, dtype=dtype)
+    return rows.reshape(batch, k, channels).sum(1) / positions
 
 
 def _check_gate_inputs(x: jax.Array, w1: jax.Array, w2: jax.Array) -> None:
@@ -113,9 +99,10 @@ def squeeze_excitation_gates(
     _check_gate_inputs(x, w1, w2)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     act, gate = activation_function(act, "act"), activation_function(gate, "gate")
+    space = tuple(range(1, x.ndim - 1))
     squeezed = spatial_mean(x, dtype)
     if add_maxpool:
-        squeezed = 0.5 * squeezed + 0.5 * spatial_max(x).astype(dtype)
+        squeezed = 0.5 * squeezed + 0.5 * jnp.max(x, axis=space).astype(dtype)
     hidden = jnp.dot(squeezed, w1.astype(dtype), precision=precision)
     hidden = act(hidden if b1 is None else hidden + b1.astype(dtype))
     logits = jnp.dot(hidden, w2.astype(dtype), precision=precision)
