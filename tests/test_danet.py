@@ -114,6 +114,33 @@ def test_zero_queries_average_the_values():
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("channels", [3, 300])
+def test_gram_matrix_is_the_float64_product(channels):
+    """One block (3 channels) and three (128, 128 and 44): the product in float64, and exactly
+    symmetric when built from blocks."""
+    xf = random_nhwc((2, 1, 5, channels)).reshape(2, 5, channels)
+    gram = np.asarray(F.gram_matrix(jnp.asarray(xf)))
+    x64 = xf.astype(np.float64)
+    np.testing.assert_allclose(gram, np.einsum("blc,bld->bcd", x64, x64), rtol=1e-5, atol=1e-5)
+    if channels > F.GRAM_BLOCK:
+        np.testing.assert_array_equal(gram, np.swapaxes(gram, 1, 2))
+
+
+def test_channel_attention_in_blocks_matches_torch(monkeypatch):
+    """Seven channels in Gram blocks of 3, 3 and 1, and twelve positions in backward blocks of
+    5 (starting at 0, 5 and 7: the last overlaps): forward, and the backward against torch's
+    float64 autograd."""
+    monkeypatch.setattr(F, "GRAM_BLOCK", 3)
+    monkeypatch.setattr(F, "_POSITION_BLOCK", 5)
+    x, d_out = random_nhwc((2, 3, 4, 7), 5), random_nhwc((2, 3, 4, 7), 6)
+    x_t = nhwc_to_torch(x).double().requires_grad_(True)
+    expected = ref.cam(x_t)
+    (expected * nhwc_to_torch(d_out).double()).sum().backward()
+    assert_close(F.channel_attention(x), torch_to_nhwc(expected.detach().float()))
+    grad = jax.grad(lambda x: jnp.sum(F.channel_attention(x) * d_out))(x)
+    assert_close(grad, torch_to_nhwc(x_t.grad), rtol=1e-5)
+
+
 def test_channel_attention_by_hand():
     # Two positions, two channels, x = identity: energy = I, rowmax - energy = [[0, 1], [1, 0]],
     # so each channel takes 1 / (1 + e) of itself and e / (1 + e) of the other.
