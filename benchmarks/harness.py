@@ -67,15 +67,57 @@ def median_ms(thunk: Thunk, min_reps: int = 5, max_reps: int = 50, budget_s: flo
     return statistics.median(times)
 
 
+def matmul_peak_gflops(size: int = 2048, reps: int = 5) -> float:
+    """This process's float32 matrix-product rate in GFLOP/s: the fastest of `reps` torch
+    products of two `size` x `size` matrices, after one untimed product."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * size**3 / min(times) / 1e9
+
+
+def torch_gflop(thunk: Thunk) -> float:
+    """The GFLOP of the matrix products and convolutions in one torch step (torch's
+    `FlopCounterMode`, which counts the backward pass too)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        thunk()
+    return counter.get_total_flops() / 1e9
+
+
 def run_worker(case: Case, side: str) -> dict:
-    """Times one side of one case in this process."""
+    """Times one side of one case in this process; on the torch side, also counts each step's
+    product FLOPs and measures the process's product rate (for `bound`)."""
     thunks = getattr(case, side)()
     result = {}
     for mode, thunk in thunks.items():
         thunk()  # warm-up and compilation
         thunk()
         result[mode] = {"ms": median_ms(thunk), "peak_mib": _peak_mib(thunk)}
+        if side == "torch":
+            result[mode]["gflop"] = torch_gflop(thunk)
+    if side == "torch":
+        peak = matmul_peak_gflops()
+        for r in result.values():
+            r["peak_gflops"] = peak
     return result
+
+
+def bound(torch_r: dict) -> float | None:
+    """The largest speedup over torch of any program that does torch's product FLOPs at the
+    product rate of torch's process: torch's time over the FLOPs' time at that rate (None
+    without products). At or near 1, torch's step is bound by its products."""
+    gflop, peak = torch_r.get("gflop"), torch_r.get("peak_gflops")
+    if not gflop or not peak:
+        return None
+    return torch_r["ms"] / (1e3 * gflop / peak)
 
 
 def measure(case_index: int, side: str, module: str) -> dict:
@@ -91,15 +133,14 @@ def measure(case_index: int, side: str, module: str) -> dict:
 
 def combine(runs: list[dict]) -> dict:
     """One side's result over several processes: per mode, the median of the processes'
-    medians (and of their peak memory), with every process's time in `ms_runs`; the first
+    medians (and of their other numbers), with every process's time in `ms_runs`; the first
     error if any process failed. A process's speed on a shared 2-core machine can differ by
     a quarter from the next one's, so one process's median is not the side's."""
     errors = [r for r in runs if "error" in r]
     if errors:
         return errors[0]
     modes = [m for m in MODES if all(m in r for r in runs)]
-    return {m: {"ms": statistics.median(r[m]["ms"] for r in runs),
-                "peak_mib": statistics.median(r[m]["peak_mib"] for r in runs),
+    return {m: {**{key: statistics.median(r[m][key] for r in runs) for key in runs[0][m]},
                 "ms_runs": [r[m]["ms"] for r in runs]} for m in modes}
 
 
@@ -121,9 +162,11 @@ def format_row(case: Case, mode: str, jax_r: dict, torch_r: dict) -> str:
         return f"{case.name:<34} {mode:<8} (not measured)"
     ratio = t["ms"] / j["ms"]
     goal = f"{case.goal:.1f}x" if case.goal else "-"
+    most = bound(t)
+    most = "-" if most is None else f"{most:.2f}x" if most < 100 else ">100x"
     return (
         f"{case.name:<34} {mode:<8} {j['ms']:>10.2f} {t['ms']:>10.2f} {ratio:>7.2f}x {goal:>6} "
-        f"{j['peak_mib']:>9.1f} {t['peak_mib']:>9.1f}"
+        f"{most:>7} {j['peak_mib']:>9.1f} {t['peak_mib']:>9.1f}"
     )
 
 
@@ -182,7 +225,7 @@ def torch_steps(fn: Callable, *args) -> dict[str, Thunk]:
 
 HEADER = (
     f"{'case':<34} {'mode':<8} {'jax ms':>10} {'torch ms':>10} {'speedup':>8} {'goal':>6} "
-    f"{'jax MiB':>9} {'torch MiB':>9}"
+    f"{'bound':>7} {'jax MiB':>9} {'torch MiB':>9}"
 )
 
 
@@ -212,7 +255,10 @@ def warm_median_ms(thunk: Thunk) -> float:
 
 
 LEGEND = ("speedup: torch ms / jax ms of the same step (above 1: JAX is faster); goal: the "
-          "speedup the issue asked for (- none); MiB: peak memory growth over one call")
+          "speedup the issue asked for (- none); bound: the most speedup possible while doing "
+          "torch's product FLOPs at the machine's product rate (torch ms over their time at "
+          "the rate of a 2048^3 product in torch's process; - without products); MiB: peak "
+          "memory growth over one call")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -243,6 +289,8 @@ def result_records(case: Case, jax_r: dict, torch_r: dict) -> list[dict]:
             records.append({"case": case.name, "mode": mode, "jax_ms": j["ms"],
                             "torch_ms": t["ms"], "speedup": t["ms"] / j["ms"], "goal": case.goal,
                             "jax_peak_mib": j["peak_mib"], "torch_peak_mib": t["peak_mib"],
+                            "torch_gflop": t.get("gflop"), "peak_gflops": t.get("peak_gflops"),
+                            "bound": bound(t),
                             "jax_ms_runs": j.get("ms_runs", [j["ms"]]),
                             "torch_ms_runs": t.get("ms_runs", [t["ms"]]),
                             "jax_compiler_options": _options_label()})

@@ -128,6 +128,7 @@ def test_bench_progress_table_list_and_json(capsys, tmp_path, monkeypatch):
     cases = _tiny_cases()
     monkeypatch.setattr(harness, "measure",
                         lambda i, side, module: harness.run_worker(cases[i], side))
+    monkeypatch.setattr(harness, "matmul_peak_gflops", lambda: 100.0)
     harness.main(cases, "m", None, argv=["--list"])
     assert capsys.readouterr().out == "tiny sum 100\nother\n"
     path = tmp_path / "results" / "machine.json"
@@ -142,6 +143,7 @@ def test_bench_progress_table_list_and_json(capsys, tmp_path, monkeypatch):
     assert lines[2] == "# JAX programs compiled with flax_attention.xla_options.compiler_options()"
     assert lines[3].split()[:3] == ["case", "mode", "jax"]
     assert [line.split()[3] for line in lines[4:6]] == ["fwd", "fwd+bwd"]
+    assert [line.split()[8] for line in lines[4:6]] == ["-", "-"]  # no products: no bound
     assert lines[6] == f"# full results: {path}"
     saved = json.loads(path.read_text())
     assert saved["machine"] == harness.machine_name()
@@ -188,6 +190,28 @@ def test_bench_processes_alternate_sides_and_take_the_median(capsys, tmp_path, m
     with pytest.raises(SystemExit):
         harness.main(_tiny_cases(), "m", None, argv=["--processes", "0"])
     assert "--processes must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_bench_bound_counts_torch_products(monkeypatch):
+    """The torch side counts its products' FLOPs, forward and backward (an [8, 16] x [16, 4]
+    product: 2 * 8 * 16 * 4 = 1024 forward, its backward's two products as many each), and
+    `bound` is torch's time over those FLOPs' time at the process's product rate."""
+    import torch
+
+    from benchmarks import harness
+
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    steps = harness.torch_steps(torch.matmul, a, b)
+    assert harness.torch_gflop(steps["fwd"]) * 1e9 == 1024
+    assert harness.torch_gflop(steps["fwd+bwd"]) * 1e9 == 3 * 1024
+    assert harness.matmul_peak_gflops(size=64, reps=1) > 0
+    monkeypatch.setattr(harness, "matmul_peak_gflops", lambda: 2.0)
+    result = harness.run_worker(harness.Case("mm", dict, lambda: steps), "torch")
+    fwd = result["fwd"]
+    assert (fwd["gflop"], fwd["peak_gflops"]) == (1024e-9, 2.0)
+    assert harness.bound(fwd) == pytest.approx(fwd["ms"] / (1e3 * 1024e-9 / 2.0))
+    assert harness.bound({"ms": 1.0, "gflop": 0.0, "peak_gflops": 2.0}) is None
+    assert harness.bound({"ms": 1.0}) is None  # a JAX side, or an old result
 
 
 def test_bench_only_takes_the_names_list_prints(capsys):
