@@ -90,7 +90,9 @@ def torch_gflop(thunk: Thunk) -> float | None:
     from torch.utils.flop_counter import flop_registry
 
     class Count(TorchDispatchMode):
-        flops = 0
+        def __init__(self):
+            super().__init__()
+            self.flops = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
@@ -102,15 +104,16 @@ def torch_gflop(thunk: Thunk) -> float | None:
                     return decomposed
             out = func(*args, **kwargs)
             if formula is not None:
-                Count.flops += formula(*args, **kwargs, out_val=out)
+                self.flops += formula(*args, **kwargs, out_val=out)
             return out
 
+    counter = Count()
     try:
-        with Count():
+        with counter:
             thunk()
     except Exception:  # noqa: BLE001 - no count, no bound; the times stand
         return None
-    return Count.flops / 1e9
+    return counter.flops / 1e9
 
 
 def run_worker(case: Case, side: str) -> dict:
@@ -161,8 +164,13 @@ def combine(runs: list[dict]) -> dict:
     if errors:
         return errors[0]
     modes = [m for m in MODES if all(m in r for r in runs)]
-    return {m: {**{key: statistics.median(r[m][key] for r in runs) for key in runs[0][m]},
+    return {m: {**{key: _median([r[m][key] for r in runs]) for key in runs[0][m]},
                 "ms_runs": [r[m]["ms"] for r in runs]} for m in modes}
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The median, or None if a process had no value (an uncounted FLOP total)."""
+    return None if None in values else statistics.median(values)
 
 
 def measure_sides(case_index: int, module: str, processes: int) -> tuple[dict, dict]:
