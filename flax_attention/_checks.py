@@ -87,6 +87,17 @@ def check_reducible(name: str, channels: int, reduction: int, what: str = "reduc
                          f"projection has {name} // {what} channels")
 
 
+def check_declared_channels(name: str, declared: int | None, x: jax.Array) -> None:
+    """Raises ValueError when a module's optional channel count `declared` (timm's leading
+    `channels` argument) is given and differs from the last axis of its input `x`."""
+    if declared is not None and declared != x.shape[-1]:
+        raise ValueError(
+            f"{name}={declared!r}, but the input has {x.shape[-1]} channels (shape "
+            f"{tuple(x.shape)}); the module takes its channels from the input, so {name} "
+            f"may be left out"
+        )
+
+
 def check_positive(name: str, value, minimum: int = 1) -> None:
     """Raises ValueError unless the integer setting `value` is at least `minimum`."""
     try:

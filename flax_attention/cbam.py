@@ -9,6 +9,7 @@ nested, the `se` module of timm's ResNets built with `attn_layer="cbam"` or `"lc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import check_rank
+from flax_attention._checks import check_declared_channels, check_rank
 from flax_attention.functional.activations import Activation, activation_function
 from flax_attention.functional.cbam import cbam
 from flax_attention.interop.torch import (
@@ -39,6 +40,8 @@ class _Cbam(nn.Module):
     """What `CbamModule` and `LightCbamModule` share: the fields but `gate_layer`, the
     parameters and the call."""
 
+    channels: int | None = None
+    _: dataclasses.KW_ONLY
     rd_ratio: float = 1.0 / 16
     rd_channels: int | None = None
     rd_divisor: int = 1
@@ -67,6 +70,7 @@ class _Cbam(nn.Module):
         """`[B, H, W, C]` -> `[B, H, W, C]`; `train` runs the spatial BatchNorm on batch
         statistics (then "batch_stats" must be mutable)."""
         check_rank("x", x, 4, "[B, H, W, C]")
+        check_declared_channels("channels", self.channels, x)
         channels = x.shape[-1]
         fc1 = PointwiseConv(self.hidden_channels(channels), use_bias=self.mlp_bias, name="fc1",
                             **numerics(self))
@@ -103,6 +107,8 @@ class CbamModule(_Cbam):
     reduction ratio is 16, as timm's default.
 
     Attributes:
+      channels: timm's first argument, accepted so that timm's calls work: optional (C
+        comes from the input); when given, it must equal C. The other fields are keyword-only.
       rd_ratio: the MLP's hidden width as a fraction of C, when `rd_channels` is not given.
       rd_channels: the MLP's hidden width (None or 0: from `rd_ratio`).
       rd_divisor: the hidden width is rounded to a multiple of this (timm's `make_divisible`,
@@ -113,6 +119,7 @@ class CbamModule(_Cbam):
       mlp_bias: the MLP's convolutions have biases.
     """
 
+    _: dataclasses.KW_ONLY
     gate_layer: Activation = "sigmoid"
 
     @nn.nowrap
@@ -131,6 +138,7 @@ class LightCbamModule(_Cbam):
     other fields are `CbamModule`'s.
     """
 
+    _: dataclasses.KW_ONLY
     _light = True
 
 

@@ -20,13 +20,15 @@ NCHW there.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_choice, check_rank
+from flax_attention._checks import check_choice, check_declared_channels, check_rank
 from flax_attention.functional import coord_attention as F
 from flax_attention.functional.activations import Activation, activation_function
 from flax_attention.interop.torch import (
@@ -60,6 +62,8 @@ class CoordAttention(nn.Module):
     BatchNorm; the gates are computed in float32 under bfloat16.
 
     Attributes:
+      channels: timm's first argument, accepted so that timm's calls work: optional (C
+        comes from the input); when given, it must equal C. The other fields are keyword-only.
       rd_ratio, rd_divisor, se_factor: timm's hidden width
         `make_divisible(C * rd_ratio * se_factor, rd_divisor, round_limit=0)` ("timm" only).
       rd_channels: the hidden width, overriding both variants' rules.
@@ -72,6 +76,8 @@ class CoordAttention(nn.Module):
       variant: "timm", "houqb" or "houqb_mbv2" (houqb's numerics, `mbv2_ca.py`'s names).
     """
 
+    channels: int | None = None
+    _: dataclasses.KW_ONLY
     rd_ratio: float = 1.0 / 16
     rd_channels: int | None = None
     rd_divisor: int = 8
@@ -110,6 +116,7 @@ class CoordAttention(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
         check_rank("x", x, 4, "[B, H, W, C]")
+        check_declared_channels("channels", self.channels, x)
         gate = activation_function(self.gate_layer, "gate_layer")
         height, channels = x.shape[1], x.shape[-1]
         y = self._conv(self.hidden_channels(channels), "conv1")(F.coordinate_pool(x))

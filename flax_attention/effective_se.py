@@ -9,13 +9,15 @@ no channel information is lost, and a hard sigmoid gate.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-from flax_attention._checks import check_rank
+from flax_attention._checks import check_declared_channels, check_rank
 from flax_attention.eca import ConvParams
 from flax_attention.functional import effective_se as F
 from flax_attention.functional.activations import Activation
@@ -42,10 +44,14 @@ class EffectiveSEModule(nn.Module):
     Differences from timm: the gates are computed in float32 under bfloat16.
 
     Attributes:
+      channels: timm's first argument, accepted so that timm's calls work: optional (C
+        comes from the input); when given, it must equal C. The other fields are keyword-only.
       add_maxpool: squeeze with `0.5 mean + 0.5 max` (timm's experimental option).
       gate_layer: a name of timm's (`functional.activations.ACTIVATIONS`) or a callable.
     """
 
+    channels: int | None = None
+    _: dataclasses.KW_ONLY
     add_maxpool: bool = False
     gate_layer: Activation = "hard_sigmoid"
     dtype: jnp.dtype | None = None
@@ -56,6 +62,7 @@ class EffectiveSEModule(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
         check_rank("x", x, 4, "[B, H, W, C]")
+        check_declared_channels("channels", self.channels, x)
         channels = x.shape[-1]
         kernel, bias = ConvParams((1, 1, channels, channels), True, self.param_dtype,
                                   name="fc")()

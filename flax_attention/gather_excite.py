@@ -11,6 +11,7 @@ or, with `extra_params`, a stack of depthwise stride-2 convolutions with BatchNo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -20,7 +21,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_rank
+from flax_attention._checks import check_declared_channels, check_rank
 from flax_attention.eca import ConvParams
 from flax_attention.functional import gather_excite as F
 from flax_attention.functional.activations import Activation, activation_function
@@ -131,6 +132,8 @@ class GatherExcite(nn.Module):
     constructed as shipped (it passes its `dd` kwargs positionally).
 
     Attributes:
+      channels: timm's first argument, accepted so that timm's calls work: optional (C
+        comes from the input); when given, it must equal C. The other fields are keyword-only.
       feat_size: the input size, needed by the extent-0 parametric gather (its kernel size).
       extra_params: the parametric gather (GE-θ) instead of pooling (GE-θ-).
       extent: 0 (global) or even.
@@ -143,6 +146,8 @@ class GatherExcite(nn.Module):
       gate_layer: a name of timm's (`functional.activations.ACTIVATIONS`) or a callable.
     """
 
+    channels: int | None = None
+    _: dataclasses.KW_ONLY
     feat_size: int | tuple[int, int] | None = None
     extra_params: bool = False
     extent: int = 0
@@ -172,6 +177,7 @@ class GatherExcite(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`; `train` updates the gather's BatchNorm statistics."""
         check_rank("x", x, 4, "[B, H, W, C]")
+        check_declared_channels("channels", self.channels, x)
         F.check_extent(self.extent)
         gate_fn = activation_function(self.gate_layer, "gate_layer")
         channels = x.shape[-1]

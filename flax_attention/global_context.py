@@ -8,12 +8,14 @@ dicts of timm's `GlobalContext` (and, nested, the `se` module of timm's GC-ResNe
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import check_rank
+from flax_attention._checks import check_declared_channels, check_rank
 from flax_attention.functional.activations import Activation, activation_function
 from flax_attention.functional.global_context import global_context
 from flax_attention.interop.torch import (
@@ -78,6 +80,8 @@ class GlobalContext(nn.Module):
     run in float32 under bfloat16.
 
     Attributes:
+      channels: timm's first argument, accepted so that timm's calls work: optional (C
+        comes from the input); when given, it must equal C. The other fields are keyword-only.
       use_attn: attention pooling (else average pooling).
       fuse_add: add `mlp_add(context)` to every position (its `fc2` kernel starts at zero).
       fuse_scale: scale every position by `gate(mlp_scale(context))`.
@@ -89,6 +93,8 @@ class GlobalContext(nn.Module):
       gate_layer: the gate of the scale fusion.
     """
 
+    channels: int | None = None
+    _: dataclasses.KW_ONLY
     use_attn: bool = True
     fuse_add: bool = False
     fuse_scale: bool = True
@@ -117,6 +123,7 @@ class GlobalContext(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
         check_rank("x", x, 4, "[B, H, W, C]")
+        check_declared_channels("channels", self.channels, x)
         channels = x.shape[-1]
         logits = None
         if self.use_attn:

@@ -12,6 +12,7 @@ attention is sum of paths -> global average -> `fc_reduce` -> BatchNorm -> ReLU 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -22,7 +23,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_divisible, check_rank
+from flax_attention._checks import check_declared_channels, check_divisible, check_rank
 from flax_attention.functional import selective_kernel as F
 from flax_attention.interop.torch import (
     Converter,
@@ -50,10 +51,14 @@ class SelectiveKernelAttn(nn.Module):
     returned as `[B, P, C]` float32 (timm's `[B, P, C, 1, 1]` in the input dtype).
 
     Attributes:
+      channels: timm's first argument, accepted so that timm's calls work: optional (C
+        comes from the input); when given, it must equal C. The other fields are keyword-only.
       num_paths: P.
       attn_channels: the hidden width.
     """
 
+    channels: int | None = None
+    _: dataclasses.KW_ONLY
     num_paths: int = 2
     attn_channels: int = 32
     dtype: jnp.dtype | None = None
@@ -64,6 +69,7 @@ class SelectiveKernelAttn(nn.Module):
     def __call__(self, paths: jax.Array, train: bool = False) -> jax.Array:
         """`[B, P, H, W, C]` -> `[B, P, C]` float32 weights summing to 1 over P."""
         check_rank("paths", paths, 5, "[B, P, H, W, C]")
+        check_declared_channels("channels", self.channels, paths)
         if paths.shape[1] != self.num_paths:
             raise ValueError(f"paths must have num_paths ({self.num_paths}) entries on axis 1, "
                              f"got shape {tuple(paths.shape)}")
@@ -144,11 +150,13 @@ class SelectiveKernel(nn.Module):
     (softmax over P). Output: the weighted sum of the paths. The `[B, P, C]` float32 weights are
     sown as ("intermediates", "attention").
 
-    Differences from timm: channels are inferred from the input (`in_channels` is not a field);
+    Differences from timm: channels are inferred from the input (`in_channels` is optional);
     `aa_layer` and `drop_layer` are not supported; every entry of `kernel_size` is checked (timm
     checks the first); the attention's softmax is computed in float32 under bfloat16.
 
     Attributes:
+      in_channels: timm's first argument, accepted so that timm's calls work: optional (C
+        comes from the input); when given, it must equal C. The other fields are keyword-only.
       out_channels: output channels; None: the input's.
       kernel_size: a kernel size per path, or one for two paths; None: [3, 5].
       stride: of every path's convolution.
@@ -161,6 +169,8 @@ class SelectiveKernel(nn.Module):
       act_layer: of the paths (the attention always uses ReLU, as timm's).
     """
 
+    in_channels: int | None = None
+    _: dataclasses.KW_ONLY
     out_channels: int | None = None
     kernel_size: int | Sequence[int] | None = None
     stride: int = 1
@@ -189,6 +199,7 @@ class SelectiveKernel(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H', W', out_channels]` (H' = ceil(H / stride), likewise W')."""
         check_rank("x", x, 4, "[B, H, W, C]")
+        check_declared_channels("in_channels", self.in_channels, x)
         branches = self.branches()
         num_paths = len(branches)
         out_channels = self.out_channels or x.shape[-1]
@@ -202,8 +213,10 @@ class SelectiveKernel(nn.Module):
                          name=f"paths_{i}", **layers.numerics(self))(xi, train)
             for i, (xi, (k, d)) in enumerate(zip(inputs, branches, strict=True))
         ]
-        weights = SelectiveKernelAttn(num_paths, self.attn_channels(out_channels), name="attn",
-                                      **layers.numerics(self))(jnp.stack(paths, axis=1), train)
+        attn = SelectiveKernelAttn(num_paths=num_paths,
+                                   attn_channels=self.attn_channels(out_channels), name="attn",
+                                   **layers.numerics(self))
+        weights = attn(jnp.stack(paths, axis=1), train)
         self.sow("intermediates", "attention", weights)
         return F.selective_kernel_select(paths, weights)
 

@@ -8,6 +8,8 @@ torchvision's ResNet. NHWC here, NCHW there; parameter names follow the referenc
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_rank
+from flax_attention._checks import check_declared_channels, check_rank
 from flax_attention.eca import ConvParams
 from flax_attention.functional.activations import Activation
 from flax_attention.functional.squeeze_excitation import (
@@ -91,12 +93,16 @@ class SEModule(nn.Module):
     under bfloat16.
 
     Attributes:
+      channels: timm's first argument, accepted so that timm's calls work: optional (C
+        comes from the input); when given, it must equal C. The other fields are keyword-only.
       rd_ratio, rd_channels, rd_divisor: the hidden width R.
       add_maxpool: squeeze with `(mean + max) / 2` (timm's option).
       bias: of both 1x1 convolutions.
       act_layer, gate_layer: timm's names (`functional.activations.ACTIVATIONS`) or functions.
     """
 
+    channels: int | None = None
+    _: dataclasses.KW_ONLY
     rd_ratio: float = 1.0 / 16
     rd_channels: int | None = None
     rd_divisor: int = 8
@@ -119,6 +125,7 @@ class SEModule(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
         check_rank("x", x, 4, "[B, H, W, C]")
+        check_declared_channels("channels", self.channels, x)
         channels = x.shape[-1]
         hidden = self.hidden_for(channels)
         w1, b1 = ConvParams((1, 1, channels, hidden), self.bias, self.param_dtype, name="fc1")()

@@ -250,3 +250,43 @@ def test_cli_refuses_non_finite_numbers_and_empty_paths(capsys, argv, message):
         cli.main(argv)
     assert exit_info.value.code == cli.EXIT_USAGE
     assert message in capsys.readouterr().err
+
+
+# timm's attentions take `channels` as their first argument; the modules accept it (checked
+# against the input) and take every other field by keyword, so that a call ported from timm,
+# `EffectiveSEModule(32)`, can neither set another field (it set `add_maxpool` before) nor
+# build another module than timm's.
+TIMM_FIRST_ARGUMENT = [
+    ("EffectiveSEModule", "channels"), ("GatherExcite", "channels"),
+    ("GlobalContext", "channels"), ("CbamModule", "channels"), ("LightCbamModule", "channels"),
+    ("SelectiveKernel", "in_channels"), ("CoordAttention", "channels"),
+    ("SEModule", "channels"), ("EcaModule", "channels"), ("CecaModule", "channels"),
+]
+
+
+@pytest.mark.parametrize(("name", "field"), TIMM_FIRST_ARGUMENT,
+                         ids=[n for n, _ in TIMM_FIRST_ARGUMENT])
+def test_timm_first_argument_is_the_channels(name, field):
+    import flax_attention
+
+    cls = getattr(flax_attention, name)
+    x = jax.random.normal(KEY, (2, 6, 5, 32))
+    variables = cls().init(KEY, x)
+    variables = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(KEY, a.shape), variables)
+    np.testing.assert_array_equal(cls(32).apply(variables, x), cls().apply(variables, x))
+    assert getattr(cls(32), field) == 32
+    if name in ("EcaModule", "CecaModule"):  # timm: the kernel size follows `channels`
+        return
+    with pytest.raises(ValueError, match=rf"{field}=16, but the input has 32 channels"):
+        cls(16).init(KEY, x)
+    with pytest.raises(TypeError, match="positional"):
+        cls(32, 2)
+
+
+def test_selective_kernel_attention_first_argument_is_the_channels():
+    from flax_attention import SelectiveKernelAttn
+
+    paths = jnp.ones((1, 2, 3, 3, 16))
+    SelectiveKernelAttn(16).init(KEY, paths)
+    with pytest.raises(ValueError, match=r"channels=8, but the input has 16 channels"):
+        SelectiveKernelAttn(8).init(KEY, paths)

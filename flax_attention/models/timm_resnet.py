@@ -79,9 +79,10 @@ class SelectiveKernelBasic(ResidualBlock):
 
     @nn.nowrap
     def selective_kernel(self) -> SelectiveKernel:
-        return SelectiveKernel(self.planes, stride=self.stride, dilation=self.entry_dilation,
-                               rd_ratio=self.rd_ratio, rd_divisor=self.rd_divisor,
-                               split_input=self.split_input, name="conv1",
+        return SelectiveKernel(out_channels=self.planes, stride=self.stride,
+                               dilation=self.entry_dilation, rd_ratio=self.rd_ratio,
+                               rd_divisor=self.rd_divisor, split_input=self.split_input,
+                               name="conv1",
                                **layers.numerics(self))
 
     @nn.compact
