@@ -6,7 +6,8 @@ Differences from the reference:
   channels, floored as the reference's (a projection to no channel is refused).
 - CCNet's InPlaceABNSync (BatchNorm fused with its default activation, leaky ReLU of slope
   0.01) is a `layers.ConvBN` with `activation` (default that same leaky ReLU); batch
-  statistics are per device, not synchronised.
+  statistics are per device, not synchronised. InPlaceABN scales by `|weight| + eps`, so
+  `from_torch` loads its weight as that scale (`interop.torch.inplace_abn_scale`).
 - `RCCAModule` takes `recurrence` as a field (default 2, the paper's and README's setting; the
   reference's `Seg_Model` defaults to 0, where `cca` keeps its unused parameters, as here) and
   ends with the 1x1 classifier only when `num_classes` is given.
@@ -35,6 +36,7 @@ from flax_attention.interop.torch import (
     Shapes,
     conv,
     conv_bn,
+    inplace_abn,
     nested,
     param,
     register,
@@ -154,9 +156,9 @@ class RCCAModule(nn.Module):
 # --- PyTorch weights (`interop.torch.from_torch`) ----------------------------------------
 # `CrissCrossAttention`: `query_conv`, `key_conv`, `value_conv` (1x1 convs with bias), `gamma`
 # (CCNet's, shape (1,)) or `gamma.scale` (mmcv/mmseg's `Scale`, 0-d).
-# `RCCAModule`: `conva.0` (conv) / `conva.1` (InPlaceABN: BatchNorm keys), `cca.*`, `convb.0/1`,
-# `bottleneck.0` (conv), `bottleneck.1` (BatchNorm), `bottleneck.3` (classifier conv, with bias,
-# only when `num_classes` is set).
+# `RCCAModule`: `conva.0` (conv) / `conva.1` (InPlaceABN: BatchNorm keys, the weight read as
+# `|weight| + eps`), `cca.*`, `convb.0/1`, `bottleneck.0` (conv), `bottleneck.1` (InPlaceABN),
+# `bottleneck.3` (classifier conv, with bias, only when `num_classes` is set).
 
 def _nhwc(channels: int) -> tuple[jnp.ndarray]:
     return (jnp.zeros((1, 1, 1, channels), jnp.float32),)
@@ -181,7 +183,7 @@ def _rcca_rules(module: RCCAModule) -> Rules:
         rules |= conv_bn((name,), name)
     if module.num_classes is not None:
         rules |= conv(("classifier",), "bottleneck.3")
-    return rules
+    return inplace_abn(rules)
 
 
 def _cca_inputs(module: CrissCrossAttention, shapes: Shapes) -> tuple[jnp.ndarray]:

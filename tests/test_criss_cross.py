@@ -320,3 +320,24 @@ def test_module_calls_attention_fn_with_the_one_signature():
     assert calls[-1] == ((1, 3, 4, 2), (1, 3, 4, 2), (1, 3, 4, 16), jax.lax.Precision.HIGHEST,
                          "xla")
     assert_close(out, x + 3.0)
+
+
+def test_inplace_abn_reads_only_batchnorm_scales_as_absolute_value_plus_eps():
+    """CCNet's InPlaceABN normalises with `|weight| + eps`; a LayerNorm's scale or a gamma in
+    the same rules is read as it is."""
+    from flax_attention.interop.torch import (
+        batch_norm,
+        inplace_abn,
+        inplace_abn_scale,
+        layer_norm,
+        param,
+    )
+
+    rules = inplace_abn(batch_norm(("bn",), "bn") | layer_norm(("ln",), "ln")
+                        | param(("gamma",), "gamma"))
+    assert rules[("params", "bn", "scale")].transform is inplace_abn_scale
+    assert rules[("params", "ln", "scale")].transform is not inplace_abn_scale
+    assert rules[("params", "gamma")].transform is not inplace_abn_scale
+    weight = np.array([-2.0, 0.0, 0.5], np.float32)
+    np.testing.assert_array_equal(inplace_abn_scale(weight), np.array([2.00001, 1e-5, 0.50001],
+                                                                      np.float32))

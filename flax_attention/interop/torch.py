@@ -172,6 +172,25 @@ def conv_bn(path: Path, prefix: str) -> Rules:
     )
 
 
+# mapillary/inplace_abn's `InPlaceABN(Sync)`, CCNet's BatchNorm, normalises with the scale
+# `|weight| + eps` (its default eps, 1e-5, also the variance's), not `weight`.
+INPLACE_ABN_EPS = 1e-5
+
+
+def inplace_abn_scale(a: np.ndarray) -> np.ndarray:
+    """InPlaceABN's weight -> the BatchNorm scale it applies, |weight| + 1e-5."""
+    return np.abs(a) + np.asarray(INPLACE_ABN_EPS, a.dtype)
+
+
+def inplace_abn(rules: Rules) -> Rules:
+    """`rules` with the scale of every BatchNorm in them (a "scale" beside batch statistics)
+    read from an InPlaceABN weight (`inplace_abn_scale`)."""
+    norms = {path[1:-1] for path in rules if path[0] == "batch_stats"}
+    return {path: dataclasses.replace(rule, transform=inplace_abn_scale)
+            if path[0] == "params" and path[-1] == "scale" and path[1:-1] in norms else rule
+            for path, rule in rules.items()}
+
+
 _MIRROR_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
                   "var": "running_var"}
 

@@ -50,6 +50,7 @@ from flax_attention.interop.torch import (
     batch_norm,
     conv,
     image_input,
+    inplace_abn,
     nested,
     register,
     rules_for,
@@ -259,7 +260,8 @@ danet_deep_resnet101 = functools.partial(
 # DANet: the backbone under `pretrained.` (the `encoding` ResNet's names, as torchvision's with
 # timm's deep stem `conv1.{0,1,3,4,6}`; no `fc`), the head under `head.` (`DANetHead`'s keys).
 # CCNet: the backbone at the top level, its deep stem named `conv1`, `bn1`, `conv2`, `bn2`,
-# `conv3`, `bn3` as in CCNet's ResNet; `head.*` (`RCCAModule`), `dsn.{0,1,3}`.
+# `conv3`, `bn3` as in CCNet's ResNet; `head.*` (`RCCAModule`), `dsn.{0,1,3}`. Every BatchNorm
+# of CCNet is an InPlaceABN(Sync), whose weight is read as the scale `|weight| + eps`.
 # FCN: the `encoding` package's FCN, as DANet's backbone under `pretrained.` and its `FCNHead`
 # under `head.conv5.{0,1,4}` (conv, BatchNorm, the 1x1 classifier).
 
@@ -289,7 +291,7 @@ def _ccnet_rules(module: CCNet) -> Rules:
     if module.dsn:
         rules |= conv(("dsn_0",), "dsn.0") | batch_norm(("dsn_1",), "dsn.1")
         rules |= conv(("dsn_3",), "dsn.3")
-    return rules
+    return inplace_abn(rules)
 
 
 def _fcn_rules(module: FCN) -> Rules:

@@ -2,8 +2,9 @@
 
 The pure-torch formulation: column energies by bmm over the B*W columns with -inf on the
 position itself, row energies by bmm over the B*H rows, concatenated, ONE softmax, split, and
-two bmm aggregations. `RCCAModule` follows CCNet's head, with InPlaceABNSync replaced by a
-BatchNorm followed by its default activation (leaky ReLU, slope 0.01) in the same module, so
+two bmm aggregations. `RCCAModule` follows CCNet's head, with InPlaceABNSync replaced by
+`InPlaceABN`, the pure-torch form of mapillary/inplace_abn's op (a BatchNorm with the scale
+`|weight| + eps`, then its default activation, leaky ReLU of slope 0.01) in the same module, so
 the parameter names are CCNet's (`conva.0`, `conva.1`, `cca.*`, `convb.*`, `bottleneck.0/1/3`).
 """
 
@@ -60,16 +61,35 @@ class CrissCrossAttention(nn.Module):
         return self.gamma * out + x
 
 
-class ActivatedBatchNorm(nn.BatchNorm2d):
-    """InPlaceABN's semantics (BatchNorm then leaky ReLU 0.01) with BatchNorm2d's keys."""
+class InPlaceABN(nn.BatchNorm2d):
+    """mapillary/inplace_abn's `InPlaceABN(Sync)` with BatchNorm2d's keys: batch normalisation
+    scaled by `|weight| + eps` (not `weight`), then `activation` ("leaky_relu" with slope 0.01,
+    its default, or "identity"); running statistics as BatchNorm2d's (unbiased variance)."""
+
+    def __init__(self, num_features: int, activation: str = "leaky_relu", eps: float = 1e-5):
+        super().__init__(num_features, eps=eps)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.leaky_relu(super().forward(x), 0.01)
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight.abs() + self.eps,
+                         self.bias, self.training, self.momentum, self.eps)
+        return F.leaky_relu(y, 0.01) if self.activation == "leaky_relu" else y
+
+
+def to_inplace_abn(module: nn.Module) -> nn.Module:
+    """Replaces every plain BatchNorm2d inside `module` by an `InPlaceABN` without activation
+    (CCNet's `BatchNorm2d = partial(InPlaceABNSync, activation='identity')`), in place."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            setattr(module, name, InPlaceABN(child.num_features, "identity", child.eps))
+        else:
+            to_inplace_abn(child)
+    return module
 
 
 def _conv_abn(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-                         ActivatedBatchNorm(c_out))
+                         InPlaceABN(c_out))
 
 
 class RCCAModule(nn.Module):

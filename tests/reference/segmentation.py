@@ -2,8 +2,9 @@
 (networks/ccnet.py: `ResNet`, `Bottleneck`, `Seg_Model`) and junfu1115/DANet (the `encoding`
 package: encoding/models/backbone/resnet.py `ResNet` with `deep_stem=True, stem_width=64`,
 encoding/models/sseg/danet.py `DANet`), NCHW, with the repositories' parameter names and
-structure. CCNet's InPlaceABNSync is `ActivatedBatchNorm` (BatchNorm + leaky ReLU 0.01), its
-`BatchNorm2d` (InPlaceABNSync with activation "identity") a plain BatchNorm2d; the heads are
+structure. CCNet's InPlaceABNSync is `InPlaceABN` (BatchNorm scaled by `|weight| + eps`, then
+leaky ReLU 0.01), its `BatchNorm2d` (InPlaceABNSync with activation "identity") an `InPlaceABN`
+without activation; the heads are
 those of tests/reference/criss_cross.py and tests/reference/danet.py. Both networks return the
 outputs before upsampling: CCNet `[x, x_dsn]`, DANet `(fused, pam, cam)` at the input size.
 """
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.reference.criss_cross import ActivatedBatchNorm, RCCAModule
+from tests.reference.criss_cross import InPlaceABN, RCCAModule, to_inplace_abn
 from tests.reference.danet import DANetHead
 
 
@@ -77,8 +78,9 @@ class CCNet(nn.Module):
         self.layer3 = _make_layer(512, 256, layers[2], 1, 2, 2)
         self.layer4 = _make_layer(1024, 512, layers[3], 1, 4, 4)
         self.head = RCCAModule(2048, 512, num_classes, recurrence)
-        self.dsn = nn.Sequential(nn.Conv2d(1024, 512, 3, 1, 1), ActivatedBatchNorm(512),
+        self.dsn = nn.Sequential(nn.Conv2d(1024, 512, 3, 1, 1), InPlaceABN(512),
                                  nn.Dropout2d(0.1), nn.Conv2d(512, num_classes, 1))
+        to_inplace_abn(self)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = torch.relu(self.bn1(self.conv1(x)))

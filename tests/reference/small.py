@@ -8,7 +8,8 @@ references so that their `state_dict`s have the keys the Flax converters read:
   first decoder layer's predictions ("aux_outputs"), as the Flax model does for the criterion;
 - `DANetSmall` (junfu1115/DANet's `pretrained` + `head` = `DANetHead(128)`), `CCNetSmall`
   (speedinghzl/CCNet's layout: the backbone at the top level, `head` = `RCCAModule(128, 32)`,
-  `dsn` on layer1), `FCNSmall` (the `encoding` package's FCN: `pretrained` + `head.conv5`).
+  `dsn` on layer1, every BatchNorm an InPlaceABN), `FCNSmall` (the `encoding` package's FCN:
+  `pretrained` + `head.conv5`).
   The segmenters return their logits upsampled bilinearly (aligned corners) to the input size:
   DANet `(fused, pam, cam)`, CCNet `(logits, dsn)`, FCN the logits; 11 classes.
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.reference.criss_cross import ActivatedBatchNorm, RCCAModule
+from tests.reference.criss_cross import InPlaceABN, RCCAModule, to_inplace_abn
 from tests.reference.danet import DANetHead
 from tests.reference.detr import DETR, Backbone, FrozenBatchNorm2d, Joiner
 from tests.reference.resnet import BasicBlock, ResNet
@@ -72,8 +73,9 @@ class CCNetSmall(TinyResNet):
     def __init__(self, num_classes: int = SEG_CLASSES, recurrence: int = 2):
         super().__init__()
         self.head = RCCAModule(CHANNELS, HEAD_WIDTH, num_classes, recurrence)
-        self.dsn = nn.Sequential(nn.Conv2d(64, HEAD_WIDTH, 3, 1, 1), ActivatedBatchNorm(HEAD_WIDTH),
+        self.dsn = nn.Sequential(nn.Conv2d(64, HEAD_WIDTH, 3, 1, 1), InPlaceABN(HEAD_WIDTH),
                                  nn.Dropout2d(0.1), nn.Conv2d(HEAD_WIDTH, num_classes, 1))
+        to_inplace_abn(self)  # CCNet's backbone BatchNorms are InPlaceABNs too
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         layer1, layer2 = self.stages(x)
