@@ -86,7 +86,7 @@ class GlobalContext(nn.Module):
       fuse_add: add `mlp_add(context)` to every position (its `fc2` kernel starts at zero).
       fuse_scale: scale every position by `gate(mlp_scale(context))`.
       rd_ratio: hidden width of the MLPs as a fraction of C, when `rd_channels` is None.
-      rd_channels: hidden width of the MLPs.
+      rd_channels: hidden width of the MLPs (0: C, as timm's `ConvMlp` reads it).
       rd_divisor: the hidden width is rounded to a multiple of this (timm's `make_divisible`
         with `round_limit=0`).
       act_layer: the MLPs' activation.
@@ -111,7 +111,7 @@ class GlobalContext(nn.Module):
     def hidden_channels(self, channels: int) -> int:
         """The MLPs' hidden width for an input of `channels` channels."""
         if self.rd_channels is not None:
-            return self.rd_channels
+            return self.rd_channels or channels  # timm's ConvMlp reads 0 hidden features as C
         return make_divisible(channels * self.rd_ratio, self.rd_divisor, round_limit=0.0)
 
     @nn.nowrap

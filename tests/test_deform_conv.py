@@ -28,14 +28,16 @@ def _out_hw(hw, kernel, stride, padding, dilation):
 
 
 def _case(x_shape, kernel, features, groups=1, offset_groups=1, stride=(1, 1), padding=(0, 0),
-          dilation=(1, 1), masked=False, spread=1.5, seed=0):
-    """Random float64 inputs of `deform_conv2d`: x, offset, weight, bias, mask (or None)."""
+          dilation=(1, 1), masked=False, spread=1.5, seed=0, whole=False):
+    """Random float64 inputs of `deform_conv2d`: x, offset, weight, bias, mask (or None);
+    `whole`: offsets of whole pixels, so that samples land exactly on -1, 0, H - 1 and H."""
     rng = np.random.default_rng(seed)
     b, *hw, channels = x_shape
     ho, wo = _out_hw(hw, kernel, stride, padding, dilation)
     taps = offset_groups * kernel[0] * kernel[1]
     return {"x": rng.standard_normal(x_shape),
-            "offset": spread * rng.standard_normal((b, ho, wo, 2 * taps)),
+            "offset": (np.round if whole else np.asarray)(
+                spread * rng.standard_normal((b, ho, wo, 2 * taps))),
             "weight": rng.standard_normal((*kernel, channels // groups, features)),
             "bias": rng.standard_normal(features),
             "mask": rng.uniform(size=(b, ho, wo, taps)) if masked else None}
@@ -112,6 +114,9 @@ CONFIGS = [
                   "masked": True}, id="v2-groups-og3-stride-dilation-nonsquare"),
     pytest.param({"x_shape": (1, 5, 5, 2), "kernel": (3, 3), "features": 3, "masked": True,
                   "spread": 4.0}, id="v2-far-outside"),
+    # torchvision's offset gradient at a sample on -1 (value 0) is the slope towards row 0
+    pytest.param({"x_shape": (1, 5, 4, 2), "kernel": (3, 3), "features": 2, "padding": (1, 1),
+                  "masked": True, "whole": True}, id="v2-whole-pixel-offsets-on-the-border"),
 ]
 
 

@@ -83,6 +83,7 @@ def test_hidden_width_follows_make_divisible():
     assert GlobalContext().hidden_channels(20) == 3  # int(2.5 + 0.5) with divisor 1
     assert GlobalContext(rd_divisor=8).hidden_channels(32) == 8
     assert GlobalContext(rd_channels=3).hidden_channels(64) == 3
+    assert GlobalContext(rd_channels=0).hidden_channels(64) == 64  # timm's ConvMlp: 0 -> C
 
 
 # --- equivalence with the reference ---------------------------------------------------------------
@@ -92,6 +93,7 @@ CONFIGS = [
     pytest.param({"fuse_add": True, "fuse_scale": False}, id="gca-add"),
     pytest.param({"fuse_add": True, "rd_channels": 5}, id="add-and-scale"),
     pytest.param({"use_attn": False, "rd_divisor": 8}, id="avg-pool"),
+    pytest.param({"rd_channels": 0}, id="zero-hidden-is-C"),  # timm's ConvMlp: 0 -> C
 ]
 
 

@@ -17,18 +17,20 @@ from torch.nn.modules.utils import _pair
 
 def _bilinear_columns(input, y, x):
     """`input` [B, G, Cg, H, W] sampled at y, x [B, G, K, Ho, Wo] -> [B, G, Cg, K, Ho, Wo]:
-    torchvision's `bilinear_interpolate` (0 when y <= -1, y >= H, x <= -1 or x >= W; each
-    neighbour outside the image counts 0)."""
+    torchvision's `bilinear_interpolate`, each neighbour outside the image counting 0. Its
+    range check (0 when y <= -1, y >= H, x <= -1 or x >= W) changes no value, so it is left
+    out: then autograd's offset gradient is that of torchvision's hand-written backward
+    (`get_coordinate_weight`, without the check) also at y = -1 or x = -1 exactly, where a
+    masked version gives 0."""
     b, g, cg, height, width = input.shape
     flat = input.reshape(b, g, cg, height * width)
     y_low, x_low = torch.floor(y), torch.floor(x)
     ly, lx = y - y_low, x - x_low
-    in_range = (y > -1) & (y < height) & (x > -1) & (x < width)
     out = torch.zeros((b, g, cg, *y.shape[2:]), dtype=input.dtype)
     for dy, dx, weight in ((0, 0, (1 - ly) * (1 - lx)), (0, 1, (1 - ly) * lx),
                            (1, 0, ly * (1 - lx)), (1, 1, ly * lx)):
         yy, xx = (y_low + dy).long(), (x_low + dx).long()
-        valid = in_range & (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+        valid = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
         index = (yy.clamp(0, height - 1) * width + xx.clamp(0, width - 1)).flatten(2)
         values = torch.gather(flat, 3, index[:, :, None].expand(-1, -1, cg, -1))
         out = out + (weight * valid)[:, :, None] * values.reshape(out.shape)
