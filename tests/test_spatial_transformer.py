@@ -158,6 +158,26 @@ def test_midpoint_is_the_mean_and_grid_gradient_is_the_slope():
     chex.assert_trees_all_close(vjp(jnp.ones_like(out))[0], jnp.asarray([[[[1.5, 0.0]]]]))
 
 
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_grid_gradient_on_pixel_centres_and_edges_is_torchs(padding_mode, align_corners):
+    """Under jit, on points that torch's unnormalisation puts exactly on a pixel centre or edge
+    (where the clip and reflection slopes switch): x = -1 - 1/(3W) reflects onto pixel 0 at
+    W = 3 (its gradient was -3.9 instead of torch's 0 with another order of operations)."""
+    width = 3
+    image = random_nhwc((1, 4, width, 2))
+    xs = np.concatenate([[-1 - 1 / (3 * width), -1 - 2 / (3 * width)],
+                         -1 + np.arange(-3, 2 * width + 4) / width]).astype(np.float32)
+    grid = np.stack(np.broadcast_arrays(xs[None, :, None], np.float32(-0.3)), -1)
+    loss = jax.jit(lambda g: jnp.sum(F.bilinear_sample(
+        image, g, padding_mode=padding_mode, align_corners=align_corners)))
+    torch_grid = torch.from_numpy(grid).requires_grad_(True)
+    TF.grid_sample(nhwc_to_torch(image), torch_grid, padding_mode=padding_mode,
+                   align_corners=align_corners).sum().backward()
+    np.testing.assert_allclose(jax.grad(loss)(jnp.asarray(grid)), torch_grid.grad.numpy(),
+                               atol=1e-5)
+
 def test_affine_matrix_of_each_transform():
     chex.assert_trees_all_close(
         F.affine_matrix(jnp.asarray([[0.5, -0.25]]), "translation"),

@@ -180,12 +180,14 @@ def _source_index(coord: jax.Array, size: int, padding_mode: str,
     neighbours of a coordinate beyond that range are outside the image anyway) but keeps the
     integer corner indices bounded.
     """
+    # torch's `grid_sampler_unnormalize`, operation for operation, so that a coordinate that
+    # lands on a pixel centre or edge there lands on it here too
     if align_corners:
         scale = (size - 1) / 2
-        ix = (coord + 1) * scale
+        ix = (coord + 1) / 2 * (size - 1)
     else:
         scale = size / 2
-        ix = (coord + 1) * scale - 0.5
+        ix = ((coord + 1) * size - 1) / 2
     slope = jnp.full_like(ix, scale)
     if padding_mode == "zeros":
         return jnp.clip(ix, -2, size), slope
