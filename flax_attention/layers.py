@@ -175,6 +175,7 @@ class ConvBN(nn.Module):
       kernel_size: square kernel size; padding keeps the spatial size at stride 1.
       strides: convolution stride.
       activation: applied after the norm; None for none.
+      scale_init: of the BatchNorm's scale (zeros: timm's `zero_init_last` blocks).
     """
 
     features: int
@@ -182,6 +183,7 @@ class ConvBN(nn.Module):
     strides: int = 1
     dilation: int = 1
     activation: Activation = nn.relu
+    scale_init: nn.initializers.Initializer = nn.initializers.ones
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: jax.lax.PrecisionLike = None
@@ -204,7 +206,8 @@ class ConvBN(nn.Module):
             precision=self.precision,
             name="conv",
         )(x)
-        x = batch_norm(train, self.dtype, self.param_dtype, name="bn")(x)
+        x = batch_norm(train, self.dtype, self.param_dtype, name="bn",
+                       scale_init=self.scale_init)(x)
         return x if self.activation is None else self.activation(x)
 
 

@@ -72,7 +72,9 @@ class ResidualBlock(nn.Module):
     stride, then BN, when the stride is not 1 or the channels change; with `avg_down`, timm's
     "d" shortcut: `avg_down_pool` with the block's stride, then 1x1 conv and BN, keys
     `downsample.1`, `downsample.2`). An attention whose `__call__` takes `train` (one with
-    BatchNorm, e.g. CBAM) is given the block's."""
+    BatchNorm, e.g. CBAM) is given the block's. `zero_init_last`: the last BN's scale starts
+    at zero, so that a fresh block is its shortcut (timm's `zero_init_last`, torchvision's
+    `zero_init_residual`)."""
 
     planes: int
     stride: int = 1
@@ -83,6 +85,7 @@ class ResidualBlock(nn.Module):
     attention: AttentionFactory | None = None
     use_downsample: bool | None = None
     avg_down: bool = False
+    zero_init_last: bool = False
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
@@ -123,7 +126,10 @@ class ResidualBlock(nn.Module):
                        name=f"conv{index}", **layers.numerics(self))
 
     def _bn(self, index: int, train: bool) -> nn.BatchNorm:
-        return layers.batch_norm(train, self.dtype, self.param_dtype, name=f"bn{index}")
+        last = self.zero_init_last and index == self.num_convs
+        return layers.batch_norm(train, self.dtype, self.param_dtype, name=f"bn{index}",
+                                 scale_init=nn.initializers.zeros if last else
+                                 nn.initializers.ones)
 
     def _conv_bn(self, index: int, x: jax.Array, train: bool, features: int, kernel: int,
                  **conv_kwargs: int) -> jax.Array:

@@ -185,3 +185,29 @@ def test_first_block_of_a_dilated_stage_dilates_as_timm(block):
     x = random_nhwc((2, 9, 10, 16), seed=2)
     expected = np.moveaxis(_torch_out(torch_block, x), 1, -1)
     assert_close(jax.jit(module.apply)(variables, x), expected)
+
+
+
+
+def test_last_batchnorm_of_every_block_starts_at_zero_as_timms():
+    """timm's `zero_init_last`: the scale of each residual branch's last BN starts at zero in
+    its ResNets and byobnet (a fresh block is its shortcut), not in its sknet.py ResNets nor in
+    torchvision's."""
+    from flax_attention.models.byobnet import ByobBottleneck
+    from flax_attention.models.resnet import block_specs
+
+    for name in COUNTS:
+        net = registry.create(name)
+        fields = ([f for _, _, f in net.blocks()] if name == "gcresnet50t"
+                  else [spec.kwargs for spec in block_specs(net)])
+        assert {f["zero_init_last"] for f in fields} == {not name.startswith("skresnet")}
+    assert registry.create("resnet50").zero_init_last is False
+    x = jnp.ones((1, 4, 4, 16))
+    for block, last in [(BasicBlock(16, zero_init_last=True), ("bn2",)),
+                        (Bottleneck(4, zero_init_last=True), ("bn3",)),
+                        (ByobBottleneck(16, zero_init_last=True), ("conv3_1x1", "bn"))]:
+        params = block.init(jax.random.key(0), x)["params"]
+        for key in last:
+            params = params[key]
+        assert bool(jnp.all(params["scale"] == 0))
+        assert bool(jnp.all(block.apply(block.init(jax.random.key(0), x), x) == x))

@@ -42,11 +42,12 @@ __all__ = ["ByobBottleneck", "ByobNet", "gcresnet50t"]
 
 
 def _conv_norm_act(module: nn.Module, features: int, kernel: int, name: str, stride: int = 1,
-                   act: bool = True) -> layers.ConvBN:
+                   act: bool = True, zero_scale: bool = False) -> layers.ConvBN:
     """timm's `ConvNormAct` (keys `conv`, `bn`; padding `((s - 1) + (k - 1)) // 2`, which is
-    `ConvBN`'s for kernels 1 and 3)."""
+    `ConvBN`'s for kernels 1 and 3); `zero_scale`: its BN scale starts at zero."""
+    scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
     return layers.ConvBN(features, kernel, stride, activation=nn.relu if act else None,
-                         name=name, **layers.numerics(module))
+                         scale_init=scale_init, name=name, **layers.numerics(module))
 
 
 class ByobBottleneck(nn.Module):
@@ -68,6 +69,7 @@ class ByobBottleneck(nn.Module):
       attention: factory of the attention (named `attn`); None for none.
       use_shortcut_conv: force or forbid the projection; None decides from the input
         (`from_torch` needs it set when the stride is 1).
+      zero_init_last: the scale of `conv3_1x1`'s BN starts at zero (timm's default).
     """
 
     out_channels: int
@@ -75,6 +77,7 @@ class ByobBottleneck(nn.Module):
     bottle_ratio: float = 0.25
     attention: AttentionFactory | None = None
     use_shortcut_conv: bool | None = None
+    zero_init_last: bool = True
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
@@ -98,7 +101,8 @@ class ByobBottleneck(nn.Module):
         attention = self.attention_module()
         if attention is not None:
             out = call_attention(attention, out, train)
-        out = _conv_norm_act(self, self.out_channels, 1, "conv3_1x1", act=False)(out, train)
+        out = _conv_norm_act(self, self.out_channels, 1, "conv3_1x1", act=False,
+                             zero_scale=self.zero_init_last)(out, train)
         if project:
             x = _conv_norm_act(self, self.out_channels, 1, "shortcut", self.stride,
                                act=False)(x, train)
@@ -120,6 +124,7 @@ class ByobNet(nn.Module):
       bottle_ratio: of every block.
       attention: factory of every block's attention.
       num_classes: outputs of `head.fc`.
+      zero_init_last: every block's last BN scale starts at zero (timm's default).
     """
 
     stage_sizes: Sequence[int]
@@ -129,6 +134,7 @@ class ByobNet(nn.Module):
     bottle_ratio: float = 0.25
     attention: AttentionFactory | None = None
     num_classes: int = 1000
+    zero_init_last: bool = True
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None
@@ -151,7 +157,7 @@ class ByobNet(nn.Module):
                     out_channels=channels, stride=stride if j == 0 else 1,
                     bottle_ratio=self.bottle_ratio, attention=self.attention,
                     use_shortcut_conv=j == 0 and (stride != 1 or in_channels != channels),
-                    **layers.numerics(self))
+                    zero_init_last=self.zero_init_last, **layers.numerics(self))
                 blocks.append((f"stages_{i}_{j}", f"stages.{i}.{j}", fields))
                 in_channels = channels
         return blocks

@@ -128,7 +128,8 @@ def block_specs(net: ResNet) -> list[BlockSpec]:
                 first_dilation=previous if first else None, groups=net.groups,
                 base_width=net.width_per_group, attention=net.attention,
                 use_downsample=first and (stride != 1 or in_channels != out_channels),
-                avg_down=net.avg_down, **layers.numerics(net),
+                avg_down=net.avg_down, zero_init_last=net.zero_init_last,
+                **layers.numerics(net),
             )
             specs.append(BlockSpec(f"layer{k + 1}", n, kwargs))
             in_channels = out_channels
@@ -179,6 +180,8 @@ class ResNet(nn.Module):
         CCNet's ResNet), so an even input side `n` gives `n / 2 + 1`.
       feature_stages: with `features_only`, return the outputs of these stages (1 = `layer1`)
         as a tuple instead of the last feature map.
+      zero_init_last: every block's last BatchNorm scale starts at zero (timm's default, True
+        in its ResNets here; torchvision's `zero_init_residual`, False).
     """
 
     block_cls: type[ResidualBlock]
@@ -195,6 +198,7 @@ class ResNet(nn.Module):
     dilate_first_block: bool = False
     ceil_pool: bool = False
     feature_stages: Sequence[int] = ()
+    zero_init_last: bool = False
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     precision: lax.PrecisionLike = None

@@ -106,19 +106,22 @@ class SkresnetBasic(SelectiveKernelBasic):
     rd_divisor: int = 16
 
 
-_D = dict(stem_type="deep", stem_width=32, avg_down=True)
-_T = dict(stem_type="deep_tiered", stem_width=32, avg_down=True)
+# timm's ResNet starts every block's last BN scale at zero (`zero_init_last`); its sknet.py
+# ResNets do not.
+_Z = dict(zero_init_last=True)
+_D = dict(stem_type="deep", stem_width=32, avg_down=True, **_Z)
+_T = dict(stem_type="deep_tiered", stem_width=32, avg_down=True, **_Z)
 
 resnet50d = functools.partial(resnet50, **_D)
-seresnet18 = functools.partial(resnet18, attention=SEModule)
-seresnet34 = functools.partial(resnet34, attention=SEModule)
-seresnet50 = functools.partial(resnet50, attention=SEModule)
+seresnet18 = functools.partial(resnet18, attention=SEModule, **_Z)
+seresnet34 = functools.partial(resnet34, attention=SEModule, **_Z)
+seresnet50 = functools.partial(resnet50, attention=SEModule, **_Z)
 seresnet50t = functools.partial(resnet50, attention=SEModule, **_T)
 ecaresnet26t = functools.partial(resnet50, stage_sizes=(2, 2, 2, 2), attention=EcaModule, **_T)
 ecaresnet50d = functools.partial(resnet50, attention=EcaModule, **_D)
 ecaresnet50t = functools.partial(resnet50, attention=EcaModule, **_T)
 # Not a timm model name: timm's ResNet-50 with `block_args=dict(attn_layer="cbam")`.
-cbam_resnet50 = functools.partial(resnet50, attention=CbamModule)
+cbam_resnet50 = functools.partial(resnet50, attention=CbamModule, **_Z)
 skresnet18 = functools.partial(ResNet, block_cls=SkresnetBasic, stage_sizes=(2, 2, 2, 2))
 skresnet34 = functools.partial(ResNet, block_cls=SkresnetBasic, stage_sizes=(3, 4, 6, 3))
 
