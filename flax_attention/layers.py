@@ -83,6 +83,12 @@ def max_pool(x: jax.Array, window: Sequence[int]) -> jax.Array:
 TORCH_KERNEL = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
+def global_average_pool(x: jax.Array) -> jax.Array:
+    """The mean over the spatial axes, `[B, *S, C]` -> `[B, C]`, accumulated in at least
+    float32 (float64 stays float64) and returned in x's dtype: a classifier's head pool."""
+    axes = tuple(range(1, x.ndim - 1))
+    return jnp.mean(x, axis=axes, dtype=jnp.promote_types(x.dtype, jnp.float32)).astype(x.dtype)
+
 def torch_linear_bias(fan_in: int) -> Callable:
     """torch's default bias init of `nn.Linear` and `nn.ConvNd`: U(+-1 / sqrt(fan_in))."""
     bound = 1 / math.sqrt(fan_in)

@@ -148,3 +148,17 @@ def test_axis_name_and_mask_count_every_reduced_value():
     mask = jnp.arange(6)[:, None, None, None] < 4
     _, masked = whole.apply(variables, padded, mask=mask, mutable=["batch_stats"])
     chex.assert_trees_all_close(masked, want, rtol=1e-6)
+
+
+def test_global_average_pool_accumulates_in_at_least_float32():
+    """The classifiers' head pool: float64 stays float64 (it was summed in float32), and a
+    bfloat16 map of 4096 positions is summed in float32 (bfloat16 sums stall at 256 ones)."""
+    with jax.enable_x64(True):
+        x64 = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 7, 3)) * 1e-9 + 1.0)
+        pooled = layers.global_average_pool(x64)
+        assert pooled.dtype == jnp.float64
+        np.testing.assert_allclose(pooled, np.asarray(x64).mean(axis=(1, 2)), rtol=1e-15)
+    ones = jnp.ones((1, 64, 64, 2), jnp.bfloat16)
+    pooled = layers.global_average_pool(ones)
+    assert pooled.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(pooled, np.float32), 1.0)

@@ -172,7 +172,7 @@ class ByobNet(nn.Module):
             for name, _, fields in blocks:
                 x = ByobBottleneck(**fields, name=name)(x, train)
             self.sow("intermediates", stage, x)
-        pooled = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype)
+        pooled = layers.global_average_pool(x)
         return nn.Dense(self.num_classes, name="head_fc", **layers.numerics(self))(pooled)
 
 

@@ -89,7 +89,7 @@ class CifarSEResNet(nn.Module):
         x = nn.relu(layers.batch_norm(train, self.dtype, self.param_dtype, name="bn1")(x))
         for name, _, kwargs in _blocks(self):
             x = BasicBlock(**kwargs, name=name)(x, train)
-        pooled = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype)
+        pooled = layers.global_average_pool(x)
         return nn.Dense(self.num_classes, name="fc", **layers.numerics(self))(pooled)
 
 

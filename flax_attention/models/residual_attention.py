@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax_attention._checks import check_divisible, check_rank
 from flax_attention.functional.residual_attention import attention_residual, interpolate_bilinear
 from flax_attention.interop.torch import Converter, Rule, Rules, mirror_rules, register
-from flax_attention.layers import ConvBN, PointwiseConv, batch_norm, numerics
+from flax_attention.layers import ConvBN, PointwiseConv, batch_norm, global_average_pool, numerics
 from flax_attention.residual_attention import PreActBottleneck, ResidualAttentionModule
 
 __all__ = [
@@ -169,7 +169,7 @@ class ResidualAttentionNetwork(nn.Module):
         for i, stride in enumerate((strides[3], 1, 1), start=4):
             x = unit(32 * self.width, stride, name=f"residual_block{i}")(x, train)
         x = nn.relu(batch_norm(train, self.dtype, self.param_dtype, name="final_bn")(x))
-        x = jnp.mean(x, axis=(1, 2))
+        x = global_average_pool(x)
         return nn.Dense(self.num_classes, name="fc", **common)(x)
 
 

@@ -241,7 +241,7 @@ class ResNet(nn.Module):
             return tuple(stages[k - 1] for k in self.feature_stages)
         if self.features_only:
             return x
-        pooled = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype)
+        pooled = layers.global_average_pool(x)
         return nn.Dense(self.num_classes, name="fc", **layers.numerics(self))(pooled)
 
 
