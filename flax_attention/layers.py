@@ -89,6 +89,7 @@ def global_average_pool(x: jax.Array) -> jax.Array:
     axes = tuple(range(1, x.ndim - 1))
     return jnp.mean(x, axis=axes, dtype=jnp.promote_types(x.dtype, jnp.float32)).astype(x.dtype)
 
+
 def torch_linear_bias(fan_in: int) -> Callable:
     """torch's default bias init of `nn.Linear` and `nn.ConvNd`: U(+-1 / sqrt(fan_in))."""
     bound = 1 / math.sqrt(fan_in)
