@@ -187,8 +187,6 @@ def test_first_block_of_a_dilated_stage_dilates_as_timm(block):
     assert_close(jax.jit(module.apply)(variables, x), expected)
 
 
-
-
 def test_last_batchnorm_of_every_block_starts_at_zero_as_timms():
     """timm's `zero_init_last`: the scale of each residual branch's last BN starts at zero in
     its ResNets and byobnet (a fresh block is its shortcut), not in its sknet.py ResNets nor in
@@ -206,8 +204,9 @@ def test_last_batchnorm_of_every_block_starts_at_zero_as_timms():
     for block, last in [(BasicBlock(16, zero_init_last=True), ("bn2",)),
                         (Bottleneck(4, zero_init_last=True), ("bn3",)),
                         (ByobBottleneck(16, zero_init_last=True), ("conv3_1x1", "bn"))]:
-        params = block.init(jax.random.key(0), x)["params"]
+        variables = block.init(jax.random.key(0), x)
+        norm = variables["params"]
         for key in last:
-            params = params[key]
-        assert bool(jnp.all(params["scale"] == 0))
-        assert bool(jnp.all(block.apply(block.init(jax.random.key(0), x), x) == x))
+            norm = norm[key]
+        assert bool(jnp.all(norm["scale"] == 0))
+        assert bool(jnp.all(block.apply(variables, x) == x))
