@@ -1,9 +1,10 @@
 """flax-attention: the attention mechanisms of computer vision as Flax modules.
 
-The math of each mechanism is a pure function in `flax_attention.functional` (re-exported
-here, except `non_local` and `squeeze_excitation`, whose names here are the modules of those
-blocks); the modules own the parameters; `flax_attention.interop.torch.from_torch` loads the
-reference PyTorch implementations' weights; whole networks are in `flax_attention.models`.
+The math of each mechanism is a pure function in `flax_attention.functional`, the main ones
+re-exported here (`flax_attention.non_local` is the function; `from flax_attention.non_local
+import NonLocal2D` still reads the block's module); the modules own the parameters;
+`flax_attention.interop.torch.from_torch` loads the reference PyTorch implementations' weights;
+whole networks are in `flax_attention.models`.
 """
 
 from flax_attention import functional
@@ -62,6 +63,7 @@ from flax_attention.functional import (
 from flax_attention.gather_excite import GatherExcite
 from flax_attention.glimpse import GlimpseSensor
 from flax_attention.global_context import GlobalContext
+from flax_attention.models.ram import RecurrentAttentionModel
 from flax_attention.multi_head_attention import MultiHeadAttention
 from flax_attention.non_local import NonLocal1D, NonLocal2D, NonLocal3D
 from flax_attention.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
@@ -77,6 +79,10 @@ from flax_attention.transformer import (
     TransformerEncoderLayer,
 )
 from flax_attention.xla_options import compiler_options
+
+# Importing the block's module above bound `non_local` to that module; the public name is the
+# function (the module stays in `sys.modules`, so `from flax_attention.non_local import ...` works).
+non_local = functional.non_local
 
 __version__ = "0.1.0"
 
@@ -123,6 +129,7 @@ __all__ = [
     "interpolate_bilinear",
     "learned_position_embedding",
     "ms_deform_attn",
+    "non_local",
     "non_local_weights",
     "position_attention",
     "position_attention_weights",
@@ -130,6 +137,7 @@ __all__ = [
     "squeeze_excitation_gates",
     "ChannelAttention",
     "GlimpseSensor",
+    "RecurrentAttentionModel",
     "CrissCrossAttention",
     "DANetHead",
     "DeformConv2d",
