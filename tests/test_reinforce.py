@@ -129,6 +129,30 @@ def test_hybrid_loss_with_step_rewards_by_hand():
         hybrid_loss(output._replace(step_logits=None), labels, step_rewards=True)
 
 
+def _ram_output(batch: int = 2, steps: int = 3, classes: int = 4) -> RamOutput:
+    return RamOutput(jnp.zeros((batch, classes)), jnp.zeros((batch, steps)),
+                     jnp.zeros((batch, steps)), jnp.zeros((batch, steps, 2)),
+                     jnp.zeros((batch, steps, classes)))
+
+
+@pytest.mark.parametrize(("output", "labels", "error", "match"), [
+    (jnp.zeros((2, 4)), [0, 1], TypeError, r"output must have the fields"),
+    (_ram_output(), jnp.zeros(2), TypeError, r"labels must be integer"),
+    (_ram_output(), jnp.zeros((2, 1), int), ValueError, r"labels must have rank 1"),
+    (_ram_output(), jnp.zeros(3, int), ValueError,
+     r"output.logits and labels must agree in batch; got output.logits \(2, 4\), labels \(3,\)"),
+    (_ram_output()._replace(baselines=jnp.zeros((2, 5))), [0, 1], ValueError,
+     r"output.log_probs and output.baselines must agree in shape \[B, L\]"),
+    (_ram_output()._replace(log_probs=jnp.zeros((1, 3)), baselines=jnp.zeros((1, 3))), [0, 1],
+     ValueError, r"output.logits and output.log_probs must agree in batch"),
+    (_ram_output()._replace(step_logits=jnp.zeros((2, 3, 5))), [0, 1], ValueError,
+     r"output.step_logits and output.log_probs must agree in shape \[B, L, K\]"),
+])
+def test_hybrid_loss_names_bad_inputs(output, labels, error, match):
+    with pytest.raises(error, match=match):
+        hybrid_loss(output, labels, step_rewards=True)
+
+
 def test_predict_averages_probabilities_over_samples():
     model = RecurrentAttentionModel(num_glimpses=2, glimpse_size=4, num_scales=2, hidden=8,
                                     what_features=8, where_features=8, num_classes=3, std=0.5)

@@ -100,6 +100,32 @@ def reinforce_surrogate(log_probs: jax.Array, rewards: jax.Array,
     return -jnp.mean(jnp.sum(log_probs.astype(dtype) * lax.stop_gradient(advantage), axis=1))
 
 
+def _check_hybrid_inputs(output: Any, labels: jax.Array, step_rewards: bool) -> None:
+    fields = ("logits", "log_probs", "baselines", "step_logits")
+    if not all(hasattr(output, name) for name in fields):
+        raise TypeError(f"output must have the fields {fields} (a models.ram.RamOutput), got "
+                        f"{type(output).__name__}")
+    check_rank("output.logits", output.logits, 2, "[B, K]")
+    check_rank("labels", labels, 1, "[B]")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    batch, classes = output.logits.shape
+    check_same(("output.logits", "labels"), (batch, labels.shape[0]), "batch",
+               (output.logits.shape, labels.shape))
+    check_rank("output.log_probs", output.log_probs, 2, "[B, L]")
+    check_same(("output.logits", "output.log_probs"), (batch, output.log_probs.shape[0]),
+               "batch", (output.logits.shape, output.log_probs.shape))
+    check_same(("output.log_probs", "output.baselines"),
+               (output.log_probs.shape, output.baselines.shape), "shape [B, L]",
+               (output.log_probs.shape, output.baselines.shape))
+    if step_rewards:
+        if output.step_logits is None:
+            raise ValueError("step_rewards needs output.step_logits [B, L, K], got None")
+        check_same(("output.step_logits", "output.log_probs"),
+                   (output.step_logits.shape, (*output.log_probs.shape, classes)),
+                   "shape [B, L, K]", (output.step_logits.shape, output.log_probs.shape))
+
+
 def hybrid_loss(output: Any, labels: jax.Array, reinforce_weight: float = 1.0,
                 step_rewards: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The hybrid loss of RAM and its parts, averaged over the batch:
@@ -124,10 +150,13 @@ def hybrid_loss(output: Any, labels: jax.Array, reinforce_weight: float = 1.0,
       (the fraction of final classifications that are right).
 
     Raises:
-      ValueError: `step_rewards` without `output.step_logits`.
+      TypeError: an `output` without those fields, or labels that are not integers.
+      ValueError: `step_rewards` without `output.step_logits`, or shapes that do not agree
+        (the logits `[B, K]`, the labels `[B]`, the step logits `[B, L, K]`; `log_probs` and
+        `baselines` as in `reinforce_surrogate`).
     """
-    if step_rewards and output.step_logits is None:
-        raise ValueError("step_rewards needs output.step_logits [B, L, K], got None")
+    labels = jnp.asarray(labels)
+    _check_hybrid_inputs(output, labels, step_rewards)
     logits = output.step_logits if step_rewards else output.logits[:, None]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[:, None]).mean()
     correct = (jnp.argmax(logits, -1) == labels[:, None]).astype(jnp.float32)
