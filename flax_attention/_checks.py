@@ -79,6 +79,12 @@ def check_nonempty(name: str, x: jax.Array, layout: str) -> None:
         )
 
 
+def check_image(name: str, x: jax.Array) -> None:
+    """Raises ValueError unless `x` is an image batch `[B, H, W, C]` with no zero dimension."""
+    check_rank(name, x, 4, "[B, H, W, C]")
+    check_nonempty(name, x, "[B, H, W, C]")
+
+
 def check_reducible(name: str, channels: int, reduction: int, what: str = "reduction") -> None:
     """Raises ValueError unless `channels // reduction` (floored, as the torch references'
     `C // reduction`) is at least 1."""

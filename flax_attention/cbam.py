@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import check_declared_channels, check_rank
+from flax_attention._checks import check_declared_channels, check_image
 from flax_attention.functional.activations import Activation, activation_function
 from flax_attention.functional.cbam import cbam
 from flax_attention.interop.torch import (
@@ -69,7 +69,7 @@ class _Cbam(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`; `train` runs the spatial BatchNorm on batch
         statistics (then "batch_stats" must be mutable)."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         check_declared_channels("channels", self.channels, x)
         channels = x.shape[-1]
         fc1 = PointwiseConv(self.hidden_channels(channels), use_bias=self.mlp_bias, name="fc1",

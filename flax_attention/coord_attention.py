@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_choice, check_declared_channels, check_rank
+from flax_attention._checks import check_choice, check_declared_channels, check_image
 from flax_attention.functional import coord_attention as F
 from flax_attention.functional.activations import Activation, activation_function
 from flax_attention.interop.torch import (
@@ -115,7 +115,7 @@ class CoordAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         check_declared_channels("channels", self.channels, x)
         gate = activation_function(self.gate_layer, "gate_layer")
         height, channels = x.shape[1], x.shape[-1]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-from flax_attention._checks import check_divisible, check_rank
+from flax_attention._checks import check_divisible, check_image
 from flax_attention.functional.deform_conv import (
     Pair,
     _output_hw,
@@ -105,7 +105,7 @@ class DeformConv2d(nn.Module):
     def _check_call(self, x: jax.Array, offset: jax.Array | None, mask: jax.Array | None) -> bool:
         """Checks x and the call's form against the fields; returns whether `conv_offset`
         predicts the offsets."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         check_divisible("x channels", x.shape[-1], self.groups, "groups")
         check_divisible("features", self.features, self.groups, "groups")
         if self.modulated and self.offset_conv is False:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-from flax_attention._checks import check_rank
+from flax_attention._checks import check_image
 from flax_attention.functional import eca as F
 from flax_attention.functional.activations import Activation, activation_function
 from flax_attention.functional.squeeze_excitation import excite
@@ -116,7 +116,7 @@ class EcaModule(_AdaptiveKernel, nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         channels = x.shape[-1]
         k = self.kernel_size_for(channels)
         if not self.use_mlp:
@@ -162,7 +162,7 @@ class CecaModule(_AdaptiveKernel, nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         k = self.kernel_size_for(x.shape[-1])
         kernel, bias = ConvParams((k, 1, 1), self.act_layer is not None, self.param_dtype,
                                   name="conv")()

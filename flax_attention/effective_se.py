@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-from flax_attention._checks import check_declared_channels, check_rank
+from flax_attention._checks import check_declared_channels, check_image
 from flax_attention.eca import ConvParams
 from flax_attention.functional import effective_se as F
 from flax_attention.functional.activations import Activation
@@ -61,7 +61,7 @@ class EffectiveSEModule(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         check_declared_channels("channels", self.channels, x)
         channels = x.shape[-1]
         kernel, bias = ConvParams((1, 1, channels, channels), True, self.param_dtype,

@@ -21,7 +21,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_declared_channels, check_rank
+from flax_attention._checks import check_declared_channels, check_image
 from flax_attention.eca import ConvParams
 from flax_attention.functional import gather_excite as F
 from flax_attention.functional.activations import Activation, activation_function
@@ -176,7 +176,7 @@ class GatherExcite(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`; `train` updates the gather's BatchNorm statistics."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         check_declared_channels("channels", self.channels, x)
         F.check_extent(self.extent)
         gate_fn = activation_function(self.gate_layer, "gate_layer")

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import check_declared_channels, check_rank
+from flax_attention._checks import check_declared_channels, check_image
 from flax_attention.functional.activations import Activation, activation_function
 from flax_attention.functional.global_context import global_context
 from flax_attention.interop.torch import (
@@ -122,7 +122,7 @@ class GlobalContext(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         check_declared_channels("channels", self.channels, x)
         channels = x.shape[-1]
         logits = None

@@ -23,7 +23,12 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_declared_channels, check_divisible, check_rank
+from flax_attention._checks import (
+    check_declared_channels,
+    check_divisible,
+    check_image,
+    check_rank,
+)
 from flax_attention.functional import selective_kernel as F
 from flax_attention.interop.torch import (
     Converter,
@@ -198,7 +203,7 @@ class SelectiveKernel(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H', W', out_channels]` (H' = ceil(H / stride), likewise W')."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         check_declared_channels("in_channels", self.in_channels, x)
         branches = self.branches()
         num_paths = len(branches)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import flax_attention as fa
 from flax_attention import cli, layers, models
 from flax_attention import functional as F
 from flax_attention.criss_cross import CrissCrossAttention, RCCAModule
@@ -175,6 +176,13 @@ REFUSED = [
     ("dot_product_attention 0 keys",
      lambda: F.dot_product_attention(jnp.ones((1, 3, 1, 4)), *(jnp.ones((1, 0, 1, 4)),) * 2),
      ValueError, "k must not be empty"),
+    *[(f"{cls.__name__} {axis}=0", _init(cls(), jnp.zeros(shape)), ValueError,
+       "x must not be empty")
+      for cls in (fa.EcaModule, fa.CecaModule, fa.EffectiveSEModule, fa.GatherExcite,
+                  fa.GlobalContext, fa.CbamModule, fa.CoordAttention, fa.SelectiveKernel)
+      for axis, shape in (("B", (0, 4, 4, 16)), ("H", (1, 0, 4, 16)), ("C", (1, 4, 4, 0)))],
+    ("DeformConv2d C=0", _init(fa.DeformConv2d(4), jnp.zeros((1, 4, 4, 0))), ValueError,
+     "x must not be empty"),
     ("bilinear_sample H=0", lambda: F.bilinear_sample(EMPTY, jnp.zeros((2, 3, 3, 2))), ValueError,
      "image must not be empty"),
     # Settings.
