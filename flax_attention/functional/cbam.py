@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
-from flax_attention.functional.squeeze_excitation import excite, spatial_mean
+from flax_attention.functional.squeeze_excitation import excite, spatial_max, spatial_mean
 
 __all__ = [
     "cbam",
@@ -54,7 +54,7 @@ def cbam_channel_gates(x: jax.Array, mlp: ArrayFn, gate: ArrayFn = jax.nn.sigmoi
     check_nonempty("x", x, "[B, H, W, C]")
     dtype = _stats_dtype(x)
     avg = spatial_mean(x, dtype)
-    peak = jnp.max(x, axis=(1, 2)).astype(dtype)
+    peak = spatial_max(x).astype(dtype)
     if light:
         logits = mlp(0.5 * avg + 0.5 * peak)
     else:

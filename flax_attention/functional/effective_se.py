@@ -15,7 +15,7 @@ from jax import lax
 
 from flax_attention._checks import as_float, check_rank, check_same
 from flax_attention.functional.activations import Activation, activation_function
-from flax_attention.functional.squeeze_excitation import excite, spatial_mean
+from flax_attention.functional.squeeze_excitation import excite, spatial_max, spatial_mean
 
 __all__ = [
     "channel_squeeze",
@@ -44,7 +44,7 @@ def channel_squeeze(x: jax.Array, add_maxpool: bool = False) -> jax.Array:
     dtype = stat_dtype(x)
     squeezed = spatial_mean(x, dtype)
     if add_maxpool:
-        squeezed = 0.5 * squeezed + 0.5 * jnp.max(x, axis=(1, 2)).astype(dtype)
+        squeezed = 0.5 * squeezed + 0.5 * spatial_max(x).astype(dtype)
     return squeezed
 
 

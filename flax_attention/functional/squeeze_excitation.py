@@ -16,7 +16,8 @@ from jax import lax
 from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
 from flax_attention.functional.activations import Activation, activation_function
 
-__all__ = ["excite", "spatial_mean", "squeeze_excitation", "squeeze_excitation_gates"]
+__all__ = ["excite", "spatial_max", "spatial_mean", "squeeze_excitation",
+           "squeeze_excitation_gates"]
 
 # Positions whose channel rows `spatial_mean` sums side by side in its first pass. XLA:CPU's
 # reduction over the spatial axes keeps one accumulator row of C channels; rows of 8 C ran the
@@ -34,6 +35,14 @@ def check_spatial_input(name: str, x: jax.Array) -> None:
         )
 
 
+def _side_by_side(x: jax.Array) -> tuple[jax.Array, int]:
+    """`x` `[B, *S, C]` as rows of k positions' channels side by side, `[B, S / k, k C]`, and k
+    (`_SIDE_BY_SIDE`, or the largest divisor of the number of positions below it)."""
+    positions = math.prod(x.shape[1:-1])
+    k = max(n for n in range(1, _SIDE_BY_SIDE + 1) if positions % n == 0)
+    return x.reshape(x.shape[0], positions // k, k * x.shape[-1]), k
+
+
 def spatial_mean(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """The mean of every channel over the spatial axes, accumulated in `dtype`.
 
@@ -48,11 +57,32 @@ def spatial_mean(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     Returns:
       `[B, C]` in `dtype`.
     """
-    positions = math.prod(x.shape[1:-1])
-    batch, channels = x.shape[0], x.shape[-1]
-    k = max(n for n in range(1, _SIDE_BY_SIDE + 1) if positions % n == 0)
-    rows = x.reshape(batch, positions // k, k * channels).sum(1, dtype=dtype)
-    return rows.reshape(batch, k, channels).sum(1) / positions
+    rows, k = _side_by_side(x)
+    sums = rows.sum(1, dtype=dtype).reshape(x.shape[0], k, x.shape[-1]).sum(1)
+    return sums / (rows.shape[1] * k)
+
+
+@jax.custom_jvp
+def spatial_max(x: jax.Array) -> jax.Array:
+    """The maximum of every channel over the spatial axes, `[B, *S, C]` -> `[B, C]`.
+
+    Taken in two passes as `spatial_mean` is (x `[32, 56, 56, 256]` on a 2-core CPU: 2.5 ms
+    against 4.1 for `jnp.max` over the spatial axes). The derivative is `jnp.max`'s and that of
+    torch's `amax`, split evenly between the positions that tie for the maximum (the two
+    passes' own would split between rows first).
+    """
+    rows, k = _side_by_side(x)
+    return rows.max(1).reshape(x.shape[0], k, x.shape[-1]).max(1)
+
+
+@spatial_max.defjvp
+def _spatial_max_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]):
+    (x,), (dx,) = primals, tangents
+    top = spatial_max(x)
+    space = tuple(range(1, x.ndim - 1))
+    hit = x == jnp.expand_dims(top, space)
+    ties = hit.sum(space, dtype=top.dtype)
+    return top, jnp.where(hit, dx, 0).sum(space) / ties
 
 
 def _check_gate_inputs(x: jax.Array, w1: jax.Array, w2: jax.Array) -> None:
@@ -99,10 +129,9 @@ def squeeze_excitation_gates(
     _check_gate_inputs(x, w1, w2)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     act, gate = activation_function(act, "act"), activation_function(gate, "gate")
-    space = tuple(range(1, x.ndim - 1))
     squeezed = spatial_mean(x, dtype)
     if add_maxpool:
-        squeezed = 0.5 * squeezed + 0.5 * jnp.max(x, axis=space).astype(dtype)
+        squeezed = 0.5 * squeezed + 0.5 * spatial_max(x).astype(dtype)
     hidden = jnp.dot(squeezed, w1.astype(dtype), precision=precision)
     hidden = act(hidden if b1 is None else hidden + b1.astype(dtype))
     logits = jnp.dot(hidden, w2.astype(dtype), precision=precision)
