@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_rank
+from flax_attention._checks import check_image
 from flax_attention.interop.torch import (
     Converter,
     Rules,
@@ -104,7 +104,7 @@ class ResidualBlock(nn.Module):
 
     def _check(self, x: jax.Array) -> bool:
         """Checks `x` and the fields; returns whether the shortcut is projected."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         for name in ("planes", "stride", "dilation", "groups", "base_width", "first_dilation"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -17,7 +17,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_declared_channels, check_rank
+from flax_attention._checks import check_declared_channels, check_image
 from flax_attention.eca import ConvParams
 from flax_attention.functional.activations import Activation
 from flax_attention.functional.squeeze_excitation import (
@@ -124,7 +124,7 @@ class SEModule(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         check_declared_channels("channels", self.channels, x)
         channels = x.shape[-1]
         hidden = self.hidden_for(channels)

@@ -181,6 +181,10 @@ REFUSED = [
       for cls in (fa.EcaModule, fa.CecaModule, fa.EffectiveSEModule, fa.GatherExcite,
                   fa.GlobalContext, fa.CbamModule, fa.CoordAttention, fa.SelectiveKernel)
       for axis, shape in (("B", (0, 4, 4, 16)), ("H", (1, 0, 4, 16)), ("C", (1, 4, 4, 0)))],
+    *[(f"{name} {axis}=0", _init(models.create(name, num_classes=3), jnp.zeros(shape)),
+       ValueError, f"{arg} must not be empty")
+      for name, arg in (("resnet18", "x"), ("ram_6_8x8_1", "images"), ("detr-small", "images"))
+      for axis, shape in (("B", (0, 32, 32, 3)), ("H", (1, 0, 32, 3)))],
     ("DeformConv2d C=0", _init(fa.DeformConv2d(4), jnp.zeros((1, 4, 4, 0))), ValueError,
      "x must not be empty"),
     ("bilinear_sample H=0", lambda: F.bilinear_sample(EMPTY, jnp.zeros((2, 3, 3, 2))), ValueError,

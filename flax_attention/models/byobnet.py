@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_rank
+from flax_attention._checks import check_image
 from flax_attention.global_context import GlobalContext
 from flax_attention.interop.torch import (
     Converter,
@@ -91,7 +91,7 @@ class ByobBottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H / stride, W / stride, out_channels]` (sizes rounded up)."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         project = self.use_shortcut_conv
         if project is None:
             project = self.stride != 1 or x.shape[-1] != self.out_channels
@@ -165,7 +165,7 @@ class ByobNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, C]` -> `[B, num_classes]` logits."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         for i, (width, stride) in enumerate(zip(self.stem_channels, (2, 1, 2), strict=True)):
             x = _conv_norm_act(self, width, 3, f"stem_conv{i + 1}", stride)(x, train)
         for stage, blocks in itertools.groupby(self.blocks(), key=lambda b: b[0].rsplit("_", 1)[0]):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_positive, check_rank
+from flax_attention._checks import check_image, check_positive
 from flax_attention.interop.torch import (
     Converter,
     Rules,
@@ -83,7 +83,7 @@ class CifarSEResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, C]` -> `[B, num_classes]` logits."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         x = nn.Conv(_WIDTHS[0], (3, 3), padding=[(1, 1)] * 2, use_bias=False, name="conv1",
                     **layers.numerics(self))(x)
         x = nn.relu(layers.batch_norm(train, self.dtype, self.param_dtype, name="bn1")(x))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers, mechanisms
-from flax_attention._checks import check_choice, check_positive, check_rank
+from flax_attention._checks import check_choice, check_image, check_positive
 from flax_attention.spatial_transformer import LocalizationNet, SpatialTransformer
 
 __all__ = ["AttentionCNN", "create_classifier", "list_classifiers"]
@@ -96,7 +96,7 @@ class AttentionCNN(nn.Module):
     precision: lax.PrecisionLike = None
 
     def _check(self, x: jax.Array) -> None:
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         for i, features in enumerate(self.features):
             check_positive(f"features[{i}]", features)
         if self.attention is not None:

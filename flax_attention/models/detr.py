@@ -33,7 +33,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_rank
+from flax_attention._checks import check_image, check_rank
 from flax_attention.interop.torch import (
     Converter,
     Rules,
@@ -153,7 +153,7 @@ class DETR(nn.Module):
     precision: lax.PrecisionLike = None
 
     def _check(self, images: jax.Array, mask: jax.Array | None) -> None:
-        check_rank("images", images, 4, "[B, H, W, C]")
+        check_image("images", images)
         if mask is not None and (mask.shape != images.shape[:3] or mask.dtype != jnp.bool_):
             raise ValueError(f"mask must be boolean [B, H, W] = {tuple(images.shape[:3])} (the "
                              f"images' [B, H, W]), got shape {tuple(mask.shape)} dtype "

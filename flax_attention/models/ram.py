@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_choice, check_rank
+from flax_attention._checks import check_choice, check_image
 from flax_attention.functional.glimpse import METHODS, check_retina_args
 from flax_attention.functional.ram import gaussian_log_prob
 from flax_attention.glimpse import GlimpseSensor
@@ -340,7 +340,7 @@ class RecurrentAttentionModel(nn.Module):
     precision: lax.PrecisionLike = None
 
     def _check(self, images: jax.Array) -> None:
-        check_rank("images", images, 4, "[B, H, W, C]")
+        check_image("images", images)
         check_choice("core", self.core, CORES)
         check_retina_args(images.shape, (images.shape[0], 2), self.glimpse_size,
                           self.num_scales, self.scale)

@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_attention._checks import check_divisible, check_rank
+from flax_attention._checks import check_divisible, check_image
 from flax_attention.functional.residual_attention import attention_residual, interpolate_bilinear
 from flax_attention.interop.torch import Converter, Rule, Rules, mirror_rules, register
 from flax_attention.layers import ConvBN, PointwiseConv, batch_norm, global_average_pool, numerics
@@ -134,7 +134,7 @@ class ResidualAttentionNetwork(nn.Module):
         return 4 if self.cifar else 32
 
     def _check(self, x: jax.Array) -> None:
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         if len(self.stage_sizes) != 3:
             raise ValueError(f"stage_sizes must have 3 entries, got {tuple(self.stage_sizes)}")
         for axis, name in ((1, "height"), (2, "width")):

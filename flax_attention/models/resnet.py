@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_choice, check_rank
+from flax_attention._checks import check_choice, check_image
 from flax_attention.interop.torch import (
     Converter,
     Rules,
@@ -224,7 +224,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """`[B, H, W, C]` -> `[B, num_classes]` logits, or the features (see `features_only`)."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         specs = block_specs(self)
         x = self._stem(x, train)
         stages = []

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_rank
+from flax_attention._checks import check_image
 from flax_attention.criss_cross import RCCAModule, leaky_relu
 from flax_attention.danet import DANetHead
 from flax_attention.functional import interpolate_bilinear
@@ -121,7 +121,7 @@ class _Segmenter(nn.Module):
     def _features(self, x: jax.Array, train: bool, **kwargs) -> jax.Array:
         """Checks `x` `[B, H, W, C]`; returns the backbone's last feature map (or those of
         `feature_stages` in `kwargs`)."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         return self._backbone(**kwargs)(x, train)
 
     def _common(self) -> dict:

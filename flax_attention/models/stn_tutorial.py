@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_rank
+from flax_attention._checks import check_image
 from flax_attention.interop.torch import (
     Converter,
     Rules,
@@ -58,7 +58,7 @@ class STNTutorialNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """`[B, 28, 28, C]` images -> `[B, num_classes]` log-probabilities."""
-        check_rank("x", x, 4, "[B, H, W, C]")
+        check_image("x", x)
         kw = layers.numerics(self)
         # parent=None: the transformer adopts it, as its "localization".
         x = SpatialTransformer(LocalizationNet(parent=None, **kw), name="stn", **kw)(x)
