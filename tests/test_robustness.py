@@ -185,6 +185,9 @@ REFUSED = [
        ValueError, f"{arg} must not be empty")
       for name, arg in (("resnet18", "x"), ("ram_6_8x8_1", "images"), ("detr-small", "images"))
       for axis, shape in (("B", (0, 32, 32, 3)), ("H", (1, 0, 32, 3)))],
+    ("effective_se_gates H=0",
+     lambda: effective_se.effective_se_gates(jnp.ones((2, 0, 4, 8)), jnp.ones((8, 8)),
+                                             jnp.ones(8)), ValueError, "x must not be empty"),
     ("DeformConv2d C=0", _init(fa.DeformConv2d(4), jnp.zeros((1, 4, 4, 0))), ValueError,
      "x must not be empty"),
     ("bilinear_sample H=0", lambda: F.bilinear_sample(EMPTY, jnp.zeros((2, 3, 3, 2))), ValueError,
