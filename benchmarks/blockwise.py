@@ -30,7 +30,7 @@ from benchmarks.harness import (
 QK, VALUE = 64, 512
 CPU_SIZES = (64, 128)
 GPU_SIZE = 128
-# HBM bandwidth in bytes/s by device kind (SXM parts; the first substring that matches).
+GOAL = 1.5  # issue 18's goal for PAM, forward and forward+backward
 
 
 def _arrays(side: int, batch: int = 1) -> list[np.ndarray]:
@@ -57,7 +57,7 @@ def _torch_dense(side: int):
 
 CASES = [
     Case(f"blockwise PAM {s}x{s}", functools.partial(_jax_blockwise, s),
-         functools.partial(_torch_dense, s))
+         functools.partial(_torch_dense, s), goal=GOAL)
     for s in CPU_SIZES
 ]
 
