@@ -16,6 +16,7 @@ import torch
 from jax.test_util import check_grads
 
 from flax_attention.functional.squeeze_excitation import (
+    channel_max,
     excite,
     spatial_max,
     spatial_mean,
@@ -60,22 +61,25 @@ def test_spatial_mean_is_the_float64_mean(shape):
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 16, 3), (2, 7, 5), (1, 13, 4), (3, 2, 3, 5, 4)])
-def test_spatial_max_and_its_derivatives_are_jnp_max_s(shape):
-    """Small integers, so many positions tie: both derivatives split evenly between them (as
-    torch's `amax` does), not between the first pass's rows first."""
+@pytest.mark.parametrize("which", ["spatial", "channel"])
+def test_max_and_its_derivatives_are_jnp_max_s(shape, which):
+    """Small integers, so many entries tie: both derivatives split evenly between them (as
+    torch's `amax` does; for `spatial_max`, not between the first pass's rows first)."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(-2, 3, shape).astype(np.float32))
-    space = tuple(range(1, x.ndim - 1))
-    weights = jnp.asarray(rng.standard_normal((shape[0], shape[-1])).astype(np.float32))
+    fn, axes = {"spatial": (spatial_max, tuple(range(1, x.ndim - 1))),
+                "channel": (channel_max, (x.ndim - 1,))}[which]
+    out_shape = np.delete(shape, axes)
+    weights = jnp.asarray(rng.standard_normal(out_shape).astype(np.float32))
     tangent = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
-    assert int((x == x.max(space, keepdims=True)).sum(space).max()) > 2
+    assert int((x == x.max(axes, keepdims=True)).sum(axes).max()) > 1
 
     def results(fn):
         return [fn(x), jax.grad(lambda x: (fn(x) * weights).sum())(x),
                 jax.jvp(fn, (x,), (tangent,))[1]]
 
-    for got, expected in zip(results(jax.jit(spatial_max)),
-                             results(lambda x: jnp.max(x, axis=space)), strict=True):
+    for got, expected in zip(results(jax.jit(fn)), results(lambda x: jnp.max(x, axis=axes)),
+                             strict=True):
         np.testing.assert_array_equal(got, expected)
 
 

@@ -17,7 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
-from flax_attention.functional.squeeze_excitation import excite, spatial_max, spatial_mean
+from flax_attention.functional.squeeze_excitation import (
+    channel_max,
+    excite,
+    spatial_max,
+    spatial_mean,
+)
 
 __all__ = [
     "cbam",
@@ -79,7 +84,7 @@ def cbam_spatial_pool(x: jax.Array, light: bool = False) -> jax.Array:
     check_rank("x", x, 4, "[B, H, W, C]")
     check_nonempty("x", x, "[B, H, W, C]")
     avg = jnp.mean(x, axis=-1, keepdims=True, dtype=_stats_dtype(x)).astype(x.dtype)
-    peak = jnp.max(x, axis=-1, keepdims=True)
+    peak = channel_max(x)[..., None]
     if light:
         return 0.5 * avg + 0.5 * peak
     return jnp.concatenate([avg, peak], axis=-1)
