@@ -31,6 +31,7 @@ from flax.linen.dtypes import promote_dtype
 from flax.linen.normalization import _compute_stats  # private; this signature since flax 0.10
 
 from flax_attention._checks import check_positive
+from flax_attention.functional.squeeze_excitation import spatial_mean
 
 Activation = Callable[[jax.Array], jax.Array] | None
 # `attention_fn(q, k, v, *, precision, implementation) -> out`; see the module docstring.
@@ -86,8 +87,7 @@ TORCH_KERNEL = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 def global_average_pool(x: jax.Array) -> jax.Array:
     """The mean over the spatial axes, `[B, *S, C]` -> `[B, C]`, accumulated in at least
     float32 (float64 stays float64) and returned in x's dtype: a classifier's head pool."""
-    axes = tuple(range(1, x.ndim - 1))
-    return jnp.mean(x, axis=axes, dtype=jnp.promote_types(x.dtype, jnp.float32)).astype(x.dtype)
+    return spatial_mean(x, jnp.promote_types(x.dtype, jnp.float32)).astype(x.dtype)
 
 
 def torch_linear_bias(fan_in: int) -> Callable:
