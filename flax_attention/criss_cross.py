@@ -22,13 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_attention._checks import (
-    check_nonempty,
-    check_positive,
-    check_probability,
-    check_rank,
-    check_reducible,
-)
+from flax_attention._checks import check_image, check_positive, check_probability, check_reducible
 from flax_attention.functional.criss_cross import criss_cross_attention, criss_cross_weights
 from flax_attention.interop.torch import (
     Converter,
@@ -85,8 +79,7 @@ class CrissCrossAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
-        check_rank("x", x, 4, "[B, H, W, C]")
-        check_nonempty("x", x, "[B, H, W, C]")
+        check_image("x", x)
         check_reducible("channels of x", x.shape[-1], self.reduction)
         q, k, v = query_key_value(self, x, self.reduction)
         if self.is_mutable_collection("intermediates"):
@@ -128,8 +121,7 @@ class RCCAModule(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, deterministic: bool = True):
         """`[B, H, W, C]` -> `[B, H, W, num_classes or out_channels]`."""
-        check_rank("x", x, 4, "[B, H, W, C]")
-        check_nonempty("x", x, "[B, H, W, C]")
+        check_image("x", x)
         check_reducible("channels of x", x.shape[-1], 4 * self.reduction, "4 * reduction")
         check_positive("out_channels", self.out_channels)
         check_positive("recurrence", self.recurrence, minimum=0)

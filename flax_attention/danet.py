@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_nonempty, check_positive, check_rank, check_reducible
+from flax_attention._checks import check_image, check_positive, check_reducible
 from flax_attention.functional import danet as F
 from flax_attention.interop.torch import (
     Converter,
@@ -70,8 +70,7 @@ class PositionAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
-        check_rank("x", x, 4, "[B, H, W, C]")
-        check_nonempty("x", x, "[B, H, W, C]")
+        check_image("x", x)
         check_reducible("x channels", x.shape[-1], self.reduction)
         attention_fn = layers.bind_attention_fn(self.attention_fn, F.position_attention,
                                                 chunk_size=self.chunk_size)
@@ -99,8 +98,7 @@ class ChannelAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
-        check_rank("x", x, 4, "[B, H, W, C]")
-        check_nonempty("x", x, "[B, H, W, C]")
+        check_image("x", x)
         if self.dtype is not None:
             x = x.astype(self.dtype)
         if self.is_mutable_collection("intermediates"):
@@ -145,8 +143,7 @@ class DANetHead(nn.Module):
         kw = layers.numerics(self)
         pam = PositionAttention(chunk_size=self.chunk_size, implementation=self.implementation,
                                 name="sa", **kw)
-        check_rank("x", x, 4, "[B, H, W, C]")
-        check_nonempty("x", x, "[B, H, W, C]")
+        check_image("x", x)
         check_positive("out_channels", self.out_channels)
         check_reducible("x channels", x.shape[-1], _HEAD_REDUCTION * pam.reduction,
                         "4 * PositionAttention reduction")

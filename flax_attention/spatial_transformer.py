@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_attention import layers
-from flax_attention._checks import check_choice, check_nonempty, check_positive, check_rank
+from flax_attention._checks import check_choice, check_image, check_positive, check_rank
 from flax_attention.functional import spatial as F
 from flax_attention.interop.torch import Converter, Rules, Shapes, conv, dense, register
 
@@ -115,8 +115,7 @@ class LocalizationNet(nn.Module):
 
     def _check(self, x: jax.Array) -> None:
         """Raises ValueError for an empty `x`, mismatched fields, or an image too small."""
-        check_rank("x", x, 4, "[B, H, W, C]")
-        check_nonempty("x", x, "[B, H, W, C]")
+        check_image("x", x)
         if len(self.features) != len(self.kernel_sizes):
             raise ValueError(f"features {self.features} and kernel_sizes {self.kernel_sizes} "
                              "must have the same length")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
+from flax_attention._checks import as_float, check_image, check_rank, check_same
 from flax_attention.functional.squeeze_excitation import (
     channel_max,
     excite,
@@ -55,8 +55,7 @@ def cbam_channel_gates(x: jax.Array, mlp: ArrayFn, gate: ArrayFn = jax.nn.sigmoi
       `[B, C]` gates in float32 (float64 for float64 inputs).
     """
     x = as_float(x)
-    check_rank("x", x, 4, "[B, H, W, C]")
-    check_nonempty("x", x, "[B, H, W, C]")
+    check_image("x", x)
     dtype = _stats_dtype(x)
     avg = spatial_mean(x, dtype)
     peak = spatial_max(x).astype(dtype)
@@ -81,8 +80,7 @@ def cbam_spatial_pool(x: jax.Array, light: bool = False) -> jax.Array:
       accumulated in float32.
     """
     x = as_float(x)
-    check_rank("x", x, 4, "[B, H, W, C]")
-    check_nonempty("x", x, "[B, H, W, C]")
+    check_image("x", x)
     avg = jnp.mean(x, axis=-1, keepdims=True, dtype=_stats_dtype(x)).astype(x.dtype)
     peak = channel_max(x)[..., None]
     if light:

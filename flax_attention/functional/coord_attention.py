@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
+from flax_attention._checks import as_float, check_image, check_nonempty, check_rank, check_same
 
 __all__ = ["coordinate_attention_map", "coordinate_excite", "coordinate_pool"]
 
@@ -31,8 +31,7 @@ def coordinate_pool(x: jax.Array) -> jax.Array:
       `H..H+W-1` the mean over H of every column.
     """
     x = as_float(x)
-    check_rank("x", x, 4, "[B, H, W, C]")
-    check_nonempty("x", x, "[B, H, W, C]")
+    check_image("x", x)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     rows = jnp.mean(x, axis=2, dtype=dtype)
     cols = jnp.mean(x, axis=1, dtype=dtype)

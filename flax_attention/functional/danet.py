@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
+from flax_attention._checks import as_float, check_image, check_nonempty, check_rank, check_same
 from flax_attention.functional.blockwise import (
     DEFAULT_CHUNK_SIZE,
     accumulated_einsum,
@@ -137,8 +137,7 @@ def channel_attention_weights(x: jax.Array, *, precision: _Precision = None) -> 
     like them.
     """
     x = as_float(x)
-    check_rank("x", x, 4, "[B, H, W, C]")
-    check_nonempty("x", x, "[B, H, W, C]")
+    check_image("x", x)
     energy = gram_matrix(_flatten(x), precision)
     # The row maximum only shifts each row; its gradient through the softmax is zero.
     energy = lax.stop_gradient(energy.max(axis=-1, keepdims=True)) - energy
@@ -162,8 +161,7 @@ def channel_attention(x: jax.Array, *, precision: _Precision = None) -> jax.Arra
       ValueError: if `x` is not of rank 4 or has a zero-size dimension.
     """
     x = as_float(x)
-    check_rank("x", x, 4, "[B, H, W, C]")
-    check_nonempty("x", x, "[B, H, W, C]")
+    check_image("x", x)
     return _channel_attention(x, precision)
 
 

@@ -37,6 +37,7 @@ from jax import lax
 from flax_attention._checks import (
     as_float,
     check_divisible,
+    check_image,
     check_nonempty,
     check_positive,
     check_rank,
@@ -211,8 +212,7 @@ def deform_im2col(x: jax.Array, offset: jax.Array, kernel_size: Pair, stride: Pa
       ValueError: wrong ranks, batch or spatial sizes; C not divisible by G; bad settings.
     """
     x, offset, mask = as_float(x), as_float(offset), as_float(mask)
-    check_rank("x", x, 4, "[B, H, W, C]")
-    check_nonempty("x", x, "[B, H, W, C]")
+    check_image("x", x)
     kernel_hw = _pair("kernel_size", kernel_size, 1)
     groups, stride, padding, dilation = _geometry(x.shape, offset, kernel_hw, stride, padding,
                                                   dilation)

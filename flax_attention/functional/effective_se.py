@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
+from flax_attention._checks import as_float, check_image, check_rank, check_same
 from flax_attention.functional.activations import Activation, activation_function
 from flax_attention.functional.squeeze_excitation import excite, spatial_max, spatial_mean
 
@@ -43,8 +43,7 @@ def channel_squeeze(x: jax.Array, add_maxpool: bool = False) -> jax.Array:
       ValueError: x not `[B, H, W, C]`, or a zero-size dimension (no positions to pool).
     """
     x = as_float(x)
-    check_rank("x", x, 4, "[B, H, W, C]")
-    check_nonempty("x", x, "[B, H, W, C]")
+    check_image("x", x)
     dtype = stat_dtype(x)
     squeezed = spatial_mean(x, dtype)
     if add_maxpool:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from flax_attention._checks import as_float, check_nonempty, check_rank, check_same
+from flax_attention._checks import as_float, check_image, check_rank, check_same
 from flax_attention.functional.activations import Activation, activation_function
 from flax_attention.functional.effective_se import channel_squeeze, stat_dtype
 
@@ -64,8 +64,7 @@ def gather(x: jax.Array, extent: int = 0, add_maxpool: bool = False) -> jax.Arra
       `[B, h, w, C]` in float32 (float64 for float64 inputs); `[B, 1, 1, C]` for extent 0.
     """
     x = as_float(x)
-    check_rank("x", x, 4, "[B, H, W, C]")
-    check_nonempty("x", x, "[B, H, W, C]")
+    check_image("x", x)
     check_extent(extent)
     if extent == 0:
         return channel_squeeze(x, add_maxpool)[:, None, None]
